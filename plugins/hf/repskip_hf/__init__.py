@@ -1,0 +1,1 @@
+"""repskip's built-in plugin for transformers-native decoders with a ``model.layers`` stack."""

@@ -1,0 +1,102 @@
+"""Family plugin for transformers-native decoders whose layers live at ``model.layers``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from repskip.errors import RepskipError
+from repskip.family import Family
+from repskip.flops import DecoderGeometry
+
+# model_type -> what the family was tested on. Each shares the model.layers.{i} layout,
+# per-layer self_attn.layer_idx, and a SwiGLU MLP with gate/up/down projections.
+MODEL_TYPES = {
+    "llama": "Llama, SmolLM2",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2, Qwen2.5",
+    "qwen3": "Qwen3",
+}
+
+# Config keys holding one entry per layer: sliced to the kept layers on removal.
+PER_LAYER_KEYS = ("layer_types",)
+
+
+class HFDecoderFamily(Family):
+    supports = ", ".join(f"{t} ({names})" for t, names in MODEL_TYPES.items())
+    generative_kind = "autoregressive"
+    default_sampler = "ar"
+
+    def matches(self, config: dict) -> bool:
+        return config.get("model_type") in MODEL_TYPES
+
+    def num_layers(self, config: dict) -> int:
+        return int(config["num_hidden_layers"])
+
+    def layer_prefix(self, config: dict) -> str:
+        return "model.layers."
+
+    def rewrite_config(self, config: dict, kept: Sequence[int]) -> dict:
+        new = dict(config)
+        new["num_hidden_layers"] = len(kept)
+        for key in PER_LAYER_KEYS:
+            if isinstance(config.get(key), list):
+                values = config[key]
+                if len(values) != config["num_hidden_layers"]:
+                    raise RepskipError(
+                        f"config.json {key} has {len(values)} entries for "
+                        f"{config['num_hidden_layers']} layers; the checkpoint is inconsistent"
+                    )
+                new[key] = [values[i] for i in kept]
+        # max_window_layers counts the leading layers that use full attention; kept layers
+        # keep their order, so the new count is how many kept layers were below the old one.
+        if isinstance(config.get("max_window_layers"), int):
+            new["max_window_layers"] = sum(1 for i in kept if i < config["max_window_layers"])
+        return new
+
+    def geometry(self, config: dict) -> DecoderGeometry:
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return DecoderGeometry(
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            intermediate=int(config["intermediate_size"]),
+            vocab=int(config["vocab_size"]),
+            layers=int(config["num_hidden_layers"]),
+        )
+
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu") -> Any:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=dtype if dtype is not None else "auto",
+            trust_remote_code=False,
+            use_safetensors=True,
+        )
+        return model.to(device).eval()
+
+    def load_tokenizer(self, path: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+    def decoder_layers(self, model: Any) -> torch.nn.ModuleList:
+        return model.model.layers
+
+    def remove_layers(self, model: Any, kept: Sequence[int]) -> None:
+        layers = self.decoder_layers(model)
+        model.model.layers = torch.nn.ModuleList(layers[i] for i in kept)
+        # The KV cache is indexed by layer_idx: a stale index corrupts generation.
+        for new_idx, layer in enumerate(model.model.layers):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_idx
+        new = self.rewrite_config(model.config.to_dict(), kept)
+        for key in ("num_hidden_layers", "max_window_layers", *PER_LAYER_KEYS):
+            if key in new:
+                setattr(model.config, key, new[key])

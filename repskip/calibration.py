@@ -1,0 +1,145 @@
+"""Calibration text: where it comes from, how it is tokenised and batched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import RepskipError
+
+BUILTIN = "builtin"
+TEXT_FIELDS = ("text", "question", "prompt", "problem", "content")
+MIN_CHARS = 20  # shorter paragraphs (headings, stray lines) carry little signal
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Token sequences ready for the model, and what they were made from."""
+
+    source: str
+    sequences: list[list[int]]
+    max_length: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    @property
+    def hash(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.sequences).encode())
+        return "sha256:" + digest.hexdigest()[:32]
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "hash": self.hash,
+            "sequences": len(self.sequences),
+            "tokens": self.tokens,
+            "max_length": self.max_length,
+        }
+
+
+def builtin_texts() -> list[str]:
+    text = resources.files("repskip").joinpath("data/calibration.txt").read_text("utf-8")
+    return _paragraphs(text)
+
+
+def _paragraphs(text: str) -> list[str]:
+    blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n")]
+    return [b for b in blocks if len(b) >= MIN_CHARS]
+
+
+def _jsonl_texts(path: Path, field: str | None) -> list[str]:
+    texts = []
+    for lineno, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise RepskipError(f"{path}:{lineno} is not valid JSON; fix the line") from None
+        if isinstance(record, str):
+            texts.append(record)
+            continue
+        if not isinstance(record, dict):
+            raise RepskipError(f"{path}:{lineno} is neither a string nor an object")
+        key = field or next((k for k in TEXT_FIELDS if k in record), None)
+        if key is None or key not in record:
+            wanted = field or " / ".join(TEXT_FIELDS)
+            raise RepskipError(
+                f"{path}:{lineno} has no {wanted!r} field; name the field with --calib-field"
+            )
+        texts.append(str(record[key]))
+    return texts
+
+
+def load_texts(source: str | Path | None = None, field: str | None = None) -> tuple[list[str], str]:
+    """Texts from the built-in set, a .txt file (blank-line paragraphs) or a .jsonl file."""
+    if source is None or str(source) == BUILTIN:
+        return builtin_texts(), BUILTIN
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise RepskipError(f"calibration file {path} does not exist")
+    try:
+        if path.suffix == ".jsonl":
+            texts = _jsonl_texts(path, field)
+        else:
+            texts = _paragraphs(path.read_text("utf-8"))
+    except UnicodeDecodeError:
+        raise RepskipError(f"calibration file {path} is not UTF-8 text") from None
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise RepskipError(f"calibration file {path} holds no text")
+    return texts, str(path)
+
+
+def build(
+    tokenizer,
+    source: str | Path | None = None,
+    *,
+    field: str | None = None,
+    num_samples: int = 64,
+    max_length: int = 256,
+    seed: int = 0,
+) -> CalibrationSet:
+    """Pick ``num_samples`` texts (a seeded sample when there are more) and tokenise them."""
+    if num_samples < 1 or max_length < 2:
+        raise RepskipError("calibration needs at least 1 sample of at least 2 tokens")
+    texts, label = load_texts(source, field)
+    if len(texts) > num_samples:
+        texts = random.Random(seed).sample(texts, num_samples)
+    sequences = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) >= 2:
+            sequences.append(list(ids))
+    if not sequences:
+        raise RepskipError(f"calibration source {label} gave no sequence of 2 or more tokens")
+    return CalibrationSet(label, sequences, max_length)
+
+
+def batches(
+    sequences: list[list[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded batches (input_ids, attention_mask), longest first to waste little padding.
+
+    Right padding keeps every real token at its true position; the causal mask keeps real
+    tokens from seeing the padding after them, and the attention mask does the rest.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = [sequences[i] for i in order[start : start + batch_size]]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        yield ids, mask

@@ -1,0 +1,252 @@
+"""A checkpoint on disk: where it is, its config, and its tensors, read lazily.
+
+Nothing here loads weights. Safetensors headers are parsed and checked against the file
+sizes so that a truncated or corrupt file is caught before any work starts, and again by
+the safetensors library itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from .errors import RepskipError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+# Bytes per element for the safetensors dtypes whose size is a whole number of bytes.
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# Config keys that change between saves of the same weights and must not change a fingerprint.
+VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "_model_name_or_path", "transformers_version", "torch_dtype", "dtype",
+    "_commit_hash", "use_cache",
+}
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie: absolute byte range in its file."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    data_start: int
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and check one safetensors file's header without touching its data."""
+    path = Path(path)
+    size = path.stat().st_size
+    hint = "the file is truncated or corrupt: re-download or re-convert it"
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise RepskipError(f"{path}: not a safetensors file (only {size} bytes); {hint}")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise RepskipError(f"{path}: bad safetensors header length {header_len}; {hint}")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RepskipError(f"{path}: unreadable safetensors header ({exc}); {hint}") from None
+    if not isinstance(header, dict):
+        raise RepskipError(f"{path}: safetensors header is not a JSON object; {hint}")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, TensorEntry] = {}
+    covered = 0
+    for name, info in header.items():
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            dtype = str(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise RepskipError(f"{path}: malformed entry for tensor {name!r}; {hint}") from None
+        if not 0 <= begin <= end <= data_len:
+            raise RepskipError(
+                f"{path}: tensor {name!r} lies past the end of the file "
+                f"(needs byte {end}, file has {data_len}); {hint}"
+            )
+        if dtype in DTYPE_BYTES:
+            numel = 1
+            for d in shape:
+                numel *= d
+            if numel * DTYPE_BYTES[dtype] != end - begin:
+                raise RepskipError(f"{path}: tensor {name!r} size does not match its shape; {hint}")
+        covered += end - begin
+        entries[name] = TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
+    if covered != data_len:
+        raise RepskipError(
+            f"{path}: the data section holds {data_len} bytes but the tensors cover {covered}; {hint}"
+        )
+    # A second opinion from the reference implementation.
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise RepskipError(f"{path}: rejected by safetensors ({exc}); {hint}") from None
+    return SafetensorsHeader(path, data_start, entries, dict(metadata))
+
+
+@dataclass
+class Checkpoint:
+    """A Hugging Face-style checkpoint folder with safetensors weights."""
+
+    path: Path
+    config: dict
+    files: list[Path]
+    tensors: dict[str, TensorEntry]
+    index: dict | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.tensors.values())
+
+    def fingerprint(self) -> str:
+        """A hash of what identifies the model: its config and its tensor names and shapes.
+
+        The dtype and the sharding are left out: the same model saved in bf16 or in other
+        shards is the same model for a recipe.
+        """
+        return fingerprint(self.config, {n: e.shape for n, e in self.tensors.items()})
+
+
+def fingerprint(config: dict, shapes: dict[str, tuple[int, ...]]) -> str:
+    stable = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256()
+    digest.update(json.dumps(stable, sort_keys=True, default=str).encode())
+    for name in sorted(shapes):
+        digest.update(f"{name}:{list(shapes[name])};".encode())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+def read_config(path: Path) -> dict:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise RepskipError(
+            f"{path} is not a model checkpoint: it has no config.json "
+            "(pass the folder that holds config.json and the *.safetensors files)"
+        )
+    try:
+        config = json.loads(cfg.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RepskipError(f"{cfg} is not valid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(config, dict):
+        raise RepskipError(f"{cfg} does not hold a JSON object; fix or re-download it")
+    return config
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a local checkpoint folder, checking every weight file's header."""
+    path = Path(path)
+    if not path.exists():
+        raise RepskipError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise RepskipError(f"{path} is not a model checkpoint folder (it is a file)")
+    config = read_config(path)
+    index_file = path / INDEX_NAME
+    index = None
+    if index_file.is_file():
+        try:
+            index = json.loads(index_file.read_text())
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise RepskipError(f"{index_file} is malformed ({exc}); re-download it") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise RepskipError(
+                f"{path}: shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}"
+            )
+    elif (path / SINGLE_NAME).is_file():
+        files = [path / SINGLE_NAME]
+        weight_map = None
+    else:
+        pickled = [n for n in PICKLE_NAMES if (path / n).exists()]
+        if pickled:
+            raise RepskipError(
+                f"{path} has only pickle weights ({pickled[0]}); repskip reads safetensors only "
+                "because loading pickles can run arbitrary code: convert the checkpoint to "
+                "safetensors with a tool you trust"
+            )
+        raise RepskipError(
+            f"{path} is not a model checkpoint: no {SINGLE_NAME} or {INDEX_NAME} found"
+        )
+    tensors: dict[str, TensorEntry] = {}
+    for f in files:
+        for name, entry in read_header(f).entries.items():
+            if name in tensors:
+                raise RepskipError(f"{path}: tensor {name!r} is stored twice ({f.name})")
+            tensors[name] = entry
+    if weight_map is not None:
+        absent = [n for n in weight_map if n not in tensors]
+        if absent:
+            raise RepskipError(
+                f"{path}: {len(absent)} tensor(s) named in {INDEX_NAME} are not in the shards "
+                f"(first: {absent[0]}); the checkpoint is incomplete"
+            )
+    return Checkpoint(path, config, files, tensors, index)
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """A local folder as it is, or a Hugging Face Hub id downloaded (and cached) as usual.
+
+    Only safetensors weights and the small files around them are fetched; pickle weights
+    are never downloaded.
+    """
+    text = str(model)
+    local = Path(text).expanduser()
+    if local.exists():
+        return local
+    if text.startswith((".", "/", "~")) or not HUB_ID.match(text):
+        raise RepskipError(f"model path {text} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise RepskipError(f"{text} is not a local folder and huggingface_hub is not installed")
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(text, allow_patterns=patterns))
+    except HfHubHTTPError as exc:
+        first = str(exc).splitlines()[0]
+        raise RepskipError(f"could not fetch {text} from the Hugging Face Hub: {first}") from None
+    except Exception as exc:  # offline, DNS failure, not cached with HF_HUB_OFFLINE=1, ...
+        raise RepskipError(
+            f"{text} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(exc).__name__}); check the network, or download it once and pass the "
+            "local folder"
+        ) from None

@@ -1,0 +1,395 @@
+"""The ``repskip`` command line: argument parsing and printing over repskip.pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import RepskipError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+class _Cli(click.Group):
+    """Turns RepskipError into ``error: ...`` and exit code 1, with no traceback."""
+
+    def invoke(self, ctx):
+        warnings.showwarning = _one_line_warnings
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+        try:
+            return super().invoke(ctx)
+        except RepskipError as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/]")
+            ctx.exit(130)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="repskip")
+def main() -> None:
+    """Measure how much each decoder layer changes the representation, turn that into a skip
+    recipe, and physically remove the skipped layers.
+
+    MODEL is a local checkpoint folder or a Hugging Face Hub id.
+    """
+
+
+@contextmanager
+def _progress(description: str):
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("sequences"), TimeElapsedColumn(), console=err_console, transient=False,
+    )
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+@contextmanager
+def _atomic_dir(path: Path, force: bool):
+    """Yield a temporary folder that becomes ``path`` only if the block succeeds."""
+    if path.exists() and not force:
+        raise RepskipError(f"output {path} already exists; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RepskipError(f"writing {path} failed ({exc.strerror or exc}); nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _protect_list(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RepskipError(f"--protect takes comma-separated layer indices, got {text!r}") from None
+
+
+def _analysis_table(analysis, chosen: list[int]) -> Table:
+    table = Table(title="Layer similarity (cos of hidden state in -> out)", show_lines=False)
+    for col in ("layer", "cos mean", "cos std", "angular", "BI", "last-token cos", ""):
+        table.add_column(col, justify="right" if col else "left")
+    last = analysis.cosine("last_token")
+    for row in analysis.layers():
+        i = row["layer"]
+        mark = "[red]removed[/]" if i in chosen else ""
+        table.add_row(
+            str(i), f"{row['cosine_mean']:.4f}", f"{row['cosine_std']:.4f}",
+            f"{row['angular_distance_mean']:.4f}", f"{row['block_influence']:.4f}",
+            f"{last[i]:.4f}", mark,
+        )
+    return table
+
+
+def _selection_options(f):
+    opts = [
+        click.option("--strategy", type=click.Choice(["paper", "block-influence", "angular-block"]),
+                     default="paper", show_default=True, help="How layers are chosen."),
+        click.option("-k", "k", type=int, default=4, show_default=True, help="Layers to remove."),
+        click.option("--threshold", type=float, default=0.95, show_default=True,
+                     help="paper: a layer qualifies when its mean cos(in, out) is above this."),
+        click.option("--allow-adjacent/--no-adjacent", default=None,
+                     help="Allow two neighbouring layers [default: no for paper, yes for block-influence]."),
+        click.option("--protect", default=None, help="More protected layers, e.g. 2,-2."),
+        click.option("--no-protect-ends", is_flag=True, help="Allow removing the first and last layer."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, positions):
+    from .recipe import SelectionSpec
+
+    return SelectionSpec(
+        strategy=strategy, k=k, threshold=threshold, allow_adjacent=allow_adjacent,
+        protect_first=not no_protect_ends, protect_last=not no_protect_ends,
+        protect=_protect_list(protect), positions=positions,
+    )
+
+
+def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
+    from . import plots
+
+    (out / "analysis.json").write_text(json.dumps(analysis.data, indent=1) + "\n")
+    chosen = recipe.resolved.remove if recipe.is_resolved else []
+    recipe.save(out / "recipe.yaml")
+    show_threshold = threshold if recipe.selection and recipe.selection.strategy == "paper" else None
+    plots.consecutive_similarity(analysis, out / "similarity.png", show_threshold, chosen)
+    plots.similarity_heatmap(analysis, out / "similarity_matrix.png")
+    plots.token_distance_profile(analysis, out / "token_distance.png")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Folder for analysis.json, recipe.yaml and the plots.")
+@click.option("--calib", default=None,
+              help="Calibration text: a .txt file (blank-line paragraphs) or .jsonl [default: built-in set].")
+@click.option("--calib-field", default=None, help="JSONL field holding the text [default: text/question/prompt].")
+@click.option("--num-samples", type=int, default=64, show_default=True, help="Calibration sequences.")
+@click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--positions", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Token positions averaged for the per-layer scores.")
+@_selection_options
+@click.option("--dtype", default="auto", show_default=True, help="auto (as saved), float32, bfloat16, float16.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+def analyze(model, output, calib, calib_field, num_samples, max_length, batch_size, positions,
+            strategy, k, threshold, allow_adjacent, protect, no_protect_ends, dtype, device, seed, force):
+    """Measure each layer of MODEL and write analysis.json, plots and a resolved recipe.yaml."""
+    from . import pipeline
+    from .recipe import CalibrationSpec, Recipe, resolve
+
+    spec = _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, positions)
+    cal = CalibrationSpec(source=calib or "builtin", field=calib_field, num_samples=num_samples,
+                          max_length=max_length, batch_size=batch_size, seed=seed)
+    if output.exists() and not force:
+        raise RepskipError(f"output {output} already exists; pass --force to replace it")
+    handle = pipeline.open_model(model)
+    with _progress("analysing") as update:
+        result = pipeline.analyze(
+            handle, calib=calib, calib_field=calib_field, num_samples=num_samples,
+            max_length=max_length, batch_size=batch_size, seed=seed, positions=positions,
+            dtype=dtype, device=device, progress=update,
+        )
+    recipe = resolve(Recipe(selection=spec, calibration=cal), result)
+    with _atomic_dir(output, force) as tmp:
+        _write_analysis_outputs(tmp, result, recipe, threshold)
+    console.print(_analysis_table(result, recipe.resolved.remove))
+    cal_info = result.data["calibration"]
+    console.print(
+        f"calibration: {cal_info['sequences']} sequences, {cal_info['tokens']} tokens from {cal_info['source']}"
+    )
+    console.print(f"[bold]{strategy}[/] k={k}: remove layers [bold red]{recipe.resolved.remove}[/]")
+    console.print(f"wrote {output}/analysis.json, recipe.yaml, similarity.png, "
+                  "similarity_matrix.png, token_distance.png")
+
+
+@main.command()
+@click.argument("analysis_file", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Recipe YAML to write.")
+@_selection_options
+@click.option("--force", is_flag=True, help="Replace the recipe file if it exists.")
+def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protect, no_protect_ends, force):
+    """Choose layers from an existing analysis.json without re-running the model."""
+    from .analysis import Analysis
+    from .recipe import CalibrationSpec, Recipe, resolve
+
+    if not analysis_file.is_file():
+        raise RepskipError(f"analysis file {analysis_file} does not exist")
+    try:
+        data = json.loads(analysis_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise RepskipError(f"{analysis_file} is not valid JSON ({exc})") from None
+    result = Analysis.from_dict(data)
+    if output.exists() and not force:
+        raise RepskipError(f"output {output} already exists; pass --force to replace it")
+    positions = result.data["settings"].get("positions", "all")
+    spec = _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, positions)
+    cal = result.data["calibration"]
+    recipe = resolve(Recipe(selection=spec, calibration=CalibrationSpec(
+        source=cal["source"], num_samples=max(1, cal["sequences"]), max_length=cal["max_length"])), result)
+    recipe.save(output)
+    console.print(f"[bold]{strategy}[/] k={k}: remove layers [bold red]{recipe.resolved.remove}[/]; wrote {output}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), required=True,
+              help="A resolved recipe, or an unresolved preset (resolved by running the analysis).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: exported/<model>-skip<k>].")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
+@click.option("--dtype", default="auto", show_default=True, help="dtype for the analysis of an unresolved recipe.")
+@click.option("--device", default="cpu", show_default=True, help="Device for the analysis of an unresolved recipe.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+def compress(model, recipe_path, output, max_shard_size, dtype, device, force):
+    """Write MODEL without the recipe's layers as a safetensors checkpoint."""
+    from . import pipeline
+    from . import recipe as recipe_mod
+    from .compress import parse_size
+
+    recipe = recipe_mod.load(recipe_path)
+    shard = parse_size(max_shard_size)
+    handle = pipeline.open_model(model)
+    if output is None:
+        k = len(recipe.resolved.remove) if recipe.is_resolved else recipe.selection.k
+        output = Path("exported") / f"{handle.path.name}-skip{k}"
+    if recipe.is_resolved:
+        result, resolved = pipeline.compress(handle, recipe, output, max_shard_size=shard, force=force)
+    else:
+        if output.exists() and not force:
+            raise RepskipError(f"output {output} already exists; pass --force to replace it")
+        console.print(f"recipe {recipe_path} is unresolved: analysing {handle.path.name} to choose layers")
+        with _progress("analysing") as update:
+            result, resolved = pipeline.compress(handle, recipe, output, max_shard_size=shard, force=force,
+                                                 dtype=dtype, device=device, progress=update)
+    table = Table(show_header=False, box=None)
+    table.add_row("removed layers", str(result.removed))
+    table.add_row("layers", f"{handle.num_layers} -> {len(result.kept)}")
+    table.add_row("size", f"{result.bytes_in / 1e6:,.1f} MB -> {result.bytes_out / 1e6:,.1f} MB "
+                          f"in {result.shards} shard(s)")
+    table.add_row("copied", ", ".join(result.side_files) or "-")
+    console.print(table)
+    console.print(f"wrote {output} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def _removed_for(handle, recipe_path, remove):
+    from . import pipeline
+    from . import recipe as recipe_mod
+
+    if recipe_path and remove:
+        raise RepskipError("give --recipe or --remove, not both")
+    if remove:
+        try:
+            return [int(x) for x in remove.split(",") if x.strip()]
+        except ValueError:
+            raise RepskipError(f"--remove takes comma-separated layer indices, got {remove!r}") from None
+    if recipe_path:
+        return pipeline.removed_layers(recipe_mod.load(recipe_path), handle)
+    return []
+
+
+@main.command()
+@click.argument("model")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None, help="A resolved recipe.")
+@click.option("--remove", default=None, help="Layers to remove, e.g. 3,5,7 (instead of --recipe).")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens in the forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema-versioned) instead of a table.")
+def flops(model, recipe_path, remove, seq_len, as_json):
+    """Analytic FLOPs of MODEL before and after removing layers."""
+    from . import pipeline
+    from .flops import COMPONENTS
+
+    if seq_len < 1:
+        raise RepskipError("--seq-len must be at least 1")
+    handle = pipeline.open_model(model)
+    removed = _removed_for(handle, recipe_path, remove)
+    cmp = pipeline.flops(handle, removed, seq_len)
+    if as_json:
+        click.echo(json.dumps({"schema_version": 1, "kind": "repskip.flops", "model": str(handle.path),
+                               "removed": removed, **cmp.to_dict()}, indent=1))
+        return
+    table = Table(title=f"FLOPs of one {seq_len}-token forward ({handle.path.name})")
+    for col in ("component", "base GFLOPs", "pruned GFLOPs"):
+        table.add_column(col, justify="right" if col != "component" else "left")
+    for name in COMPONENTS:
+        table.add_row(name, f"{cmp.base.components[name] / 1e9:,.3f}", f"{cmp.pruned.components[name] / 1e9:,.3f}")
+    table.add_row("[bold]total", f"[bold]{cmp.base.total / 1e9:,.3f}", f"[bold]{cmp.pruned.total / 1e9:,.3f}")
+    console.print(table)
+    console.print(f"removed {len(removed)} of {cmp.base.layers} layers {removed}")
+    console.print(f"paper's figure (skipped / total layers): [bold]{cmp.layer_fraction:.2%}[/]")
+    console.print(f"exact reduction per token, {seq_len}-token forward incl. LM head: "
+                  f"[bold]{cmp.forward_reduction:.2%}[/] ({cmp.base.per_token / 1e6:,.1f} -> "
+                  f"{cmp.pruned.per_token / 1e6:,.1f} MFLOPs/token)")
+    console.print(f"exact reduction per generated token (decode at context {seq_len + 1}): "
+                  f"[bold]{cmp.decode_reduction:.2%}[/]")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template if there is one.")
+@click.option("--sampler", default=None, help="Sampler plugin [default: the family's].")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate(model, prompts, max_new_tokens, temperature, chat, sampler, dtype, device, seed):
+    """Load MODEL (e.g. an exported one) and continue prompts."""
+    from . import pipeline
+    from .sampler import format_prompt, get_sampler
+
+    handle = pipeline.open_model(model)
+    fam = handle.family
+    torch_model = fam.load(handle.path, pipeline.parse_dtype(dtype), pipeline.parse_device(device))
+    tokenizer = fam.load_tokenizer(handle.path)
+    smp = get_sampler(sampler or fam.default_sampler)
+    texts = [format_prompt(tokenizer, p, chat) for p in prompts]
+    out = smp.generate(torch_model, tokenizer, texts, seed=seed, max_new_tokens=max_new_tokens,
+                       temperature=temperature)
+    for prompt, text in zip(prompts, out.texts):
+        console.print(f"[bold cyan]> {prompt}[/]")
+        console.print(text, highlight=False)
+    console.print(f"[dim]{handle.num_layers} layers, {out.forward_passes} forward passes[/]")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json):
+    """List the installed family, sampler and benchmark plugins."""
+    from . import registry
+
+    rows = [p for group in registry.GROUPS for p in registry.plugins(group)]
+    if as_json:
+        click.echo(json.dumps({"schema_version": 1, "kind": "repskip.plugins", "plugins": [
+            {"group": p.group, "name": p.name, "target": p.target, "distribution": p.distribution,
+             "version": p.version, "ok": p.ok, "error": p.error} for p in rows]}, indent=1))
+        return
+    table = Table(title="repskip plugins")
+    for col in ("group", "name", "distribution", "version", "status"):
+        table.add_column(col)
+    for group in registry.GROUPS:
+        found = [p for p in rows if p.group == group]
+        if not found:
+            table.add_row(group, "[dim]none installed[/]", "", "", "")
+        for p in found:
+            status = "[green]ok[/]" if p.ok else f"[red]failed: {p.error}[/]"
+            table.add_row(group, p.name, p.distribution, p.version, status)
+    console.print(table)
+
+
+@main.command("fetch-default")
+def fetch_default():
+    """Fetch and convert the embedded default model (SmolLM2-135M-Instruct); print its folder."""
+    from .default_model import ensure_default_model
+
+    path = ensure_default_model(say=lambda s: err_console.print(f"[dim]{s}[/]"))
+    click.echo(str(path))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

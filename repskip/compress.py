@@ -1,0 +1,234 @@
+"""Physically remove decoder layers from a checkpoint, working on files.
+
+Tensors are never loaded: each kept tensor's bytes are copied from its source file into a
+new size-capped shard (kernel-side with copy_file_range where the platform has it), so
+memory stays flat whatever the model size and the dtype is preserved bit for bit. The
+output is assembled in a temporary folder beside the destination and renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorEntry, read_header
+from .errors import RepskipError
+
+# Weight files of other formats are never copied into the output.
+SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".onnx_data"}
+SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "config.json"}
+RECIPE_NAME = "repskip-recipe.yaml"
+COPY_CHUNK = 64 * 1024 * 1024
+DEFAULT_SHARD_SIZE = 2 * 1024**3
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '1.5GiB' or a byte count."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise RepskipError(f"cannot read size {text!r}; write it like 2GB, 500MB or 1.5GiB")
+    number, unit, suffix = float(m.group(1)), m.group(2).upper(), (m.group(3) or "").lower()
+    base = 1024 if suffix == "ib" else 1000
+    size = int(number * base ** "_KMGT".index(unit or "_"))
+    if size < 1:
+        raise RepskipError(f"shard size {text!r} must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class Planned:
+    source: TensorEntry
+    name: str  # name in the output
+
+
+def plan_tensors(ckpt: Checkpoint, prefix: str, kept: Sequence[int], num_layers: int) -> list[Planned]:
+    """Kept tensors in source order, layers renamed to contiguous indices."""
+    renumber = {old: new for new, old in enumerate(kept)}
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")
+    planned = []
+    order = sorted(ckpt.tensors.values(), key=lambda e: (str(e.file), e.start))
+    for entry in order:
+        m = pattern.fullmatch(entry.name)
+        if m is None:
+            planned.append(Planned(entry, entry.name))
+            continue
+        old = int(m.group(1))
+        if old >= num_layers:
+            raise RepskipError(
+                f"tensor {entry.name} names layer {old} but config.json declares {num_layers} "
+                "layers; the checkpoint is inconsistent"
+            )
+        if old in renumber:
+            planned.append(Planned(entry, f"{prefix}{renumber[old]}.{m.group(2)}"))
+    return planned
+
+
+def _shards(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for item in planned:
+        if shards[-1] and size + item.source.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.source.nbytes
+    return shards
+
+
+def _copy_range(src, dst, start: int, length: int) -> None:
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    if hasattr(os, "copy_file_range"):
+        try:
+            offset = start
+            remaining = length
+            while remaining:
+                n = os.copy_file_range(src_fd, dst_fd, min(remaining, COPY_CHUNK), offset)
+                if n == 0:
+                    raise RepskipError(f"{src.name} ended early while copying; it is truncated")
+                offset += n
+                remaining -= n
+            return
+        except OSError as exc:
+            if exc.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+                raise
+            dst.seek(0, os.SEEK_END)
+    src.seek(start)
+    remaining = length
+    while remaining:
+        chunk = src.read(min(remaining, COPY_CHUNK))
+        if not chunk:
+            raise RepskipError(f"{src.name} ended early while copying; it is truncated")
+        dst.write(chunk)
+        remaining -= len(chunk)
+
+
+def _write_shard(path: Path, items: list[Planned], metadata: dict[str, str]) -> None:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for item in items:
+        e = item.source
+        header[item.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+    handles: dict[Path, object] = {}
+    try:
+        with open(path, "wb") as dst:
+            dst.write(struct.pack("<Q", len(raw)))
+            dst.write(raw)
+            dst.flush()
+            for item in items:
+                src = handles.get(item.source.file)
+                if src is None:
+                    src = handles[item.source.file] = open(item.source.file, "rb")
+                _copy_range(src, dst, item.source.start, item.source.nbytes)
+            dst.flush()
+            os.fsync(dst.fileno())
+    finally:
+        for h in handles.values():
+            h.close()
+
+
+def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
+    copied = []
+    for item in sorted(src_dir.iterdir()):
+        if not item.is_file() or item.name.startswith("."):
+            continue
+        if item.suffix in SKIP_SUFFIXES or item.name in SKIP_NAMES:
+            continue
+        shutil.copy2(item, dst_dir / item.name)
+        copied.append(item.name)
+    return copied
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    output: Path
+    kept: list[int]
+    removed: list[int]
+    shards: int
+    bytes_in: int
+    bytes_out: int
+    side_files: list[str]
+
+
+def write_pruned(
+    ckpt: Checkpoint,
+    *,
+    prefix: str,
+    num_layers: int,
+    kept: Sequence[int],
+    new_config: dict,
+    output: Path,
+    recipe_yaml: str,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+) -> CompressResult:
+    """Write ``ckpt`` without the removed layers into ``output``, atomically."""
+    output = Path(output)
+    if output.resolve() == ckpt.path.resolve():
+        raise RepskipError("the output folder is the input checkpoint; choose another -o")
+    if output.exists() and not force:
+        raise RepskipError(f"output {output} already exists; pass --force to replace it")
+    planned = plan_tensors(ckpt, prefix, kept, num_layers)
+    shards = _shards(planned, max_shard_size)
+    first_meta = read_header(ckpt.files[0]).metadata
+    metadata = {**first_meta, "format": first_meta.get("format", "pt")}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        names = (
+            [SINGLE_NAME]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        weight_map = {}
+        for name, items in zip(names, shards):
+            _write_shard(tmp / name, items, metadata)
+            weight_map.update({item.name: name for item in items})
+        total = sum(item.source.nbytes for item in planned)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        side = _copy_side_files(ckpt.path, tmp)
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+        (tmp / RECIPE_NAME).write_text(recipe_yaml)
+        for name in names:  # re-read what was written before it is put in place
+            read_header(tmp / name)
+        if output.exists():
+            trash = output.parent / f".{output.name}.replaced-{os.getpid()}"
+            output.rename(trash)
+            tmp.rename(output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(output)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RepskipError(
+            f"writing {output} failed ({exc.strerror or exc}); nothing was written there"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    removed = [i for i in range(num_layers) if i not in set(kept)]
+    return CompressResult(
+        output=output,
+        kept=list(kept),
+        removed=removed,
+        shards=len(shards),
+        bytes_in=ckpt.total_bytes,
+        bytes_out=total,
+        side_files=side,
+    )

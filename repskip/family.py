@@ -1,0 +1,129 @@
+"""What a model family plugin must do, and how the core finds the family of a checkpoint.
+
+A family is registered under the ``repskip.families`` entry-point group. The core knows no
+family by name: it asks each registered family whether it recognises a config.json.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from . import registry
+from .errors import RepskipError
+from .flops import DecoderGeometry
+
+GenerativeKind = Literal["autoregressive", "diffusion"]
+
+
+class Family(abc.ABC):
+    """A family of checkpoints that share an on-disk layout and a forward semantics.
+
+    Subclasses set the class attributes and implement the abstract methods. Everything a
+    family does with files works on the config dict; everything it does with a model works
+    on the torch module its ``load`` returns.
+    """
+
+    #: Human-readable list of what the family covers, shown when nothing matches.
+    supports: ClassVar[str] = ""
+    #: "autoregressive" or "diffusion": decides samplers and analysis modes.
+    generative_kind: ClassVar[GenerativeKind] = "autoregressive"
+    #: Name of the sampler plugin used when the user names none.
+    default_sampler: ClassVar[str] = "ar"
+
+    # --- files -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def matches(self, config: dict) -> bool:
+        """Whether this family handles a checkpoint with this config.json."""
+
+    @abc.abstractmethod
+    def num_layers(self, config: dict) -> int:
+        """Number of decoder layers the config declares."""
+
+    @abc.abstractmethod
+    def layer_prefix(self, config: dict) -> str:
+        """Tensor-name prefix of the layers: layer i's tensors start with f"{prefix}{i}."."""
+
+    @abc.abstractmethod
+    def rewrite_config(self, config: dict, kept: Sequence[int]) -> dict:
+        """A new config dict for a model that keeps only the layers ``kept`` (old indices)."""
+
+    @abc.abstractmethod
+    def geometry(self, config: dict) -> DecoderGeometry:
+        """The shapes that decide compute, for the analytic FLOPs."""
+
+    # --- models ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu") -> Any:
+        """Load the model for inference (eval mode). ``dtype=None`` keeps the checkpoint's."""
+
+    @abc.abstractmethod
+    def load_tokenizer(self, path: Path) -> Any:
+        """The tokenizer saved with the checkpoint."""
+
+    @abc.abstractmethod
+    def decoder_layers(self, model: Any) -> Any:
+        """The ordered torch.nn.ModuleList of decoder layers."""
+
+    @abc.abstractmethod
+    def remove_layers(self, model: Any, kept: Sequence[int]) -> None:
+        """Keep only ``kept`` layers, in place, leaving a model that runs (caches included)."""
+
+    def logits(self, model: Any, input_ids: Any, attention_mask: Any) -> Any:
+        """Logits of a forward pass; position i predicts token i+1 for autoregressive models."""
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    @staticmethod
+    def layer_output(output: Any) -> Any:
+        """The hidden state a decoder layer returns (some return a tuple)."""
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def validate_kept(num_layers: int, removed: Sequence[int]) -> list[int]:
+    """The kept layer indices for a removal list, with every misuse a clear error."""
+    removed = list(removed)
+    bad = [i for i in removed if not isinstance(i, int) or isinstance(i, bool)]
+    if bad:
+        raise RepskipError(f"layer indices must be integers, got {bad[0]!r}")
+    out_of_range = sorted(i for i in removed if not 0 <= i < num_layers)
+    if out_of_range:
+        raise RepskipError(
+            f"layer index {out_of_range[0]} is out of range: the model has {num_layers} layers "
+            f"(valid indices 0..{num_layers - 1})"
+        )
+    seen: set[int] = set()
+    dupes = sorted({i for i in removed if i in seen or seen.add(i)})
+    if dupes:
+        raise RepskipError(f"layer index {dupes[0]} is listed more than once in the removal list")
+    kept = [i for i in range(num_layers) if i not in seen]
+    if not kept:
+        raise RepskipError(f"the recipe removes all {num_layers} layers; at least one must stay")
+    return kept
+
+
+def families() -> dict[str, Family]:
+    """Instances of every registered family plugin, by entry-point name."""
+    return {name: cls() for name, cls in registry.loaded("families").items()}
+
+
+def find_family(config: dict, name: str | None = None) -> tuple[str, Family]:
+    """The family that recognises ``config`` (or the one called ``name``)."""
+    available = families()
+    if name is not None:
+        if name not in available:
+            known = ", ".join(sorted(available)) or "none installed"
+            raise RepskipError(f"unknown model family {name!r}; installed families: {known}")
+        return name, available[name]
+    for fam_name, fam in available.items():
+        if fam.matches(config):
+            return fam_name, fam
+    arch = ", ".join(config.get("architectures") or []) or "?"
+    supported = "; ".join(
+        f"{n}: {f.supports}" if f.supports else n for n, f in sorted(available.items())
+    ) or "no family plugins are installed"
+    raise RepskipError(
+        f"unsupported architecture (model_type {config.get('model_type')!r}, {arch}). "
+        f"Supported: {supported}. To add one, write a family plugin (docs/plugins.md)"
+    )

@@ -1,0 +1,180 @@
+"""Skip recipes: one YAML format, validated, versioned.
+
+An *unresolved* recipe says how to choose layers (strategy, k, threshold, adjacency rule,
+protected layers, calibration, positions). A *resolved* one adds the exact layers to remove
+and where they came from: the model fingerprint, the scores, the calibration hash and the
+tool versions. ``compress`` resolves an unresolved recipe by running the analysis.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .analysis import Analysis
+from .errors import RepskipError
+from .selection import STRATEGIES, select
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationSpec(_Strict):
+    source: str = Field("builtin", description="'builtin', or a .txt / .jsonl file path")
+    field: str | None = Field(None, description="JSONL field holding the text")
+    num_samples: int = Field(64, ge=1)
+    max_length: int = Field(256, ge=2)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class SelectionSpec(_Strict):
+    strategy: Literal["paper", "block-influence", "angular-block"] = "paper"
+    k: int = Field(..., ge=1, description="number of layers to remove")
+    threshold: float = Field(0.95, ge=-1.0, le=1.0, description="paper: min cosine to qualify")
+    allow_adjacent: bool | None = Field(
+        None, description="default: false for paper, true for block-influence"
+    )
+    protect_first: bool = True
+    protect_last: bool = True
+    protect: list[int] = Field(default_factory=list, description="more protected layers; -1 = last")
+    positions: Literal["all", "last"] = "all"
+
+
+class ModelRef(_Strict):
+    fingerprint: str
+    family: str
+    model_type: str | None = None
+    name_or_path: str | None = None
+
+
+class Resolved(_Strict):
+    remove: list[int] = Field(..., description="indices of the layers to remove (0-based)")
+    num_layers: int | None = Field(None, description="layer count of the model it was made for")
+    model: ModelRef | None = None
+    metric: str | None = None
+    group: str | None = None
+    scores: list[float] | None = None
+    calibration_hash: str | None = None
+    sampler: dict | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: str | None = None
+
+
+class Recipe(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str | None = None
+    description: str | None = None
+    selection: SelectionSpec | None = None
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    resolved: Resolved | None = None
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.resolved is not None
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=False, width=100)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"{where}: {err['msg']}"
+
+
+def parse(data: object, origin: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RepskipError(f"{origin} is not a YAML mapping; see docs/recipes.md")
+    version = data.get("schema_version")
+    if version is None:
+        raise RepskipError(f"{origin} has no schema_version; add 'schema_version: 1'")
+    if version != SCHEMA_VERSION:
+        raise RepskipError(
+            f"{origin} has schema_version {version}; this repskip reads {SCHEMA_VERSION}"
+        )
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RepskipError(f"{origin} is invalid: {_first_error(exc)}; see docs/recipes.md") from None
+    if recipe.selection is None and recipe.resolved is None:
+        raise RepskipError(f"{origin} has neither 'selection' nor 'resolved'; it says nothing to do")
+    return recipe
+
+
+def load(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RepskipError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise RepskipError(f"recipe {path} is not valid YAML ({first})") from None
+    return parse(data, f"recipe {path}")
+
+
+def resolve(recipe: Recipe, analysis: Analysis) -> Recipe:
+    """A resolved copy of ``recipe``, choosing layers from ``analysis``."""
+    if recipe.selection is None:
+        raise RepskipError("the recipe has no 'selection' section to resolve")
+    sel = recipe.selection
+    choice = select(
+        analysis,
+        sel.strategy,
+        sel.k,
+        threshold=sel.threshold,
+        allow_adjacent=sel.allow_adjacent,
+        protect_first=sel.protect_first,
+        protect_last=sel.protect_last,
+        protect=sel.protect,
+    )
+    model = analysis.data["model"]
+    resolved = Resolved(
+        remove=choice.remove,
+        num_layers=analysis.num_layers,
+        model=ModelRef(
+            fingerprint=model["fingerprint"],
+            family=model["family"],
+            model_type=model.get("model_type"),
+            name_or_path=model.get("path"),
+        ),
+        metric=choice.metric,
+        group=choice.group,
+        scores=[round(s, 6) for s in choice.scores],
+        calibration_hash=analysis.data["calibration"]["hash"],
+        versions=analysis.data["versions"],
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return recipe.model_copy(update={"resolved": resolved})
+
+
+def check_applies(recipe: Recipe, fingerprint: str, num_layers: int) -> None:
+    """Refuse a resolved recipe made for another model."""
+    res = recipe.resolved
+    assert res is not None
+    if res.model is not None and res.model.fingerprint != fingerprint:
+        made_for = res.model.name_or_path or res.model.model_type or "another model"
+        raise RepskipError(
+            f"the recipe was made for a different model ({made_for}, {res.model.fingerprint}); "
+            f"this model is {fingerprint}: re-run 'repskip analyze' on this model"
+        )
+    if res.num_layers is not None and res.num_layers != num_layers:
+        raise RepskipError(
+            f"the recipe was made for a {res.num_layers}-layer model; this one has {num_layers}"
+        )
+
+
+def strategy_help() -> str:
+    return ", ".join(STRATEGIES)

@@ -1,0 +1,125 @@
+"""Strategies that turn an analysis into the list of layers to remove.
+
+- ``paper``: Goel et al.'s Algorithm 1. Candidates are layers whose mean cos(in, out) exceeds
+  the threshold; take the most similar first, never two adjacent ones, until k are chosen.
+- ``block-influence``: ShortGPT. Remove the k layers of lowest Block Influence
+  BI = 1 - E[cos(in, out)]; adjacent layers allowed.
+- ``angular-block``: Gromov et al. Remove the contiguous block of k layers whose input and
+  output are closest in angular distance arccos(cos(h_l, h_{l+k})) / pi, on the last token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .analysis import Analysis
+from .errors import RepskipError
+
+STRATEGIES = ("paper", "block-influence", "angular-block")
+
+
+@dataclass(frozen=True)
+class Selection:
+    remove: list[int]
+    metric: str  # what the scores are
+    group: str  # which position group they were measured on
+    scores: list[float]  # one per layer (per block start for angular-block)
+
+
+def protected_layers(num_layers: int, protect_first: bool, protect_last: bool, protect: list[int]) -> set[int]:
+    out = set()
+    if protect_first:
+        out.add(0)
+    if protect_last:
+        out.add(num_layers - 1)
+    for i in protect:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise RepskipError(
+                f"protected layer {i} is out of range for a {num_layers}-layer model"
+            )
+        out.add(j)
+    return out
+
+
+def paper(analysis: Analysis, k: int, threshold: float, allow_adjacent: bool, protected: set[int]) -> Selection:
+    cos = analysis.cosine()
+    order = sorted(
+        (i for i in range(len(cos)) if i not in protected and cos[i] > threshold),
+        key=lambda i: -cos[i],
+    )
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == k:
+            break
+        if not allow_adjacent and any(abs(i - j) == 1 for j in chosen):
+            continue
+        chosen.append(i)
+    if len(chosen) < k:
+        rule = "" if allow_adjacent else ", no two adjacent"
+        raise RepskipError(
+            f"only {len(chosen)} layer(s) qualify for the paper strategy (cosine > {threshold}, "
+            f"not protected{rule}) but k={k}: lower --threshold or -k"
+        )
+    return Selection(sorted(chosen), "cosine_mean", analysis.primary, cos)
+
+
+def block_influence(analysis: Analysis, k: int, allow_adjacent: bool, protected: set[int]) -> Selection:
+    bi = analysis.block_influence()
+    order = sorted((i for i in range(len(bi)) if i not in protected), key=lambda i: bi[i])
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == k:
+            break
+        if not allow_adjacent and any(abs(i - j) == 1 for j in chosen):
+            continue
+        chosen.append(i)
+    if len(chosen) < k:
+        raise RepskipError(
+            f"only {len(chosen)} layer(s) can be removed under the protection and adjacency "
+            f"rules but k={k}: lower -k or protect fewer layers"
+        )
+    return Selection(sorted(chosen), "block_influence", analysis.primary, bi)
+
+
+def angular_block(analysis: Analysis, k: int, protected: set[int], group: str = "last_token") -> Selection:
+    matrix = analysis.matrix(group)
+    L = analysis.num_layers
+    distances = []
+    for start in range(L - k + 1):
+        cos = max(-1.0, min(1.0, matrix[start][start + k]))
+        distances.append(math.acos(cos) / math.pi)
+    allowed = [s for s in range(L - k + 1) if not protected & set(range(s, s + k))]
+    if not allowed:
+        raise RepskipError(
+            f"no block of {k} contiguous layers avoids the protected layers: lower -k"
+        )
+    best = min(allowed, key=lambda s: distances[s])
+    return Selection(list(range(best, best + k)), f"angular_distance_block_{k}", group, distances)
+
+
+def select(
+    analysis: Analysis,
+    strategy: str,
+    k: int,
+    *,
+    threshold: float = 0.95,
+    allow_adjacent: bool | None = None,
+    protect_first: bool = True,
+    protect_last: bool = True,
+    protect: list[int] | None = None,
+) -> Selection:
+    L = analysis.num_layers
+    if k < 1:
+        raise RepskipError(f"k must be at least 1, got {k}")
+    if k >= L:
+        raise RepskipError(f"k={k} would remove every layer of a {L}-layer model; choose k < {L}")
+    guarded = protected_layers(L, protect_first, protect_last, protect or [])
+    if strategy == "paper":
+        return paper(analysis, k, threshold, bool(allow_adjacent), guarded)
+    if strategy == "block-influence":
+        return block_influence(analysis, k, True if allow_adjacent is None else allow_adjacent, guarded)
+    if strategy == "angular-block":
+        return angular_block(analysis, k, guarded)
+    raise RepskipError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
