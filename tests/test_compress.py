@@ -1,0 +1,177 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import load, make_checkpoint
+from repskip import compress as compress_mod
+from repskip.errors import RepskipError
+from repskip.pipeline import compress, open_model
+from repskip.recipe import Recipe, Resolved
+
+
+def resolved(remove, **extra) -> Recipe:
+    return Recipe(resolved=Resolved(remove=remove, **extra))
+
+
+def in_memory(path, kept):
+    handle = open_model(path)
+    model = load(path)
+    handle.family.remove_layers(model, kept)
+    return model
+
+
+PROMPT = torch.tensor([[5, 80, 81, 82, 90, 100, 120, 7, 64, 65, 66, 67]])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+def test_compressed_checkpoint_matches_in_memory_removal_and_generates_with_cache(tiny, tmp_path, family):
+    out = tmp_path / "out"
+    result, _ = compress(tiny[family], resolved([1, 4]), out)
+    assert result.removed == [1, 4] and result.kept == [0, 2, 3, 5]
+
+    reloaded = load(out)  # plain transformers, no repskip involved
+    assert reloaded.config.num_hidden_layers == 4
+    assert len(reloaded.model.layers) == 4
+    expected = in_memory(tiny[family], [0, 2, 3, 5])
+    with torch.no_grad():
+        got = reloaded(PROMPT).logits
+        want = expected(PROMPT).logits
+    assert torch.equal(got, want)
+    # and removal really changed the model
+    with torch.no_grad():
+        base = load(tiny[family])(PROMPT).logits
+    assert not torch.allclose(base, got)
+
+    with torch.no_grad():
+        cached = reloaded.generate(PROMPT, max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = reloaded.generate(PROMPT, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_tensors_are_renamed_contiguously_and_bytes_kept(tiny, tmp_path):
+    out = tmp_path / "out"
+    compress(tiny["qwen2"], resolved([0, 3]), out)
+    with safe_open(out / "model.safetensors", "pt") as new, safe_open(tiny["qwen2"] / "model.safetensors", "pt") as old:
+        names = set(new.keys())
+        layer_ids = sorted({int(n.split(".")[2]) for n in names if n.startswith("model.layers.")})
+        assert layer_ids == [0, 1, 2, 3]
+        for new_idx, old_idx in enumerate([1, 2, 4, 5]):
+            for suffix in ("self_attn.q_proj.bias", "mlp.down_proj.weight", "input_layernorm.weight"):
+                a = new.get_tensor(f"model.layers.{new_idx}.{suffix}")
+                b = old.get_tensor(f"model.layers.{old_idx}.{suffix}")
+                assert torch.equal(a, b)
+        assert torch.equal(new.get_tensor("lm_head.weight"), old.get_tensor("lm_head.weight"))
+        assert len(names) == len(set(old.keys())) - 2 * 12  # Qwen2: 12 tensors per layer
+
+
+def test_config_and_side_files(tiny, tmp_path):
+    out = tmp_path / "out"
+    compress(tiny["qwen2"], resolved([2]), out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 5
+    assert len(config["layer_types"]) == 5
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (tiny["qwen2"] / name).read_bytes()
+    recipe_text = (out / "repskip-recipe.yaml").read_text()
+    assert "remove:" in recipe_text and "- 2" in recipe_text
+
+
+def test_sliding_window_layer_types_and_max_window_layers_follow_the_kept_layers(tmp_path):
+    src = make_checkpoint(tmp_path / "sw", "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=3)
+    before = json.loads((src / "config.json").read_text())
+    assert before["layer_types"] == ["full_attention"] * 3 + ["sliding_attention"] * 3
+    out = tmp_path / "out"
+    compress(src, resolved([1, 4]), out)
+    after = json.loads((out / "config.json").read_text())
+    assert after["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert after["max_window_layers"] == 2
+    ids = torch.randint(3, 300, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(load(out)(ids).logits, in_memory(src, [0, 2, 3, 5])(ids).logits)
+
+
+def test_multi_shard_input_and_size_capped_output(tiny_sharded, tmp_path):
+    out = tmp_path / "out"
+    result, _ = compress(tiny_sharded, resolved([2, 3]), out, max_shard_size=100_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert result.shards == len(files) > 1
+    sizes = [(out / f).stat().st_size for f in files]
+    biggest_tensor = max(e.nbytes for e in open_model(tiny_sharded).ckpt.tensors.values())
+    assert max(sizes) <= 100_000 + biggest_tensor + 4096
+    assert index["metadata"]["total_size"] == result.bytes_out
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(load(out)(ids).logits, in_memory(tiny_sharded, [0, 1, 4, 5])(ids).logits)
+
+
+def test_dtype_is_preserved(tmp_path):
+    src = make_checkpoint(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    compress(src, resolved([3]), out)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert load(out).dtype == torch.bfloat16
+
+
+def test_existing_output_needs_force(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(RepskipError, match="already exists; pass --force"):
+        compress(tiny["llama"], resolved([1]), out)
+    assert (out / "keep.txt").read_text() == "mine"
+    compress(tiny["llama"], resolved([1]), out, force=True)
+    assert not (out / "keep.txt").exists()
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_write_that_fails_midway_leaves_nothing(tiny_sharded, tmp_path, monkeypatch):
+    real = compress_mod._write_shard
+    calls = []
+
+    def failing(path, items, metadata):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, items, metadata)
+
+    monkeypatch.setattr(compress_mod, "_write_shard", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RepskipError, match="No space left on device.*nothing was written"):
+        compress(tiny_sharded, resolved([1]), out, max_shard_size=100_000)
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
+
+
+@pytest.mark.parametrize(
+    "remove, message",
+    [
+        ([6], "out of range: the model has 6 layers"),
+        ([-1], "out of range"),
+        ([1, 1], "listed more than once"),
+        ([0, 1, 2, 3, 4, 5], "removes all 6 layers"),
+    ],
+)
+def test_bad_layer_lists_are_refused(tiny, tmp_path, remove, message):
+    with pytest.raises(RepskipError, match=message):
+        compress(tiny["llama"], resolved(remove), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_for_another_model_is_refused(tiny, tmp_path):
+    other = open_model(tiny["qwen2"]).ckpt.fingerprint()
+    recipe = Recipe(resolved=Resolved(remove=[1], num_layers=6, model={"fingerprint": other, "family": "hf-decoder"}))
+    with pytest.raises(RepskipError, match="made for a different model"):
+        compress(tiny["llama"], recipe, tmp_path / "out")
+
+
+def test_parse_size():
+    assert compress_mod.parse_size("2GB") == 2_000_000_000
+    assert compress_mod.parse_size("1.5GiB") == int(1.5 * 1024**3)
+    assert compress_mod.parse_size("500MB") == 500_000_000
+    with pytest.raises(RepskipError, match="cannot read size"):
+        compress_mod.parse_size("lots")
