@@ -50,6 +50,9 @@ def main() -> None:
 
     import torch
     from repskip import analysis, calibration, pipeline
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     if args.threads:
         torch.set_num_threads(args.threads)
