@@ -121,17 +121,20 @@ class LayerStatsAccumulator:
             sums.cos_min[index] = torch.minimum(sums.cos_min[index], cos.min())
             sums.cos_max[index] = torch.maximum(sums.cos_max[index], cos.max())
             sums.angle_sum[index] += (torch.arccos(cos) / math.pi).sum()
-            # Layer-similarity matrix: the new state against every earlier one.
-            units = batch["units"].setdefault(name, [])
-            if not units:
-                units.append(u_in)
-                sums.gram_sum[0, 0] += u_in.shape[0]
-            row = torch.einsum("knd,nd->k", torch.stack(units), u_out).double()
-            k = len(units)
+            # Layer-similarity matrix: the new state against every earlier one. The states
+            # of this batch sit in one preallocated buffer, so no step copies earlier ones.
+            units = batch["units"].get(name)
+            if units is None:
+                n, width = u_in.shape
+                units = batch["units"][name] = torch.empty(self.num_layers + 1, n, width, device=self.device)
+                units[0] = u_in
+                sums.gram_sum[0, 0] += n
+            k = index + 1
+            row = (units[:k].reshape(k, -1) @ u_out.reshape(-1)).double()
             sums.gram_sum[k, :k] += row
             sums.gram_sum[:k, k] += row
             sums.gram_sum[k, k] += u_out.shape[0]
-            units.append(u_out)
+            units[k] = u_out
         # Recency profile of this layer's output over all real tokens.
         u = _unit(h_out)
         gram = u @ u.transpose(1, 2)
