@@ -124,7 +124,7 @@ def _selection_options(f):
     opts = [
         click.option("--strategy", type=click.Choice(["paper", "block-influence", "angular-block"]),
                      default="paper", show_default=True, help="How layers are chosen."),
-        click.option("-k", "k", type=int, default=4, show_default=True, help="Layers to remove."),
+        click.option("-k", "k", type=click.IntRange(min=1), default=4, show_default=True, help="Layers to remove."),
         click.option("--threshold", type=float, default=0.95, show_default=True,
                      help="paper: a layer qualifies when its mean cos(in, out) is above this."),
         click.option("--allow-adjacent/--no-adjacent", default=None,
@@ -152,7 +152,8 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
 
     (out / "analysis.json").write_text(json.dumps(analysis.data, indent=1) + "\n")
     chosen = recipe.resolved.remove if recipe.is_resolved else []
-    recipe.save(out / "recipe.yaml")
+    if recipe.is_resolved:
+        recipe.save(out / "recipe.yaml")
     show_threshold = threshold if recipe.selection and recipe.selection.strategy == "paper" else None
     plots.consecutive_similarity(analysis, out / "similarity.png", show_threshold, chosen)
     plots.similarity_heatmap(analysis, out / "similarity_matrix.png")
@@ -166,9 +167,9 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
 @click.option("--calib", default=None,
               help="Calibration text: a .txt file (blank-line paragraphs) or .jsonl [default: built-in set].")
 @click.option("--calib-field", default=None, help="JSONL field holding the text [default: text/question/prompt].")
-@click.option("--num-samples", type=int, default=64, show_default=True, help="Calibration sequences.")
-@click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration sequences.")
+@click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--positions", type=click.Choice(["all", "last"]), default="all", show_default=True,
               help="Token positions averaged for the per-layer scores.")
 @_selection_options
@@ -194,7 +195,18 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
             max_length=max_length, batch_size=batch_size, seed=seed, positions=positions,
             dtype=dtype, device=device, progress=update,
         )
-    recipe = resolve(Recipe(selection=spec, calibration=cal), result)
+    unresolved = Recipe(selection=spec, calibration=cal)
+    try:
+        recipe = resolve(unresolved, result)
+    except RepskipError as exc:
+        # The measurements are still worth keeping: save them, then say how to choose again.
+        with _atomic_dir(output, force) as tmp:
+            _write_analysis_outputs(tmp, result, unresolved, threshold)
+        console.print(_analysis_table(result, []))
+        raise RepskipError(
+            f"{exc}. The analysis was saved in {output}: choose again without re-running the "
+            f"model, e.g. repskip select {output}/analysis.json -o recipe.yaml --threshold 0.9"
+        ) from None
     with _atomic_dir(output, force) as tmp:
         _write_analysis_outputs(tmp, result, recipe, threshold)
     console.print(_analysis_table(result, recipe.resolved.remove))
@@ -296,15 +308,13 @@ def _removed_for(handle, recipe_path, remove):
 @click.argument("model")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None, help="A resolved recipe.")
 @click.option("--remove", default=None, help="Layers to remove, e.g. 3,5,7 (instead of --recipe).")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens in the forward pass.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens in the forward pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema-versioned) instead of a table.")
 def flops(model, recipe_path, remove, seq_len, as_json):
     """Analytic FLOPs of MODEL before and after removing layers."""
     from . import pipeline
     from .flops import COMPONENTS
 
-    if seq_len < 1:
-        raise RepskipError("--seq-len must be at least 1")
     handle = pipeline.open_model(model)
     removed = _removed_for(handle, recipe_path, remove)
     cmp = pipeline.flops(handle, removed, seq_len)
@@ -331,7 +341,7 @@ def flops(model, recipe_path, remove, seq_len, as_json):
 @main.command()
 @click.argument("model")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template if there is one.")
 @click.option("--sampler", default=None, help="Sampler plugin [default: the family's].")

@@ -29,8 +29,9 @@ def assert_clean_error(result, message):
     text = result.stderr
     assert "Traceback" not in result.output
     lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], text  # stderr may also hold a progress bar
+    assert message in errors[0], errors[0]
 
 
 def test_analyze_compress_flops_end_to_end(tiny, tmp_path):
@@ -61,6 +62,25 @@ def test_analyze_compress_flops_end_to_end(tiny, tmp_path):
     res = run("select", runs / "analysis.json", "-o", tmp_path / "bi.yaml", "--strategy", "block-influence", "-k", "3")
     assert res.exit_code == 0, res.output
     assert len(yaml.safe_load((tmp_path / "bi.yaml").read_text())["resolved"]["remove"]) == 3
+
+
+def test_analysis_is_kept_when_too_few_layers_qualify(tiny, tmp_path):
+    runs = tmp_path / "runs"
+    res = run("analyze", tiny["llama"], "-o", runs, "-k", "2", "--threshold", "0.99999",
+              "--num-samples", "3", "--max-length", "16")
+    assert_clean_error(res, "only 0 layer(s) qualify")
+    assert "repskip select" in res.stderr
+    assert (runs / "analysis.json").is_file() and not (runs / "recipe.yaml").exists()
+    res = run("select", runs / "analysis.json", "-o", tmp_path / "r.yaml", "-k", "2", "--threshold", "-1")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("option", [["--batch-size", "0"], ["--num-samples", "0"], ["-k", "0"], ["--max-length", "1"]])
+def test_out_of_range_numbers_are_usage_errors(tiny, tmp_path, option):
+    res = run("analyze", tiny["llama"], "-o", tmp_path / "o", *option)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "Invalid value" in res.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_unresolved_preset_through_cli(tiny, tmp_path):
