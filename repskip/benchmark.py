@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import registry
-from .errors import RepskipError
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,4 @@ class Benchmark(abc.ABC):
 
 
 def get_benchmark(name: str) -> Benchmark:
-    available = registry.loaded("benchmarks")
-    if name not in available:
-        known = ", ".join(sorted(available)) or "none installed"
-        raise RepskipError(f"unknown benchmark {name!r}; installed benchmarks: {known}")
-    return available[name]()
+    return registry.create("benchmarks", name)

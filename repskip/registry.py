@@ -78,6 +78,18 @@ def loaded(group: str) -> dict[str, Any]:
     return {p.name: p.obj for p in plugins(group) if p.ok}
 
 
+def create(group: str, name: str) -> Any:
+    """An instance of the plugin ``name`` of ``group``, or a RepskipError listing the known ones."""
+    from .errors import RepskipError
+
+    available = loaded(group)
+    if name not in available:
+        known = ", ".join(sorted(available)) or "none installed"
+        kind = group.rstrip("s")
+        raise RepskipError(f"unknown {kind} {name!r}; installed {group}: {known}")
+    return available[name]()
+
+
 def refresh() -> None:
     """Forget what was discovered, so newly installed plugins are seen."""
     _cache.clear()

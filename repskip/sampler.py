@@ -57,11 +57,8 @@ def count_forwards(model: Any) -> Iterator[list[int]]:
 
 
 def get_sampler(name: str) -> Sampler:
-    available = registry.loaded("samplers")
-    if name not in available:
-        known = ", ".join(sorted(available)) or "none installed"
-        raise RepskipError(f"unknown sampler {name!r}; installed samplers: {known}")
-    return available[name]()
+    return registry.create("samplers", name)
+
 
 
 def format_prompt(tokenizer: Any, text: str, chat: bool) -> str:

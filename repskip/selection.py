@@ -43,12 +43,8 @@ def protected_layers(num_layers: int, protect_first: bool, protect_last: bool, p
     return out
 
 
-def paper(analysis: Analysis, k: int, threshold: float, allow_adjacent: bool, protected: set[int]) -> Selection:
-    cos = analysis.cosine()
-    order = sorted(
-        (i for i in range(len(cos)) if i not in protected and cos[i] > threshold),
-        key=lambda i: -cos[i],
-    )
+def _take(order: list[int], k: int, allow_adjacent: bool) -> list[int]:
+    """The first k of ``order``, skipping any layer next to one already taken if asked."""
     chosen: list[int] = []
     for i in order:
         if len(chosen) == k:
@@ -56,6 +52,16 @@ def paper(analysis: Analysis, k: int, threshold: float, allow_adjacent: bool, pr
         if not allow_adjacent and any(abs(i - j) == 1 for j in chosen):
             continue
         chosen.append(i)
+    return chosen
+
+
+def paper(analysis: Analysis, k: int, threshold: float, allow_adjacent: bool, protected: set[int]) -> Selection:
+    cos = analysis.cosine()
+    order = sorted(
+        (i for i in range(len(cos)) if i not in protected and cos[i] > threshold),
+        key=lambda i: -cos[i],
+    )
+    chosen = _take(order, k, allow_adjacent)
     if len(chosen) < k:
         rule = "" if allow_adjacent else ", no two adjacent"
         raise RepskipError(
@@ -68,13 +74,7 @@ def paper(analysis: Analysis, k: int, threshold: float, allow_adjacent: bool, pr
 def block_influence(analysis: Analysis, k: int, allow_adjacent: bool, protected: set[int]) -> Selection:
     bi = analysis.block_influence()
     order = sorted((i for i in range(len(bi)) if i not in protected), key=lambda i: bi[i])
-    chosen: list[int] = []
-    for i in order:
-        if len(chosen) == k:
-            break
-        if not allow_adjacent and any(abs(i - j) == 1 for j in chosen):
-            continue
-        chosen.append(i)
+    chosen = _take(order, k, allow_adjacent)
     if len(chosen) < k:
         raise RepskipError(
             f"only {len(chosen)} layer(s) can be removed under the protection and adjacency "
