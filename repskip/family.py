@@ -81,6 +81,29 @@ class Family(abc.ABC):
         return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def slice_layer_config(
+    config: dict, kept: Sequence[int], count_key: str, per_layer_keys: Sequence[str] = ("layer_types",)
+) -> dict:
+    """A config for the kept layers: the count updated, per-layer lists sliced, and
+    ``max_window_layers`` (the number of leading full-attention layers) recomputed."""
+    new = dict(config)
+    total = int(config[count_key])
+    new[count_key] = len(kept)
+    for key in per_layer_keys:
+        values = config.get(key)
+        if isinstance(values, list):
+            if len(values) != total:
+                raise RepskipError(
+                    f"config.json {key} has {len(values)} entries for {total} layers; "
+                    "the checkpoint is inconsistent"
+                )
+            new[key] = [values[i] for i in kept]
+    # Kept layers keep their order, so the new count is how many were below the old one.
+    if isinstance(config.get("max_window_layers"), int):
+        new["max_window_layers"] = sum(1 for i in kept if i < config["max_window_layers"])
+    return new
+
+
 def validate_kept(num_layers: int, removed: Sequence[int]) -> list[int]:
     """The kept layer indices for a removal list, with every misuse a clear error."""
     removed = list(removed)

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from repskip.errors import RepskipError
-from repskip.family import Family
+from repskip.family import Family, slice_layer_config
 from repskip.flops import DecoderGeometry
 
 # model_type -> what the family was tested on. Each shares the model.layers.{i} layout,
@@ -39,22 +38,7 @@ class HFDecoderFamily(Family):
         return "model.layers."
 
     def rewrite_config(self, config: dict, kept: Sequence[int]) -> dict:
-        new = dict(config)
-        new["num_hidden_layers"] = len(kept)
-        for key in PER_LAYER_KEYS:
-            if isinstance(config.get(key), list):
-                values = config[key]
-                if len(values) != config["num_hidden_layers"]:
-                    raise RepskipError(
-                        f"config.json {key} has {len(values)} entries for "
-                        f"{config['num_hidden_layers']} layers; the checkpoint is inconsistent"
-                    )
-                new[key] = [values[i] for i in kept]
-        # max_window_layers counts the leading layers that use full attention; kept layers
-        # keep their order, so the new count is how many kept layers were below the old one.
-        if isinstance(config.get("max_window_layers"), int):
-            new["max_window_layers"] = sum(1 for i in kept if i < config["max_window_layers"])
-        return new
+        return slice_layer_config(config, kept, "num_hidden_layers", PER_LAYER_KEYS)
 
     def geometry(self, config: dict) -> DecoderGeometry:
         heads = int(config["num_attention_heads"])

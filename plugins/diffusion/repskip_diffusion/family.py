@@ -1,0 +1,98 @@
+"""What LLaDA and Dream share as families: one decoder implementation, a mask token, and
+logits that may need realigning so that position i predicts token i."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from repskip.errors import RepskipError
+from repskip.family import Family
+from repskip.flops import DecoderGeometry
+
+from .model import BidirectionalDecoder, DecoderSpec, load_decoder
+
+
+def rope_theta(config: dict) -> float:
+    """RoPE base: a top-level key in the authors' configs, under rope_parameters in newer saves."""
+    if "rope_theta" in config:
+        return float(config["rope_theta"])
+    return float((config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+
+class DiffusionFamily(Family):
+    generative_kind = "diffusion"
+    #: True when logits[:, i] predicts token i+1 (Dream, from its AR initialisation).
+    shifted_logits: ClassVar[bool] = False
+    #: internal parameter name pattern -> on-disk name template, for the per-layer tensors
+    layer_names: ClassVar[dict[str, str]] = {}
+    #: internal -> on-disk names of the tensors outside the layers
+    top_names: ClassVar[dict[str, str]] = {}
+
+    # --- what each family says about its config ---------------------------------------
+    def spec(self, config: dict) -> DecoderSpec:
+        raise NotImplementedError
+
+    def mask_token_id(self, config: dict) -> int:
+        value = config.get("mask_token_id")
+        if value is None:
+            raise RepskipError(
+                "config.json has no mask_token_id: a masked-diffusion model needs one; add it "
+                "to config.json"
+            )
+        vocab = self.spec(config).vocab
+        if not 0 <= int(value) < vocab:
+            raise RepskipError(f"mask_token_id {value} is outside the vocabulary (size {vocab})")
+        return int(value)
+
+    # --- shared behaviour ---------------------------------------------------------------
+    def disk_name(self, name: str) -> str:
+        if name in self.top_names:
+            return self.top_names[name]
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        if m is None or m.group(2) not in self.layer_names:
+            raise KeyError(name)
+        return self.layer_names[m.group(2)].format(i=m.group(1))
+
+    def geometry(self, config: dict) -> DecoderGeometry:
+        s = self.spec(config)
+        return DecoderGeometry(s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab, s.layers)
+
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu") -> BidirectionalDecoder:
+        from repskip.checkpoint import read_config
+
+        spec = self.spec(read_config(path))
+        return load_decoder(path, spec, self.disk_name, dtype, device)
+
+    def load_tokenizer(self, path: Path) -> Any:
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        try:
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except (ValueError, OSError, ImportError):
+            # The authors' tokenizer classes are remote code; tokenizer.json is all we need.
+            if (Path(path) / "tokenizer.json").is_file():
+                return PreTrainedTokenizerFast(tokenizer_file=str(Path(path) / "tokenizer.json"))
+            raise RepskipError(f"{path} has no tokenizer that loads without remote code (no tokenizer.json)") from None
+
+    def decoder_layers(self, model: BidirectionalDecoder) -> torch.nn.ModuleList:
+        return model.blocks
+
+    def remove_layers(self, model: BidirectionalDecoder, kept: Sequence[int]) -> None:
+        model.blocks = torch.nn.ModuleList(model.blocks[i] for i in kept)
+        spec = model.spec
+        model.spec = DecoderSpec(**{**spec.__dict__, "layers": len(kept)})
+
+    def logits(self, model: BidirectionalDecoder, input_ids: Any, attention_mask: Any) -> Any:
+        """Raw logits of the forward pass, as the authors' model returns them."""
+        return model(input_ids, attention_mask)
+
+    def token_logits(self, model: BidirectionalDecoder, input_ids: Any, attention_mask: Any = None) -> Any:
+        """Logits aligned so that position i predicts the token at position i."""
+        logits = model(input_ids, attention_mask)
+        if self.shifted_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits

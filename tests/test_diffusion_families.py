@@ -1,0 +1,117 @@
+"""LLaDA and Dream families on repskip's own bidirectional implementation, checked without
+any foreign code: with a causal mask forced they must equal transformers' Llama / Qwen2."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import MASK_ID, dream_from_qwen2, llada_from_llama, make_checkpoint
+from repskip.errors import RepskipError
+from repskip.pipeline import analyze, compress, open_model
+from repskip.recipe import Recipe, Resolved
+
+
+@pytest.fixture(scope="module")
+def diffusion(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusion")
+    llama = make_checkpoint(root / "llama", "llama", seed=11, tie_word_embeddings=False)
+    qwen2 = make_checkpoint(root / "qwen2", "qwen2", seed=12)
+    return {
+        "llama": llama,
+        "qwen2": qwen2,
+        "llada": llada_from_llama(llama, root / "llada"),
+        "dream": dream_from_qwen2(qwen2, root / "dream"),
+    }
+
+
+IDS = torch.tensor([[7, 80, 81, 82, 90, 100, 120, 7, 64, 65, 66, 67, 200, 201]])
+
+
+@pytest.mark.parametrize("family, source", [("llada", "llama"), ("dream", "qwen2")])
+def test_causal_forced_logits_equal_the_autoregressive_model(diffusion, family, source):
+    handle = open_model(diffusion[family])
+    assert handle.family_name == family
+    ours = handle.family.load(handle.path)
+    reference = AutoModelForCausalLM.from_pretrained(diffusion[source]).eval()
+    with torch.no_grad():
+        want = reference(IDS).logits
+        got = ours(IDS, causal=True)
+    assert (got - want).abs().max().item() < 1e-5
+    with torch.no_grad():  # and bidirectional attention really is different
+        assert (ours(IDS) - want).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_left_padded_batch_gives_each_prompt_its_own_logits(diffusion, family):
+    handle = open_model(diffusion[family])
+    model = handle.family.load(handle.path)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42], [90, 91, 92, 93, 94]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        batched = model(ids, mask)
+        for row, p in enumerate(prompts):
+            alone = model(torch.tensor([p]))
+            assert (batched[row, width - len(p):] - alone[0]).abs().max().item() < 1e-5
+
+
+def test_dream_logits_are_realigned_and_llada_are_not(diffusion):
+    for family, shifted in (("dream", True), ("llada", False)):
+        handle = open_model(diffusion[family])
+        model = handle.family.load(handle.path)
+        with torch.no_grad():
+            raw = handle.family.logits(model, IDS, None)
+            aligned = handle.family.token_logits(model, IDS)
+        if shifted:
+            assert torch.equal(aligned[:, 1:], raw[:, :-1]) and torch.equal(aligned[:, 0], raw[:, 0])
+        else:
+            assert torch.equal(aligned, raw)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_compress_then_reload_equals_in_memory_removal(diffusion, tmp_path, family):
+    out = tmp_path / "out"
+    result, _ = compress(diffusion[family], Recipe(resolved=Resolved(remove=[1, 4])), out)
+    assert result.kept == [0, 2, 3, 5]
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_layers" if family == "llada" else "num_hidden_layers"] == 4
+    assert (out / f"modeling_{family}.py").is_file()  # the authors' code travels with it
+    handle = open_model(out)
+    reloaded = handle.family.load(out)
+    reference = handle.family.load(diffusion[family])
+    handle.family.remove_layers(reference, [0, 2, 3, 5])
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS), reference(IDS))
+    recipe_text = (out / "repskip-recipe.yaml").read_text()
+    assert "- 1\n" in recipe_text and "- 4\n" in recipe_text
+
+
+def test_analysis_runs_on_a_diffusion_family(diffusion):
+    result = analyze(diffusion["llada"], num_samples=4, max_length=24)
+    assert result.num_layers == 6 and result.data["model"]["family"] == "llada"
+
+
+def test_mask_token_must_exist(diffusion, tmp_path):
+    fam = open_model(diffusion["llada"]).family
+    config = json.loads((diffusion["llada"] / "config.json").read_text())
+    assert fam.mask_token_id(config) == MASK_ID
+    with pytest.raises(RepskipError, match="no mask_token_id"):
+        fam.mask_token_id({k: v for k, v in config.items() if k != "mask_token_id"})
+    with pytest.raises(RepskipError, match="outside the vocabulary"):
+        fam.mask_token_id({**config, "mask_token_id": 10_000})
+
+
+def test_layout_mismatch_is_an_error(diffusion, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(diffusion["llada"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["n_layers"] = 5
+    (bad / "config.json").write_text(json.dumps(config))
+    handle = open_model(bad)
+    with pytest.raises(RepskipError, match="not part of the model"):
+        handle.family.load(bad)
