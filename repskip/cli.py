@@ -341,30 +341,42 @@ def flops(model, recipe_path, remove, seq_len, as_json):
 @main.command()
 @click.argument("model")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--sampler", default=None, help="Sampler plugin [default: the family's: ar, llada or dream].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="ar, dream: tokens to generate [64 / 128].")
+@click.option("--gen-length", type=click.IntRange(min=1), default=None, help="llada: tokens to generate [128].")
+@click.option("--block-length", type=click.IntRange(min=1), default=None, help="llada: semi-autoregressive block [32].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="llada, dream: denoising steps [128].")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy / argmax [0].")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=None, help="ar, dream: nucleus sampling.")
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help="ar, dream: top-k sampling.")
+@click.option("--cfg-scale", type=click.FloatRange(min=0), default=None, help="llada: classifier-free guidance [0].")
+@click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None, help="llada [low_confidence].")
+@click.option("--alg", type=click.Choice(["origin", "maskgit_plus", "topk_margin", "entropy"]), default=None,
+              help="dream: which masked positions to reveal [entropy].")
+@click.option("--alg-temp", type=click.FloatRange(min=0), default=None, help="dream: sample positions instead of top-n.")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template if there is one.")
-@click.option("--sampler", default=None, help="Sampler plugin [default: the family's].")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate(model, prompts, max_new_tokens, temperature, chat, sampler, dtype, device, seed):
-    """Load MODEL (e.g. an exported one) and continue prompts."""
+def generate(model, prompts, sampler, chat, dtype, device, seed, **settings):
+    """Load MODEL (e.g. an exported one) and continue prompts with its sampler."""
     from . import pipeline
     from .sampler import format_prompt, get_sampler
 
     handle = pipeline.open_model(model)
     fam = handle.family
+    smp = get_sampler(sampler or fam.default_sampler)
+    given = {k: v for k, v in settings.items() if v is not None}
+    smp.settings(given)  # reject a setting this sampler does not take before loading anything
     torch_model = fam.load(handle.path, pipeline.parse_dtype(dtype), pipeline.parse_device(device))
     tokenizer = fam.load_tokenizer(handle.path)
-    smp = get_sampler(sampler or fam.default_sampler)
     texts = [format_prompt(tokenizer, p, chat) for p in prompts]
-    out = smp.generate(torch_model, tokenizer, texts, seed=seed, max_new_tokens=max_new_tokens,
-                       temperature=temperature)
+    out = smp.generate(torch_model, tokenizer, texts, family=fam, seed=seed, **given)
     for prompt, text in zip(prompts, out.texts):
         console.print(f"[bold cyan]> {prompt}[/]")
         console.print(text, highlight=False)
-    console.print(f"[dim]{handle.num_layers} layers, {out.forward_passes} forward passes[/]")
+    console.print(f"[dim]{handle.num_layers} layers, {out.forward_passes} forward passes, "
+                  f"sampler {sampler or fam.default_sampler}[/]")
 
 
 @main.command()

@@ -30,15 +30,27 @@ class Sampler(abc.ABC):
         unknown = sorted(set(overrides) - set(self.defaults))
         if unknown:
             raise RepskipError(
-                f"sampler setting {unknown[0]!r} is not known; known: {', '.join(self.defaults)}"
+                f"sampler setting {unknown[0]!r} is not known to {type(self).__name__}; "
+                f"it takes: {', '.join(self.defaults)}"
             )
         return {**self.defaults, **overrides}
 
     @abc.abstractmethod
     def generate(
-        self, model: Any, tokenizer: Any, prompts: Sequence[str], *, seed: int = 0, **settings: Any
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompts: Sequence[str],
+        *,
+        family: Any = None,
+        seed: int = 0,
+        **settings: Any,
     ) -> Generation:
-        """Continue each prompt (already formatted: chat template applied if wanted)."""
+        """Continue each prompt (already formatted: chat template applied if wanted).
+
+        ``family`` is the model's family plugin, for samplers that need what it knows
+        (a diffusion model's mask token and logit alignment); others may ignore it.
+        """
 
 
 @contextlib.contextmanager

@@ -115,3 +115,56 @@ def test_layout_mismatch_is_an_error(diffusion, tmp_path):
     handle = open_model(bad)
     with pytest.raises(RepskipError, match="not part of the model"):
         handle.family.load(bad)
+
+
+def _sample(diffusion, family, prompts, **settings):
+    from repskip.sampler import get_sampler
+
+    handle = open_model(diffusion[family])
+    model = handle.family.load(handle.path)
+    tok = handle.family.load_tokenizer(handle.path)
+    return get_sampler(handle.family.default_sampler).generate(model, tok, prompts, family=handle.family, **settings)
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("llada", dict(steps=8, gen_length=8, block_length=4)),
+    ("llada", dict(steps=4, gen_length=8, block_length=8, cfg_scale=0.5)),
+    ("dream", dict(steps=6, max_new_tokens=8, alg="entropy")),
+    ("dream", dict(steps=4, max_new_tokens=8, alg="maskgit_plus", temperature=0.7, top_p=0.9)),
+])
+def test_sampler_plugins_batched_equal_one_by_one_and_count_forwards(diffusion, family, settings):
+    prompts = ["hello there", "a much longer prompt than the first"]
+    batched = _sample(diffusion, family, prompts, seed=5, **settings)
+    assert batched.forward_passes == settings["steps"]  # one forward per step (CFG batches both halves)
+    if settings.get("temperature"):  # sampling draws for the whole batch from one generator
+        again = _sample(diffusion, family, prompts, seed=5, **settings)
+        assert again.token_ids == batched.token_ids
+        return
+    for i, p in enumerate(prompts):
+        assert _sample(diffusion, family, [p], **settings).token_ids[0] == batched.token_ids[i]
+
+
+def test_prompt_longer_than_the_context_is_an_error(diffusion):
+    with pytest.raises(RepskipError, match="longer than the model's context"):
+        _sample(diffusion, "llada", ["hi"], steps=256, gen_length=256, block_length=256)
+
+
+def test_generate_cli_on_diffusion_models(diffusion):
+    from click.testing import CliRunner
+
+    from repskip.cli import main
+
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    res = run("generate", diffusion["llada"], "--prompt", "hi", "--steps", "4", "--gen-length", "8", "--block-length", "4")
+    assert res.exit_code == 0, res.output
+    assert "4 forward passes, sampler llada" in res.stdout
+    res = run("generate", diffusion["dream"], "--prompt", "hi", "--steps", "3", "--max-new-tokens", "6")
+    assert res.exit_code == 0 and "sampler dream" in res.stdout
+    for args, message in [
+        (["--max-new-tokens", "5"], "'max_new_tokens' is not known to LLaDASampler"),
+        (["--gen-length", "10", "--block-length", "4"], "not a multiple of block_length"),
+        (["--gen-length", "8", "--block-length", "4", "--steps", "3"], "not divisible by the number of blocks"),
+    ]:
+        res = run("generate", diffusion["llada"], "--prompt", "hi", *args)
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        assert res.stderr.strip().startswith("error:") and message in res.stderr

@@ -31,6 +31,8 @@ class DiffusionFamily(Family):
     layer_names: ClassVar[dict[str, str]] = {}
     #: internal -> on-disk names of the tensors outside the layers
     top_names: ClassVar[dict[str, str]] = {}
+    #: config keys that give the context length, first found wins
+    context_keys: ClassVar[tuple[str, ...]] = ("max_position_embeddings",)
 
     # --- what each family says about its config ---------------------------------------
     def spec(self, config: dict) -> DecoderSpec:
@@ -64,8 +66,17 @@ class DiffusionFamily(Family):
     def load(self, path: Path, dtype: Any = None, device: str = "cpu") -> BidirectionalDecoder:
         from repskip.checkpoint import read_config
 
-        spec = self.spec(read_config(path))
-        return load_decoder(path, spec, self.disk_name, dtype, device)
+        config = read_config(path)
+        model = load_decoder(path, self.spec(config), self.disk_name, dtype, device)
+        model.repskip_config = config  # samplers read the mask token and context from it
+        return model
+
+    def context_length(self, config: dict) -> int | None:
+        """Longest sequence the model was trained for, when the config says."""
+        for key in self.context_keys:
+            if config.get(key):
+                return int(config[key])
+        return None
 
     def load_tokenizer(self, path: Path) -> Any:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast

@@ -20,6 +20,7 @@ class LLaDAFamily(DiffusionFamily):
     supports = "llada (LLaDA-8B-Base/-Instruct, LLaDA-1.5)"
     default_sampler = "llada"
     shifted_logits = False
+    context_keys = ("max_sequence_length",)
     top_names = {
         "embed.weight": "model.transformer.wte.weight",
         "norm.weight": "model.transformer.ln_f.weight",

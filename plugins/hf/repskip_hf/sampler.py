@@ -15,7 +15,7 @@ class ARSampler(Sampler):
 
     @torch.inference_mode()
     def generate(
-        self, model: Any, tokenizer: Any, prompts: Sequence[str], *, seed: int = 0, **overrides: Any
+        self, model: Any, tokenizer: Any, prompts: Sequence[str], *, family: Any = None, seed: int = 0, **overrides: Any
     ) -> Generation:
         cfg = self.settings(overrides)
         torch.manual_seed(seed)

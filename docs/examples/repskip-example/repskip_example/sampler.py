@@ -14,7 +14,7 @@ class GreedyLoopSampler(Sampler):
     defaults = {"max_new_tokens": 32}
 
     @torch.inference_mode()
-    def generate(self, model: Any, tokenizer: Any, prompts: Sequence[str], *, seed: int = 0, **overrides: Any) -> Generation:
+    def generate(self, model: Any, tokenizer: Any, prompts: Sequence[str], *, family: Any = None, seed: int = 0, **overrides: Any) -> Generation:
         cfg = self.settings(overrides)
         texts, all_ids = [], []
         with count_forwards(model) as calls:
