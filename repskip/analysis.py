@@ -10,9 +10,10 @@ profile O(L x max_distance).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,8 +76,11 @@ class LayerStatsAccumulator:
         groups: list[str],
         max_distance: int = 64,
         device: torch.device | str = "cpu",
+        matrix_groups: Sequence[str] | None = None,
     ):
         self.num_layers = num_layers
+        # the layer x layer matrix costs O(L) per layer: keep it for the groups that want it
+        self.matrix_groups = set(groups if matrix_groups is None else matrix_groups)
         self.max_distance = max_distance
         self.device = torch.device(device)
         self.groups = {g: _GroupSums(num_layers, self.device) for g in groups}
@@ -121,6 +125,8 @@ class LayerStatsAccumulator:
             sums.cos_min[index] = torch.minimum(sums.cos_min[index], cos.min())
             sums.cos_max[index] = torch.maximum(sums.cos_max[index], cos.max())
             sums.angle_sum[index] += (torch.arccos(cos) / math.pi).sum()
+            if name not in self.matrix_groups:
+                continue
             # Layer-similarity matrix: the new state against every earlier one. The states
             # of this batch sit in one preallocated buffer, so no step copies earlier ones.
             units = batch["units"].get(name)
@@ -162,12 +168,11 @@ class LayerStatsAccumulator:
                 "angular_distance_mean": float(s.angle_sum[i] / n),
                 "block_influence": float(1.0 - mean[i]),
             })
-        matrix = (s.gram_sum / n).clamp(-1.0, 1.0)
-        return {
-            "tokens": n,
-            "layers": layers,
-            "similarity_matrix": [[round(float(v), 6) for v in row] for row in matrix],
-        }
+        out = {"tokens": n, "layers": layers}
+        if name in self.matrix_groups:
+            matrix = (s.gram_sum / n).clamp(-1.0, 1.0)
+            out["similarity_matrix"] = [[round(float(v), 6) for v in row] for row in matrix]
+        return out
 
     def profile_result(self) -> dict:
         pairs = self.profile_pairs[1:]
@@ -209,6 +214,12 @@ class Analysis:
     def matrix(self, group: str | None = None) -> list[list[float]]:
         return self.data["groups"][group or self.primary]["similarity_matrix"]
 
+    def overlay_groups(self) -> list[str]:
+        """Groups worth drawing beside the primary one: the last token (AR), each mask ratio
+        or each block (diffusion)."""
+        names = [g for g in self.data["groups"] if g != self.primary]
+        return [g for g in names if g == "last_token" or (g.startswith("masked@") and "@step" not in g)]
+
     @property
     def fingerprint(self) -> str:
         return self.data["model"]["fingerprint"]
@@ -234,10 +245,55 @@ def position_masks(valid: torch.Tensor, positions: str) -> dict[str, torch.Tenso
     return {"tokens": tokens, "last_token": last}
 
 
-def _versions() -> dict[str, str]:
-    import transformers
+#: (input_ids, valid) -> (input_ids to run, {group: positions}) for one batch
+Prepare = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
 
-    return {"repskip": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+def masked_sweep(
+    mask_id: int, ratios: Sequence[float], prompt_fraction: float = 0.5, seed: int = 0
+) -> tuple[list[str], list[Prepare]]:
+    """Diffusion analysis under masking: per sequence, the first ``prompt_fraction`` of the
+    real tokens stays visible (the prompt); of the rest (the response), a fraction ``ratio``
+    chosen at random is replaced by the mask token. Groups: ``masked``, ``prompt`` and
+    ``visible`` (unmasked response) over the whole sweep, and ``masked@r`` per ratio."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(ratio: float) -> Prepare:
+        def prepare(ids: torch.Tensor, valid: torch.Tensor):
+            lengths = valid.sum(1)
+            pos = torch.arange(ids.shape[1])[None, :]
+            prompt = valid & (pos < (lengths[:, None] * prompt_fraction).ceil().long())
+            response = valid & ~prompt
+            draw = torch.rand(ids.shape, generator=generator)
+            masked = response & (draw < ratio)
+            # every row masks at least one response token, so each ratio is measured
+            first = torch.where(response.any(1), response.float().argmax(1), torch.zeros_like(lengths))
+            masked[torch.arange(ids.shape[0]), first] |= response[torch.arange(ids.shape[0]), first]
+            run_ids = torch.where(masked, torch.full_like(ids, mask_id), ids)
+            groups = {"masked": masked, "prompt": prompt, "visible": response & ~masked}
+            groups.update({f"masked@{r:g}": masked if r == ratio else torch.zeros_like(masked) for r in ratios})
+            return run_ids, groups
+
+        return prepare
+
+    names = ["masked", "prompt", "visible", *(f"masked@{r:g}" for r in ratios)]
+    return names, [make(r) for r in ratios]
+
+
+def _hook_layers(model: Any, family: Any, acc: "LayerStatsAccumulator", stop_after_last: bool) -> list:
+    layers = family.decoder_layers(model)
+    last = len(layers) - 1
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            acc.layer(index, h_in, family.layer_output(output))
+            if stop_after_last and index == last:
+                raise _StopForward
+
+        return hook
+
+    return [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
 
 
 @torch.inference_mode()
@@ -250,51 +306,88 @@ def collect(
     batch_size: int = 8,
     positions: str = "all",
     max_distance: int = 64,
-    mask_fn: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
+    groups: Sequence[str] | None = None,
+    prepares: Sequence[Prepare] | None = None,
+    matrix_groups: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> LayerStatsAccumulator:
     """Run the calibration batches through ``model`` with hooks and return the sums.
 
-    ``mask_fn`` maps a batch's validity mask to the position groups; by default the groups
-    are ``tokens`` (as ``positions`` says) and ``last_token``.
+    Each function of ``prepares`` is one pass over the calibration set (a mask ratio, say):
+    it may change the input ids and says which positions form each of ``groups``. By
+    default there is one pass, unchanged, with the groups ``tokens`` (as ``positions``
+    says) and ``last_token``.
     """
     if positions not in POSITIONS:
         raise RepskipError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
-    layers = family.decoder_layers(model)
-    L = len(layers)
+    if prepares is None:
+        groups = ["tokens", "last_token"]
+        prepares = [lambda ids, valid: (ids, position_masks(valid, positions))]
+    L = len(family.decoder_layers(model))
     device = next(model.parameters()).device
-    groups = ["tokens", "last_token"]
-    acc = LayerStatsAccumulator(L, groups, max_distance=max_distance, device=device)
-
-    def make_hook(index: int):
-        def hook(module, args, kwargs, output):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            acc.layer(index, h_in, family.layer_output(output))
-            if index == L - 1:
-                raise _StopForward
-
-        return hook
-
-    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    total = len(calib.sequences)
+    acc = LayerStatsAccumulator(L, list(groups), max_distance=max_distance, device=device,
+                                matrix_groups=matrix_groups)
+    handles = _hook_layers(model, family, acc, stop_after_last=True)
+    total = len(calib.sequences) * len(prepares)
     done = 0
     try:
-        for ids, mask in calibration.batches(calib.sequences, batch_size, pad_id):
-            valid = mask.bool()
-            masks = mask_fn(valid) if mask_fn else position_masks(valid, positions)
-            acc.begin_batch(valid, masks)
-            try:
-                family.logits(model, ids.to(device), mask.to(device))
-            except _StopForward:
-                pass
-            acc.end_batch()
-            done += ids.shape[0]
-            if progress:
-                progress(done, total)
+        for prepare in prepares:
+            for ids, mask in calibration.batches(calib.sequences, batch_size, pad_id):
+                valid = mask.bool()
+                run_ids, masks = prepare(ids, valid)
+                acc.begin_batch(valid, masks)
+                try:
+                    family.logits(model, run_ids.to(device), mask.to(device))
+                except _StopForward:
+                    pass
+                acc.end_batch()
+                done += ids.shape[0]
+                if progress:
+                    progress(done, total)
     finally:
         for h in handles:
             h.remove()
     return acc
+
+
+@contextlib.contextmanager
+def observe_forwards(
+    model: Any,
+    family: Any,
+    acc: "LayerStatsAccumulator",
+    masks_for: Callable[[torch.Tensor, torch.Tensor, int], Mapping[str, torch.Tensor]],
+) -> Iterator[list[int]]:
+    """Accumulate statistics over every forward pass of ``model`` while the block runs
+    (a sampler's denoising steps, say). ``masks_for(input_ids, attention_mask, call)`` gives
+    the position groups of each pass; yields the pass counter."""
+    calls = [0]
+
+    def before(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        attn = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        if attn is None:
+            attn = torch.ones_like(ids)
+        valid = attn.bool()
+        acc.begin_batch(valid, masks_for(ids, valid, calls[0]))
+
+    def after(module, args, kwargs, output):
+        acc.end_batch()
+        calls[0] += 1
+
+    handles = _hook_layers(model, family, acc, stop_after_last=False)
+    handles.append(model.register_forward_pre_hook(before, with_kwargs=True))
+    handles.append(model.register_forward_hook(after, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"repskip": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def build_result(
@@ -303,7 +396,11 @@ def build_result(
     model_info: dict,
     calib: calibration.CalibrationSet,
     settings: dict,
+    primary: str = "tokens",
 ) -> Analysis:
+    """The schema-versioned result. Groups no token fell in are left out, except the
+    primary one, whose emptiness is an error."""
+    groups = {name: acc.group_result(name) for name in acc.groups if acc.groups[name].count or name == primary}
     data = {
         "schema_version": SCHEMA_VERSION,
         "kind": "repskip.analysis",
@@ -311,8 +408,8 @@ def build_result(
         "model": model_info,
         "calibration": calib.describe(),
         "settings": settings,
-        "primary_group": "tokens",
-        "groups": {name: acc.group_result(name) for name in acc.groups},
+        "primary_group": primary,
+        "groups": groups,
         "token_distance_profile": acc.profile_result(),
         "versions": _versions(),
     }

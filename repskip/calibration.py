@@ -100,6 +100,16 @@ def load_texts(source: str | Path | None = None, field: str | None = None) -> tu
     return texts, str(path)
 
 
+def pick_texts(
+    source: str | Path | None = None, *, field: str | None = None, num_samples: int = 64, seed: int = 0
+) -> tuple[list[str], str]:
+    """Up to ``num_samples`` texts: all of them, or a seeded sample when there are more."""
+    texts, label = load_texts(source, field)
+    if len(texts) > num_samples:
+        texts = random.Random(seed).sample(texts, num_samples)
+    return texts, label
+
+
 def build(
     tokenizer,
     source: str | Path | None = None,
@@ -112,9 +122,7 @@ def build(
     """Pick ``num_samples`` texts (a seeded sample when there are more) and tokenise them."""
     if num_samples < 1 or max_length < 2:
         raise RepskipError("calibration needs at least 1 sample of at least 2 tokens")
-    texts, label = load_texts(source, field)
-    if len(texts) > num_samples:
-        texts = random.Random(seed).sample(texts, num_samples)
+    texts, label = pick_texts(source, field=field, num_samples=num_samples, seed=seed)
     sequences = []
     for text in texts:
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]

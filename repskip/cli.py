@@ -95,6 +95,25 @@ def _atomic_dir(path: Path, force: bool):
         raise
 
 
+def _float_list(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RepskipError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+def _key_values(pairs: tuple[str, ...]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RepskipError(f"--sampler-setting takes KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _protect_list(text: str | None) -> list[int]:
     if not text:
         return []
@@ -105,17 +124,18 @@ def _protect_list(text: str | None) -> list[int]:
 
 
 def _analysis_table(analysis, chosen: list[int]) -> Table:
-    table = Table(title="Layer similarity (cos of hidden state in -> out)", show_lines=False)
-    for col in ("layer", "cos mean", "cos std", "angular", "BI", "last-token cos", ""):
-        table.add_column(col, justify="right" if col else "left")
-    last = analysis.cosine("last_token")
+    table = Table(title=f"Layer similarity, cos(h_in, h_out), on {analysis.primary.replace('_', ' ')} positions")
+    overlays = analysis.overlay_groups()[:4]
+    for col in ("layer", "cos mean", "cos std", "angular", "BI", *(f"{g} cos" for g in overlays), ""):
+        table.add_column(col.replace("_", " "), justify="right" if col else "left")
+    extra = [analysis.cosine(g) for g in overlays]
     for row in analysis.layers():
         i = row["layer"]
         mark = "[red]removed[/]" if i in chosen else ""
         table.add_row(
             str(i), f"{row['cosine_mean']:.4f}", f"{row['cosine_std']:.4f}",
             f"{row['angular_distance_mean']:.4f}", f"{row['block_influence']:.4f}",
-            f"{last[i]:.4f}", mark,
+            *(f"{col[i]:.4f}" for col in extra), mark,
         )
     return table
 
@@ -171,19 +191,35 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--positions", type=click.Choice(["all", "last"]), default="all", show_default=True,
-              help="Token positions averaged for the per-layer scores.")
+              help="forward mode: token positions averaged for the per-layer scores.")
+@click.option("--mode", type=click.Choice(["forward", "masked", "sampling"]), default=None,
+              help="forward: text as it is [AR default]; masked: mask part of each response at "
+                   "--mask-ratios [diffusion default]; sampling: measure real denoising trajectories.")
+@click.option("--mask-ratios", default="0.25,0.5,0.75,1.0", show_default=True,
+              help="masked mode: fractions of each response that are masked, one pass each.")
+@click.option("--prompt-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+              help="masked mode: leading fraction of each sequence kept visible as the prompt.")
+@click.option("--sampler-setting", "sampler_set", multiple=True, metavar="KEY=VALUE",
+              help="sampling mode: a sampler setting, e.g. steps=64 (repeatable).")
+@click.option("--chat/--no-chat", default=True, show_default=True,
+              help="sampling mode: format prompts with the chat template if there is one.")
 @_selection_options
 @click.option("--dtype", default="auto", show_default=True, help="auto (as saved), float32, bfloat16, float16.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def analyze(model, output, calib, calib_field, num_samples, max_length, batch_size, positions,
-            strategy, k, threshold, allow_adjacent, protect, no_protect_ends, dtype, device, seed, force):
+def analyze(model, output, calib, calib_field, num_samples, max_length, batch_size, positions, mode,
+            mask_ratios, prompt_fraction, sampler_set, chat, strategy, k, threshold, allow_adjacent, protect,
+            no_protect_ends, dtype, device, seed, force):
     """Measure each layer of MODEL and write analysis.json, plots and a resolved recipe.yaml."""
     from . import pipeline
     from .recipe import CalibrationSpec, Recipe, resolve
 
+    ratios = _float_list(mask_ratios, "--mask-ratios")
+    sampler_settings = _key_values(sampler_set)
     spec = _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, positions)
+    spec = spec.model_copy(update=dict(mode=mode, mask_ratios=ratios, prompt_fraction=prompt_fraction,
+                                       sampler=sampler_settings))
     cal = CalibrationSpec(source=calib or "builtin", field=calib_field, num_samples=num_samples,
                           max_length=max_length, batch_size=batch_size, seed=seed)
     if output.exists() and not force:
@@ -192,7 +228,8 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
     with _progress("analysing") as update:
         result = pipeline.analyze(
             handle, calib=calib, calib_field=calib_field, num_samples=num_samples,
-            max_length=max_length, batch_size=batch_size, seed=seed, positions=positions,
+            max_length=max_length, batch_size=batch_size, seed=seed, positions=positions, mode=mode,
+            mask_ratios=ratios, prompt_fraction=prompt_fraction, sampler_settings=sampler_settings, chat=chat,
             dtype=dtype, device=device, progress=update,
         )
     unresolved = Recipe(selection=spec, calibration=cal)
@@ -239,7 +276,11 @@ def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protec
     if output.exists() and not force:
         raise RepskipError(f"output {output} already exists; pass --force to replace it")
     positions = result.data["settings"].get("positions", "all")
+    ratios = _float_list(mask_ratios, "--mask-ratios")
+    sampler_settings = _key_values(sampler_set)
     spec = _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, positions)
+    spec = spec.model_copy(update=dict(mode=mode, mask_ratios=ratios, prompt_fraction=prompt_fraction,
+                                       sampler=sampler_settings))
     cal = result.data["calibration"]
     recipe = resolve(Recipe(selection=spec, calibration=CalibrationSpec(
         source=cal["source"], num_samples=max(1, cal["sequences"]), max_length=cal["max_length"])), result)

@@ -20,12 +20,12 @@ def consecutive_similarity(
     x = [r["layer"] for r in rows]
     mean = [r["cosine_mean"] for r in rows]
     std = [r["cosine_std"] for r in rows]
-    last = analysis.cosine("last_token")
     fig, ax = plt.subplots(figsize=(9, 4.2))
     ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     alpha=0.2, color="C0", label="± 1 std over tokens")
-    ax.plot(x, mean, "o-", color="C0", ms=4, label="mean over tokens")
-    ax.plot(x, last, ".--", color="C2", ms=3, lw=1, label="last token")
+    ax.plot(x, mean, "o-", color="C0", ms=4, label=f"{analysis.primary} (mean over tokens)")
+    for n, group in enumerate(analysis.overlay_groups()):
+        ax.plot(x, analysis.cosine(group), ".--", color=f"C{n + 2}", ms=3, lw=1, label=group.replace("_", " "))
     if threshold is not None:
         ax.axhline(threshold, color="C3", lw=1, ls=":", label=f"threshold {threshold}")
     if chosen:

@@ -46,6 +46,15 @@ class SelectionSpec(_Strict):
     protect_last: bool = True
     protect: list[int] = Field(default_factory=list, description="more protected layers; -1 = last")
     positions: Literal["all", "last"] = "all"
+    applies_to: Literal["any", "autoregressive", "diffusion"] = Field(
+        "any", description="refuse models of the other kind"
+    )
+    mode: Literal["forward", "masked", "sampling"] | None = Field(
+        None, description="analysis mode; default forward (AR) or masked (diffusion)"
+    )
+    mask_ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    prompt_fraction: float = Field(0.5, ge=0.0, lt=1.0)
+    sampler: dict = Field(default_factory=dict, description="sampler settings for mode sampling")
 
 
 class ModelRef(_Strict):
@@ -154,6 +163,7 @@ def resolve(recipe: Recipe, analysis: Analysis) -> Recipe:
         group=choice.group,
         scores=[round(s, 6) for s in choice.scores],
         calibration_hash=analysis.data["calibration"]["hash"],
+        sampler=analysis.data["settings"].get("sampler"),
         versions=analysis.data["versions"],
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )

@@ -83,7 +83,9 @@ def block_influence(analysis: Analysis, k: int, allow_adjacent: bool, protected:
     return Selection(sorted(chosen), "block_influence", analysis.primary, bi)
 
 
-def angular_block(analysis: Analysis, k: int, protected: set[int], group: str = "last_token") -> Selection:
+def angular_block(analysis: Analysis, k: int, protected: set[int]) -> Selection:
+    # Gromov et al. measure the last token; diffusion analyses have no such group.
+    group = "last_token" if "last_token" in analysis.data["groups"] else analysis.primary
     matrix = analysis.matrix(group)
     L = analysis.num_layers
     distances = []

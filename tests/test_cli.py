@@ -149,7 +149,8 @@ def test_bad_checkpoints(broken_checkpoints, tmp_path, case, message, command):
 
 def test_unsupported_architecture_says_what_is_supported_and_how_to_add_one(broken_checkpoints, tmp_path):
     res = run("flops", broken_checkpoints["unsupported"])
-    assert_clean_error(res, "Supported: hf-decoder: llama")
+    assert_clean_error(res, "Supported: ")
+    assert "hf-decoder: llama" in res.stderr and "llada" in res.stderr
     assert "qwen2" in res.stderr and "docs/plugins.md" in res.stderr
 
 

@@ -168,3 +168,55 @@ def test_generate_cli_on_diffusion_models(diffusion):
         res = run("generate", diffusion["llada"], "--prompt", "hi", *args)
         assert res.exit_code == 1 and "Traceback" not in res.output
         assert res.stderr.strip().startswith("error:") and message in res.stderr
+
+
+def test_masked_sweep_measures_each_ratio_on_masked_response_tokens(diffusion):
+    result = analyze(diffusion["llada"], num_samples=6, max_length=32, mask_ratios=[0.25, 1.0])
+    groups = result.data["groups"]
+    assert result.primary == "masked" and result.data["settings"]["mode"] == "masked"
+    assert groups["masked"]["tokens"] == groups["masked@0.25"]["tokens"] + groups["masked@1"]["tokens"]
+    # at ratio 1 every response token is masked, so nothing of the response stays visible then
+    prompt_per_pass = groups["prompt"]["tokens"] // 2
+    assert groups["masked@1"]["tokens"] + prompt_per_pass == result.data["calibration"]["tokens"]
+    assert 0 < groups["masked@0.25"]["tokens"] < groups["masked@1"]["tokens"]
+    assert "similarity_matrix" in groups["masked"] and "similarity_matrix" not in groups["masked@1"]
+
+
+def test_sampling_mode_follows_the_reveal_schedule(diffusion):
+    settings = dict(steps=4, gen_length=8, block_length=4)
+    result = analyze(diffusion["llada"], num_samples=4, max_length=16, mode="sampling", sampler_settings=settings)
+    g = result.data["groups"]
+    # 4 prompts; 2 blocks of 4 with 2 steps each, 2 tokens revealed per step
+    assert [g[f"masked@step{i}"]["tokens"] for i in range(4)] == [4 * 8, 4 * 6, 4 * 4, 4 * 2]
+    assert g["current_block"]["tokens"] == 4 * (4 + 2 + 4 + 2)
+    assert g["masked@block0"]["tokens"] == 4 * (8 + 6) and g["masked@block1"]["tokens"] == 4 * (4 + 2)
+    assert result.data["settings"]["sampler"]["name"] == "llada"
+    assert result.primary == "current_block"
+
+
+def test_diffusion_modes_refuse_autoregressive_models(diffusion):
+    with pytest.raises(RepskipError, match="needs a diffusion model"):
+        analyze(diffusion["llama"], num_samples=2, mode="masked")
+
+
+def test_recipe_kind_rule(diffusion, tmp_path):
+    for_ar = Recipe(selection={"k": 1, "applies_to": "autoregressive"})
+    with pytest.raises(RepskipError, match="applies to autoregressive models only.*diffusion model"):
+        compress(diffusion["llada"], for_ar, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_analyze_cli_in_sampling_mode_writes_everything(diffusion, tmp_path):
+    from click.testing import CliRunner
+
+    from repskip.cli import main
+
+    out = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["analyze", str(diffusion["dream"]), "-o", str(out), "--mode", "sampling",
+                                    "--num-samples", "3", "--max-length", "12", "-k", "1", "--threshold", "-1",
+                                    "--sampler-setting", "steps=4", "--sampler-setting", "max_new_tokens=6"])
+    assert res.exit_code == 0, res.output
+    for name in ("analysis.json", "recipe.yaml", "similarity.png", "similarity_matrix.png", "token_distance.png"):
+        assert (out / name).stat().st_size > 0
+    data = json.loads((out / "analysis.json").read_text())
+    assert data["settings"]["sampler"]["steps"] == 4
