@@ -43,6 +43,7 @@ class _GroupSums:
     cos_max: torch.Tensor = field(init=False)
     angle_sum: torch.Tensor = field(init=False)
     gram_sum: torch.Tensor = field(init=False)
+    angle_matrix_sum: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         L, dev = self.num_layers, self.device
@@ -53,6 +54,7 @@ class _GroupSums:
         self.cos_max = torch.full((L,), -math.inf, **f64)
         self.angle_sum = torch.zeros(L, **f64)
         self.gram_sum = torch.zeros(L + 1, L + 1, **f64)
+        self.angle_matrix_sum = torch.zeros(L + 1, L + 1, **f64)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -77,10 +79,13 @@ class LayerStatsAccumulator:
         max_distance: int = 64,
         device: torch.device | str = "cpu",
         matrix_groups: Sequence[str] | None = None,
+        angle_groups: Sequence[str] = ("last_token",),
     ):
         self.num_layers = num_layers
         # the layer x layer matrix costs O(L) per layer: keep it for the groups that want it
         self.matrix_groups = set(groups if matrix_groups is None else matrix_groups)
+        # the mean angular distance between states needs per-token cosines: few-token groups
+        self.angle_groups = set(angle_groups) & self.matrix_groups
         self.max_distance = max_distance
         self.device = torch.device(device)
         self.groups = {g: _GroupSums(num_layers, self.device) for g in groups}
@@ -136,7 +141,14 @@ class LayerStatsAccumulator:
                 units[0] = u_in
                 sums.gram_sum[0, 0] += n
             k = index + 1
-            row = (units[:k].reshape(k, -1) @ u_out.reshape(-1)).double()
+            if name in self.angle_groups:
+                per_token = torch.einsum("knd,nd->kn", units[:k], u_out).clamp(-1.0, 1.0).double()
+                row = per_token.sum(1)
+                angles = (torch.arccos(per_token) / math.pi).sum(1)
+                sums.angle_matrix_sum[k, :k] += angles
+                sums.angle_matrix_sum[:k, k] += angles
+            else:
+                row = (units[:k].reshape(k, -1) @ u_out.reshape(-1)).double()
             sums.gram_sum[k, :k] += row
             sums.gram_sum[:k, k] += row
             sums.gram_sum[k, k] += u_out.shape[0]
@@ -172,6 +184,9 @@ class LayerStatsAccumulator:
         if name in self.matrix_groups:
             matrix = (s.gram_sum / n).clamp(-1.0, 1.0)
             out["similarity_matrix"] = [[round(float(v), 6) for v in row] for row in matrix]
+        if name in self.angle_groups:
+            angles = s.angle_matrix_sum / n
+            out["angular_distance_matrix"] = [[round(float(v), 6) for v in row] for row in angles]
         return out
 
     def profile_result(self) -> dict:

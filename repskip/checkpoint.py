@@ -136,20 +136,66 @@ class Checkpoint:
         return sum(e.nbytes for e in self.tensors.values())
 
     def fingerprint(self) -> str:
-        """A hash of what identifies the model: its config and its tensor names and shapes.
+        """A hash of what identifies the model: its config, its tensor names and shapes, and
+        a sample of its weights (a fine-tune of the same architecture is another model).
 
         The dtype and the sharding are left out: the same model saved in bf16 or in other
         shards is the same model for a recipe.
         """
-        return fingerprint(self.config, {n: e.shape for n, e in self.tensors.items()})
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.config, self.tensors)
+        return self._fingerprint
+
+    _fingerprint: str | None = field(default=None, repr=False)
 
 
-def fingerprint(config: dict, shapes: dict[str, tuple[int, ...]]) -> str:
+SAMPLES_PER_TENSOR = 8
+_FLOATS = {"F32": "<f4", "F16": "<f2", "BF16": None, "F64": "<f8"}
+
+
+def _weight_sample(entries: list[TensorEntry]) -> bytes:
+    """A few elements of every tensor at fixed relative positions, floats rounded to bf16 so
+    that fp32, bf16 and fp16 copies of the same weights give the same bytes."""
+    import numpy as np
+    import torch
+
+    out = bytearray()
+    handles: dict[Path, object] = {}
+    try:
+        for e in entries:
+            size = DTYPE_BYTES.get(e.dtype)
+            numel = e.nbytes // size if size else 0
+            if not numel:
+                continue
+            fh = handles.get(e.file) or handles.setdefault(e.file, open(e.file, "rb"))
+            picks = sorted({i * (numel - 1) // max(1, SAMPLES_PER_TENSOR - 1) for i in range(SAMPLES_PER_TENSOR)})
+            raw = []
+            for i in picks:
+                fh.seek(e.start + i * size)
+                raw.append(fh.read(size))
+            data = b"".join(raw)
+            if e.dtype == "BF16":
+                values = torch.frombuffer(bytearray(data), dtype=torch.bfloat16)
+            elif e.dtype in _FLOATS:
+                values = torch.from_numpy(np.frombuffer(data, dtype=_FLOATS[e.dtype]).astype(np.float32))
+            else:
+                out += data
+                continue
+            out += values.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    finally:
+        for h in handles.values():
+            h.close()
+    return bytes(out)
+
+
+def fingerprint(config: dict, tensors: dict[str, TensorEntry]) -> str:
     stable = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256()
     digest.update(json.dumps(stable, sort_keys=True, default=str).encode())
-    for name in sorted(shapes):
-        digest.update(f"{name}:{list(shapes[name])};".encode())
+    names = sorted(tensors)
+    for name in names:
+        digest.update(f"{name}:{list(tensors[name].shape)};".encode())
+    digest.update(_weight_sample([tensors[n] for n in names]))
     return "sha256:" + digest.hexdigest()[:32]
 
 

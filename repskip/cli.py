@@ -148,7 +148,8 @@ def _selection_options(f):
         click.option("--threshold", type=float, default=0.95, show_default=True,
                      help="paper: a layer qualifies when its mean cos(in, out) is above this."),
         click.option("--allow-adjacent/--no-adjacent", default=None,
-                     help="Allow two neighbouring layers [default: no for paper, yes for block-influence]."),
+                     help="Allow two neighbouring layers [default: no for paper, yes for block-influence; "
+                          "angular-block removes a contiguous block by definition]."),
         click.option("--protect", default=None, help="More protected layers, e.g. 2,-2."),
         click.option("--no-protect-ends", is_flag=True, help="Allow removing the first and last layer."),
     ]
@@ -186,7 +187,7 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
               help="Folder for analysis.json, recipe.yaml and the plots.")
 @click.option("--calib", default=None,
               help="Calibration text: a .txt file (blank-line paragraphs) or .jsonl [default: built-in set].")
-@click.option("--calib-field", default=None, help="JSONL field holding the text [default: text/question/prompt].")
+@click.option("--calib-field", default=None, help="JSONL field holding the text [default: the first of text, question, prompt, problem, content].")
 @click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration sequences.")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -225,6 +226,11 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
     if output.exists() and not force:
         raise RepskipError(f"output {output} already exists; pass --force to replace it")
     handle = pipeline.open_model(model)
+    from .selection import protected_layers
+
+    protected_layers(handle.num_layers, True, True, spec.protect)  # fail now, not after the analysis
+    if k >= handle.num_layers:
+        raise RepskipError(f"-k {k} would remove every layer of a {handle.num_layers}-layer model")
     with _progress("analysing") as update:
         result = pipeline.analyze(
             handle, calib=calib, calib_field=calib_field, num_samples=num_samples,
@@ -240,9 +246,10 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         with _atomic_dir(output, force) as tmp:
             _write_analysis_outputs(tmp, result, unresolved, threshold)
         console.print(_analysis_table(result, []))
+        hint = "--threshold 0.9" if strategy == "paper" else f"-k {max(1, k - 1)}"
         raise RepskipError(
             f"{exc}. The analysis was saved in {output}: choose again without re-running the "
-            f"model, e.g. repskip select {output}/analysis.json -o recipe.yaml --threshold 0.9"
+            f"model, e.g. repskip select {output}/analysis.json -o recipe.yaml --strategy {strategy} {hint}"
         ) from None
     with _atomic_dir(output, force) as tmp:
         _write_analysis_outputs(tmp, result, recipe, threshold)
@@ -264,7 +271,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
 def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protect, no_protect_ends, force):
     """Choose layers from an existing analysis.json without re-running the model."""
     from .analysis import Analysis
-    from .recipe import CalibrationSpec, Recipe, resolve
+    from .recipe import Recipe, resolve
 
     if not analysis_file.is_file():
         raise RepskipError(f"analysis file {analysis_file} does not exist")
@@ -275,15 +282,8 @@ def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protec
     result = Analysis.from_dict(data)
     if output.exists() and not force:
         raise RepskipError(f"output {output} already exists; pass --force to replace it")
-    positions = result.data["settings"].get("positions", "all")
-    ratios = _float_list(mask_ratios, "--mask-ratios")
-    sampler_settings = _key_values(sampler_set)
-    spec = _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, positions)
-    spec = spec.model_copy(update=dict(mode=mode, mask_ratios=ratios, prompt_fraction=prompt_fraction,
-                                       sampler=sampler_settings))
-    cal = result.data["calibration"]
-    recipe = resolve(Recipe(selection=spec, calibration=CalibrationSpec(
-        source=cal["source"], num_samples=max(1, cal["sequences"]), max_length=cal["max_length"])), result)
+    spec = _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, "all")
+    recipe = resolve(Recipe(selection=spec), result)  # calibration and positions come from the analysis
     recipe.save(output)
     console.print(f"[bold]{strategy}[/] k={k}: remove layers [bold red]{recipe.resolved.remove}[/]; wrote {output}")
 
@@ -309,7 +309,9 @@ def compress(model, recipe_path, output, max_shard_size, dtype, device, force):
     handle = pipeline.open_model(model)
     if output is None:
         k = len(recipe.resolved.remove) if recipe.is_resolved else recipe.selection.k
-        output = Path("exported") / f"{handle.path.name}-skip{k}"
+        # a Hub id resolves to a snapshot folder named by its commit: name it after the repo
+        name = Path(model).name if Path(model).exists() else model.rstrip("/").split("/")[-1]
+        output = Path("exported") / f"{name}-skip{k}"
     if recipe.is_resolved:
         result, resolved = pipeline.compress(handle, recipe, output, max_shard_size=shard, force=force)
     else:

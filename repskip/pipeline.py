@@ -134,6 +134,8 @@ def analyze(
     tokenizer = fam.load_tokenizer(handle.path)
     settings = {
         "mode": mode,
+        "num_samples": num_samples,
+        "calib_field": calib_field,
         "positions": positions,
         "batch_size": batch_size,
         "seed": seed,
@@ -282,6 +284,9 @@ def compress(
     resolved, _ = resolve_recipe(recipe, handle, dtype=dtype, device=device, progress=progress)
     assert resolved.resolved is not None
     kept = validate_kept(handle.num_layers, resolved.resolved.remove)
+    if not resolved.resolved.versions:  # a hand-written recipe: record what exported it
+        stamped = resolved.resolved.model_copy(update={"versions": _analysis._versions()})
+        resolved = resolved.model_copy(update={"resolved": stamped})
     new_config = handle.family.rewrite_config(handle.ckpt.config, kept)
     result = write_pruned(
         handle.ckpt,

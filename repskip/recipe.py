@@ -150,6 +150,22 @@ def resolve(recipe: Recipe, analysis: Analysis) -> Recipe:
         protect=sel.protect,
     )
     model = analysis.data["model"]
+    used = analysis.data["settings"]
+    cal = analysis.data["calibration"]
+    # The resolved recipe records how the analysis was really run, whatever the spec said.
+    calibration = CalibrationSpec(
+        source=cal["source"],
+        field=used.get("calib_field"),
+        num_samples=used.get("num_samples", cal["sequences"]),
+        max_length=cal["max_length"],
+        batch_size=used.get("batch_size", 8),
+        seed=used.get("seed", 0),
+    )
+    measured = {"positions": used.get("positions", "all"), "mode": used.get("mode")}
+    if "mask_ratios" in used:
+        measured.update(mask_ratios=used["mask_ratios"], prompt_fraction=used["prompt_fraction"])
+    if "sampler" in used:
+        measured["sampler"] = {k: v for k, v in used["sampler"].items() if k != "name"}
     resolved = Resolved(
         remove=choice.remove,
         num_layers=analysis.num_layers,
@@ -167,7 +183,9 @@ def resolve(recipe: Recipe, analysis: Analysis) -> Recipe:
         versions=analysis.data["versions"],
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    return recipe.model_copy(update={"resolved": resolved})
+    return recipe.model_copy(
+        update={"resolved": resolved, "calibration": calibration, "selection": sel.model_copy(update=measured)}
+    )
 
 
 def check_applies(recipe: Recipe, fingerprint: str, num_layers: int) -> None:

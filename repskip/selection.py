@@ -86,12 +86,14 @@ def block_influence(analysis: Analysis, k: int, allow_adjacent: bool, protected:
 def angular_block(analysis: Analysis, k: int, protected: set[int]) -> Selection:
     # Gromov et al. measure the last token; diffusion analyses have no such group.
     group = "last_token" if "last_token" in analysis.data["groups"] else analysis.primary
-    matrix = analysis.matrix(group)
+    measured = analysis.data["groups"][group]
     L = analysis.num_layers
-    distances = []
-    for start in range(L - k + 1):
-        cos = max(-1.0, min(1.0, matrix[start][start + k]))
-        distances.append(math.acos(cos) / math.pi)
+    if "angular_distance_matrix" in measured:  # the mean of per-sequence angles, as Gromov et al.
+        angles = measured["angular_distance_matrix"]
+        distances = [angles[start][start + k] for start in range(L - k + 1)]
+    else:  # only the mean cosine was kept for this group: the angle of the mean
+        matrix = measured["similarity_matrix"]
+        distances = [math.acos(max(-1.0, min(1.0, matrix[s][s + k]))) / math.pi for s in range(L - k + 1)]
     allowed = [s for s in range(L - k + 1) if not protected & set(range(s, s + k))]
     if not allowed:
         raise RepskipError(

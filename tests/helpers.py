@@ -71,7 +71,7 @@ def make_checkpoint(
         model_type, vocab_size=VOCAB, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **spec,
     )
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         # Larger weights than the default init make every layer matter; norm weights away
         # from 1 make a norm more than a rescaling (cosine ignores a uniform scale).
@@ -82,6 +82,7 @@ def make_checkpoint(
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 0.02)
+    model = model.to(dtype)  # drawn in fp32 first: the same seed gives the same weights in any dtype
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)

@@ -67,6 +67,11 @@ def test_streaming_statistics_equal_brute_force_over_all_states(tiny, family):
     for l in range(L):
         cos = torch.stack([F.cosine_similarity(s[l][-1], s[l + 1][-1], dim=0) for s in states])
         assert last["layers"][l]["cosine_mean"] == pytest.approx(cos.mean().item(), abs=1e-5)
+    for i, j in [(0, 3), (2, 4), (1, L)]:  # Gromov's distance: the mean of per-sequence angles
+        cos = torch.stack([F.cosine_similarity(s[i][-1], s[j][-1], dim=0) for s in states]).clamp(-1, 1)
+        angle = (torch.arccos(cos) / math.pi).mean().item()
+        assert last["angular_distance_matrix"][i][j] == pytest.approx(angle, abs=1e-5)
+        assert last["angular_distance_matrix"][j][i] == pytest.approx(angle, abs=1e-5)
 
     profile = acc.profile_result()
     for l in (0, L - 1):

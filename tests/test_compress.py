@@ -77,6 +77,7 @@ def test_config_and_side_files(tiny, tmp_path):
         assert (out / name).read_bytes() == (tiny["qwen2"] / name).read_bytes()
     recipe_text = (out / "repskip-recipe.yaml").read_text()
     assert "remove:" in recipe_text and "- 2" in recipe_text
+    assert f"torch: {torch.__version__}" in recipe_text  # stamped even when written by hand
 
 
 def test_sliding_window_layer_types_and_max_window_layers_follow_the_kept_layers(tmp_path):

@@ -57,6 +57,9 @@ def test_resolved_recipe_round_trips_and_records_provenance(tiny, tmp_path):
     assert len(res.scores) == 6
     data = yaml.safe_load(path.read_text())
     assert data["schema_version"] == 1
+    # the recipe records how the analysis really ran, not the spec's defaults
+    assert (again.calibration.num_samples, again.calibration.max_length) == (4, 24)
+    assert again.selection.positions == "all" and again.selection.mode == "forward"
 
 
 def test_unresolved_preset_is_resolved_by_compress(tiny, tmp_path):
@@ -84,3 +87,6 @@ def test_fingerprint_ignores_dtype_and_sharding_but_not_weights_layout(tiny, tmp
     assert open_model(same_bf16).ckpt.fingerprint() == base
     deeper = make_checkpoint(tmp_path / "b", "qwen2", num_hidden_layers=7, max_window_layers=7)
     assert open_model(deeper).ckpt.fingerprint() != base
+    # same architecture, other weights (a fine-tune, say): another model
+    retrained = make_checkpoint(tmp_path / "c", "qwen2", seed=5)
+    assert open_model(retrained).ckpt.fingerprint() != base

@@ -61,6 +61,12 @@ def test_angular_block_picks_the_contiguous_block_with_smallest_distance():
     assert sel.remove == [3, 4]
     assert sel.scores[3] == pytest.approx(math.acos(0.9) / math.pi)
     assert sel.group == "last_token"
+    # with the mean of per-sequence angles available, that is what is ranked
+    analysis = fake_analysis([0.5] * L, last_matrix=m)
+    angles = [[0.5] * (L + 1) for _ in range(L + 1)]
+    angles[1][3] = 0.1
+    analysis.data["groups"]["last_token"]["angular_distance_matrix"] = angles
+    assert select(analysis, "angular-block", 2).remove == [1, 2]
 
 
 def test_k_must_leave_a_layer():
