@@ -352,18 +352,34 @@ def _removed_for(handle, recipe_path, remove):
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None, help="A resolved recipe.")
 @click.option("--remove", default=None, help="Layers to remove, e.g. 3,5,7 (instead of --recipe).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens in the forward pass.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generation figure: prompt tokens.")
+@click.option("--gen-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generation figure: generated tokens.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Generation figure, diffusion: denoising steps [default: --gen-len].")
+@click.option("--cfg", is_flag=True, help="Generation figure, diffusion: classifier-free guidance doubles each pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema-versioned) instead of a table.")
-def flops(model, recipe_path, remove, seq_len, as_json):
-    """Analytic FLOPs of MODEL before and after removing layers."""
+def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, as_json):
+    """Analytic FLOPs of MODEL before and after removing layers: one forward pass, and a
+    whole generation (KV-cache decoding for autoregressive models, full-sequence denoising
+    steps for diffusion models)."""
     from . import pipeline
-    from .flops import COMPONENTS
+    from .flops import COMPONENTS, generation_flops
 
     handle = pipeline.open_model(model)
     removed = _removed_for(handle, recipe_path, remove)
     cmp = pipeline.flops(handle, removed, seq_len)
+    geo = handle.family.geometry(handle.ckpt.config)
+    kind = handle.family.generative_kind
+    gen = {name: generation_flops(geo, kind, prompt_len, gen_len, steps=steps, cfg=cfg, layers=layers)
+           for name, layers in (("base", geo.layers), ("pruned", geo.layers - len(removed)))}
+    gen_cut = 1 - gen["pruned"].total / gen["base"].total
     if as_json:
         click.echo(json.dumps({"schema_version": 1, "kind": "repskip.flops", "model": str(handle.path),
-                               "removed": removed, **cmp.to_dict()}, indent=1))
+                               "removed": removed, **cmp.to_dict(),
+                               "generation": {"base": gen["base"].to_dict(), "pruned": gen["pruned"].to_dict(),
+                                              "cfg": cfg, "reduction": gen_cut}}, indent=1))
         return
     table = Table(title=f"FLOPs of one {seq_len}-token forward ({handle.path.name})")
     for col in ("component", "base GFLOPs", "pruned GFLOPs"):
@@ -379,6 +395,12 @@ def flops(model, recipe_path, remove, seq_len, as_json):
                   f"{cmp.pruned.per_token / 1e6:,.1f} MFLOPs/token)")
     console.print(f"exact reduction per generated token (decode at context {seq_len + 1}): "
                   f"[bold]{cmp.decode_reduction:.2%}[/]")
+    g = gen["base"]
+    regime = (f"{g.forward_passes} full-sequence denoising passes{' with CFG' if cfg else ''}"
+              if kind == "diffusion" else "prefill + KV-cache decoding")
+    console.print(f"generating {gen_len} tokens after a {prompt_len}-token prompt ({regime}): "
+                  f"{g.per_generated_token / 1e9:,.3f} -> {gen['pruned'].per_generated_token / 1e9:,.3f} "
+                  f"GFLOPs per generated token, [bold]{gen_cut:.2%}[/] less")
 
 
 @main.command()

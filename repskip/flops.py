@@ -138,3 +138,45 @@ def compare(geo: DecoderGeometry, removed: int, seq_len: int) -> FlopsComparison
         decode_pruned=forward_flops(geo, 1, context=seq_len + 1, layers=kept),
         removed=removed,
     )
+
+
+@dataclass(frozen=True)
+class GenerationFlops:
+    """FLOPs to generate ``gen_len`` tokens after a ``prompt_len``-token prompt."""
+
+    kind: str
+    prompt_len: int
+    gen_len: int
+    forward_passes: int
+    total: int
+
+    @property
+    def per_generated_token(self) -> float:
+        return self.total / self.gen_len
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "per_generated_token": self.per_generated_token}
+
+
+def generation_flops(
+    geo: DecoderGeometry,
+    kind: str,
+    prompt_len: int,
+    gen_len: int,
+    *,
+    steps: int | None = None,
+    cfg: bool = False,
+    layers: int | None = None,
+) -> GenerationFlops:
+    """Autoregressive: one prefill of the prompt (logits for its last position only), then
+    one cached decode step per further token. Diffusion: ``steps`` forward passes over the
+    whole sequence (no KV cache, logits everywhere), doubled in batch by classifier-free
+    guidance. ``steps`` defaults to ``gen_len``, as the authors' samplers do."""
+    if kind == "autoregressive":
+        total = forward_flops(geo, prompt_len, layers=layers, logits_tokens=1).total
+        for i in range(1, gen_len):
+            total += forward_flops(geo, 1, context=prompt_len + i, layers=layers).total
+        return GenerationFlops(kind, prompt_len, gen_len, gen_len, total)
+    passes = gen_len if steps is None else steps
+    per_pass = forward_flops(geo, prompt_len + gen_len, layers=layers).total
+    return GenerationFlops(kind, prompt_len, gen_len, passes, per_pass * passes * (2 if cfg else 1))

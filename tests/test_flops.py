@@ -38,3 +38,45 @@ def test_decode_step_attends_to_whole_context():
     long = forward_flops(geo, 1, context=1000)
     assert long.components["attn_scores"] == 100 * short.components["attn_scores"]
     assert long.components["mlp"] == short.components["mlp"]
+
+
+def test_diffusion_generation_is_steps_times_full_sequence_and_cfg_doubles():
+    from repskip.flops import generation_flops
+
+    geo = DecoderGeometry(hidden=64, heads=4, kv_heads=4, head_dim=16, intermediate=128, vocab=100, layers=4)
+    one_pass = forward_flops(geo, 10 + 32).total
+    g = generation_flops(geo, "diffusion", 10, 32, steps=16)
+    assert g.forward_passes == 16 and g.total == 16 * one_pass
+    assert generation_flops(geo, "diffusion", 10, 32, steps=16, cfg=True).total == 2 * g.total
+    assert generation_flops(geo, "diffusion", 10, 32).forward_passes == 32  # steps default to gen length
+    assert g.per_generated_token == g.total / 32
+
+
+def test_autoregressive_generation_is_prefill_plus_cached_decode():
+    from repskip.flops import generation_flops
+
+    geo = DecoderGeometry(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=100, layers=4)
+    g = generation_flops(geo, "autoregressive", 5, 3)
+    want = (forward_flops(geo, 5, logits_tokens=1).total + forward_flops(geo, 1, context=6).total
+            + forward_flops(geo, 1, context=7).total)
+    assert g.total == want and g.forward_passes == 3
+
+
+def test_generation_flops_match_the_flop_counter_for_a_real_diffusion_sampler(tmp_path):
+    """Count what the LLaDA sampler really computes, forward by forward."""
+    from helpers import llada_from_llama, make_checkpoint
+    from repskip.flops import generation_flops
+    from repskip.sampler import get_sampler
+
+    llada = llada_from_llama(make_checkpoint(tmp_path / "l", "llama", tie_word_embeddings=False), tmp_path / "d")
+    handle = open_model(llada)
+    model = handle.family.load(llada)
+    tok = handle.family.load_tokenizer(llada)
+    prompt = "abcdefgh"  # 8 byte-level tokens
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # the flop counter cannot see fused CPU attention kernels; the math backend is plain matmuls
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        get_sampler("llada").generate(model, tok, [prompt], family=handle.family, steps=4, gen_length=8, block_length=4)
+    analytic = generation_flops(handle.family.geometry(handle.ckpt.config), "diffusion", 8, 8, steps=4).total
+    assert abs(analytic - counter.get_total_flops()) / analytic < 0.02
