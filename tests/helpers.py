@@ -128,7 +128,9 @@ def llada_from_llama(llama: Path, out: Path, mask_id: int = MASK_ID) -> Path:
     from safetensors.torch import load_file, save_file
 
     cfg = json.loads((llama / "config.json").read_text())
-    tensors = {_llada_name(k): v for k, v in load_file(llama / "model.safetensors").items()}
+    source = load_file(llama / "model.safetensors")
+    source.setdefault("lm_head.weight", source["model.embed_tokens.weight"].clone())  # LLaDA never ties
+    tensors = {_llada_name(k): v for k, v in source.items()}
     out.mkdir(parents=True)
     names = sorted(tensors)
     half = len(names) // 2

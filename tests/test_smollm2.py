@@ -76,3 +76,19 @@ def test_compress_reload_generate_on_real_weights(smollm2, smol_analysis, tmp_pa
     no_first = AutoModelForCausalLM.from_pretrained(smollm2).eval()
     handle.family.remove_layers(no_first, list(range(1, 30)))
     assert perplexity(no_first, text_ids) > 10 * base_ppl
+
+
+def test_real_weights_in_llada_layout_match_llama_when_causal(smollm2, tmp_path):
+    """repskip's own LLaDA implementation on SmolLM2's trained weights, renamed into LLaDA's
+    layout: with a causal mask forced it must be the Llama model it came from."""
+    from helpers import llada_from_llama
+
+    llada = llada_from_llama(smollm2, tmp_path / "smol-llada")
+    handle = open_model(llada)
+    assert handle.family_name == "llada"
+    ours = handle.family.load(llada, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    ids = handle.family.load_tokenizer(llada)("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        diff = (ours(ids, causal=True) - reference(ids).logits).abs().max().item()
+    assert diff < 1e-5
