@@ -79,6 +79,8 @@ def test_compress_then_reload_equals_in_memory_removal(diffusion, tmp_path, fami
     config = json.loads((out / "config.json").read_text())
     assert config["n_layers" if family == "llada" else "num_hidden_layers"] == 4
     assert (out / f"modeling_{family}.py").is_file()  # the authors' code travels with it
+    if family == "dream":  # Dream's loader reads it
+        assert (out / "generation_config.json").read_bytes() == (diffusion[family] / "generation_config.json").read_bytes()
     handle = open_model(out)
     reloaded = handle.family.load(out)
     reference = handle.family.load(diffusion[family])
