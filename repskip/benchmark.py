@@ -1,7 +1,8 @@
-"""What a benchmark plugin must do: load items from a source, and score a completion.
+"""What a benchmark plugin must do: load items, build prompts, and score completions.
 
-Registered under ``repskip.benchmarks``. The verify command (prompting, sampling, retention
-statistics, caching) is built on this interface.
+Registered under ``repskip.benchmarks``. A benchmark is either a *generation* benchmark (the
+model continues a prompt; ``score`` grades the text) or a *perplexity* benchmark (the model
+scores text; ``verify`` computes the negative log-likelihood itself).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from . import registry
 
@@ -27,15 +28,36 @@ class Item:
 class Benchmark(abc.ABC):
     #: Where ``load(None)`` reads from, described for error messages and reports.
     default_source: ClassVar[str] = ""
+    kind: ClassVar[Literal["generation", "perplexity"]] = "generation"
+    #: The metric retention is computed on; ``score`` returns it among others.
+    primary_metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+    #: Generation needs: new tokens to allow, and strings after which the answer is over.
+    max_new_tokens: ClassVar[int] = 256
+    stop: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **options: Any):
+        """``options`` are benchmark-specific (number of shots, say); unknown ones are errors."""
+        self.options = options
 
     @abc.abstractmethod
     def load(self, source: str | Path | None = None) -> list[Item]:
-        """All items, from ``source`` (a path, or whatever the benchmark accepts) or the default."""
+        """All items, from ``source`` (a path, or whatever the benchmark accepts) or the default.
+        Raise RepskipError with a one-line fix when the source is missing, empty or malformed."""
 
-    @abc.abstractmethod
-    def score(self, item: Item, completion: str) -> float:
-        """1.0 for a correct completion, 0.0 for a wrong one (or a partial credit in between)."""
+    def prompt(self, item: Item, tokenizer: Any, chat: bool) -> str:
+        """The text the model continues: through the chat template when ``chat`` and present."""
+        from .sampler import format_prompt
+
+        return format_prompt(tokenizer, item.prompt, chat)
+
+    def score(self, item: Item, completion: str) -> dict[str, float]:
+        """Metrics for one completion, ``primary_metric`` among them (1.0 right, 0.0 wrong)."""
+        raise NotImplementedError
 
 
-def get_benchmark(name: str) -> Benchmark:
-    return registry.create("benchmarks", name)
+def get_benchmark(name: str, **options: Any) -> Benchmark:
+    cls = registry.loaded("benchmarks").get(name)
+    if cls is None:
+        registry.create("benchmarks", name)  # raises the error that lists the known ones
+    return cls(**options)

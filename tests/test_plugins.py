@@ -160,11 +160,13 @@ def test_example_benchmark_loads_and_scores(example_plugin):
     assert len(items) == 2376 and len({i.id for i in items}) == 2376
     item = next(i for i in items if i.id == "Mercury_7081673")  # answer B: breathing mask
     assert "B. breathing mask" in item.prompt
-    assert bench.score(item, "B") == 1.0
-    assert bench.score(item, "The answer is B.") == 1.0
-    assert bench.score(item, "A") == 0.0
-    assert bench.score(item, "a breathing mask") == 0.0  # no label given
-    assert bench.score(item, "") == 0.0
+    right = {"accuracy": 1.0}
+    wrong = {"accuracy": 0.0}
+    assert bench.score(item, "B") == right
+    assert bench.score(item, "The answer is B.") == right
+    assert bench.score(item, "A") == wrong
+    assert bench.score(item, "a breathing mask") == wrong  # no label given
+    assert bench.score(item, "") == wrong
     with pytest.raises(RepskipError, match="needs a data file"):
         bench.load(None)
     with pytest.raises(RepskipError, match="unknown benchmark 'nope'; installed benchmarks: arc-easy"):

@@ -12,6 +12,8 @@ from repskip.errors import RepskipError
 
 class ARCEasy(Benchmark):
     default_source = "a local ARC-Easy-Test.jsonl (AI2 ARC, fields id, question, answerKey)"
+    primary_metric = "accuracy"
+    max_new_tokens = 8
 
     def load(self, source: str | Path | None = None) -> list[Item]:
         if source is None:
@@ -31,7 +33,7 @@ class ARCEasy(Benchmark):
             raise RepskipError(f"arc-easy data file {path} holds no items")
         return items
 
-    def score(self, item: Item, completion: str) -> float:
+    def score(self, item: Item, completion: str) -> dict[str, float]:
         # The first standalone choice label in the completion is the answer.
         match = re.search(r"\b([A-E1-5])\b", completion)
-        return float(match is not None and match.group(1) == item.reference)
+        return {"accuracy": float(match is not None and match.group(1) == item.reference)}
