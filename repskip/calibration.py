@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -52,7 +53,8 @@ def builtin_texts() -> list[str]:
 
 
 def _paragraphs(text: str) -> list[str]:
-    blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n")]
+    # a "blank" line may hold spaces (WikiText's do)
+    blocks = [b.strip() for b in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))]
     return [b for b in blocks if len(b) >= MIN_CHARS]
 
 

@@ -102,14 +102,14 @@ def _float_list(text: str, option: str) -> list[float]:
         raise RepskipError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
-def _key_values(pairs: tuple[str, ...]) -> dict:
+def _key_values(pairs: tuple[str, ...], option: str = "--sampler-setting") -> dict:
     import yaml
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise RepskipError(f"--sampler-setting takes KEY=VALUE, got {pair!r}")
+            raise RepskipError(f"{option} takes KEY=VALUE, got {pair!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -442,6 +442,80 @@ def generate(model, prompts, sampler, chat, dtype, device, seed, **settings):
         console.print(text, highlight=False)
     console.print(f"[dim]{handle.num_layers} layers, {out.forward_passes} forward passes, "
                   f"sampler {sampler or fam.default_sampler}[/]")
+
+
+def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise RepskipError(f"--data takes BENCH=PATH, got {pair!r}")
+        out[name.strip()] = path.strip()
+    return out
+
+
+@main.command()
+@click.argument("base")
+@click.argument("compressed", required=False)
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="Verify BASE with this resolved recipe applied in memory, instead of COMPRESSED.")
+@click.option("--bench", "benches", default="gsm8k", show_default=True,
+              help="Comma-separated benchmarks (see 'repskip plugins'), e.g. gsm8k,math500,humaneval,mbpp,perplexity.")
+@click.option("--data", "data", multiple=True, metavar="BENCH=PATH", help="Local data file for a benchmark (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N items of each benchmark.")
+@click.option("--min-retention", type=click.FloatRange(min=0), default=None,
+              help="Exit with code 1 when any benchmark's retention is below this.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("runs/verify"), show_default=True,
+              help="Folder for report.json, report.md and the per-item cache (a rerun resumes from it).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Sampler setting for every benchmark (repeatable).")
+@click.option("--presets", type=click.Path(path_type=Path), default=None,
+              help="Sampler presets YAML [default: recipes/presets/sampling.yaml].")
+@click.option("--sampler", default=None, help="Sampler plugin [default: the family's].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Format prompts with the chat template.")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def verify(base, compressed, recipe_path, benches, data, limit, min_retention, output, overrides, presets, sampler,
+           batch_size, chat, dtype, device, seed):
+    """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
+    95% confidence interval and a paired test, FLOPs reduction and measured speed."""
+    from . import verify as verify_mod
+
+    names = [b.strip() for b in benches.split(",") if b.strip()]
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err_console)
+    tasks: dict[str, int] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total)
+        bar.update(tasks[label], completed=done)
+
+    with bar:
+        report = verify_mod.verify(
+            base, compressed, recipe=recipe_path, benches=names, data=_data_map(data), limit=limit, output=output,
+            batch_size=batch_size, chat=chat, seed=seed, sampler=sampler, overrides=_key_values(overrides, "--set"),
+            presets=presets, dtype=None if dtype == "auto" else dtype, device=device, progress=update,
+        )
+    table = Table(title=f"verify: {report['compressed']['layers']} of {report['base']['layers']} layers kept")
+    for col in ("benchmark", "items", "metric", "base", "compressed", "retention", "95% CI", "p", "FLOPs cut", "speedup"):
+        table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
+    for name, e in report["benchmarks"].items():
+        lo, hi = e["retention_ci95"]
+        ok = min_retention is None or e["retention"] >= min_retention
+        ret = f"[{'green' if ok else 'red'}]{e['retention']:.3f}[/]"
+        flops_cut = f"{e['flops']['reduction']:.1%}" if e.get("flops") else "-"
+        speedup = f"{e['speed']['speedup']:.2f}x" if e["speed"].get("speedup") else "-"
+        table.add_row(name, str(e["items"]), e["metric"], f"{e['base']:.4g}", f"{e['compressed']:.4g}", ret,
+                      f"{lo:.3f}-{hi:.3f}", f"{e['p_value']:.3g}", flops_cut, speedup)
+    console.print(table)
+    console.print(f"wrote {output}/report.json and report.md")
+    if min_retention is not None:
+        failed = verify_mod.failing(report, min_retention)
+        if failed:
+            err_console.print(f"[red]retention below {min_retention} on: {', '.join(failed)}[/]")
+            sys.exit(1)
 
 
 @main.command()

@@ -176,3 +176,16 @@ def dream_from_qwen2(qwen2: Path, out: Path, mask_id: int = MASK_ID) -> Path:
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "modeling_dream.py").write_text("# stand-in for the authors' modeling code; never executed\n")
     return out
+
+
+def fake_install(site: Path, dist: str, version: str, entry_points: dict[str, dict[str, str]]) -> Path:
+    """Write the .dist-info a pip install would write: what importlib.metadata reads."""
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = []
+    for group, eps in entry_points.items():
+        lines.append(f"[{group}]")
+        lines += [f"{name} = {target}" for name, target in eps.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return site

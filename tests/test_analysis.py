@@ -179,3 +179,12 @@ def test_calibration_from_jsonl_and_txt(tmp_path, tiny):
         calibration.build(tok, bad)
     with pytest.raises(RepskipError, match="does not exist"):
         calibration.build(tok, tmp_path / "nope.txt")
+
+
+def test_paragraphs_split_at_blank_lines_that_hold_spaces(tmp_path):
+    from repskip.calibration import load_texts
+
+    path = tmp_path / "wiki.txt"
+    path.write_text(" = Heading = \n \n The first paragraph is here and long enough . \n \n The second one follows it here . \n")
+    texts, _ = load_texts(path)
+    assert texts == ["The first paragraph is here and long enough .", "The second one follows it here ."]

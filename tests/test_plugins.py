@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from helpers import make_tokenizer
+from helpers import fake_install, make_tokenizer
 from repskip import registry
 from repskip.family import find_family
 from repskip.flops import forward_flops
@@ -23,19 +23,6 @@ from repskip.sampler import get_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "examples" / "repskip-example"
-
-
-def fake_install(site: Path, dist: str, version: str, entry_points: dict[str, dict[str, str]]) -> Path:
-    """Write the .dist-info a pip install would write: what importlib.metadata reads."""
-    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    lines = []
-    for group, eps in entry_points.items():
-        lines.append(f"[{group}]")
-        lines += [f"{name} = {target}" for name, target in eps.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    return site
 
 
 def example_entry_points() -> dict[str, dict[str, str]]:

@@ -1,0 +1,390 @@
+"""Verify a compressed model against its base: benchmark retention with confidence intervals
+and paired tests, FLOPs reduction and measured speed, reproducibly and resumably.
+
+Both models see the same items, prompts, sampler settings and seeds. Items run in fixed
+batches (batch k always holds the same items and uses seed + k), and each finished batch is
+appended to a per-model, per-benchmark cache before the next starts: an interrupted run
+resumes where it stopped, never recomputes a cached item, and reaches the same scores.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import __version__, stats
+from .benchmark import Benchmark, Item, get_benchmark
+from .errors import RepskipError
+from .flops import generation_flops
+from .pipeline import ModelHandle, open_model, parse_device, parse_dtype
+from .sampler import get_sampler
+
+SCHEMA_VERSION = 1
+PRESETS = Path(__file__).resolve().parents[1] / "recipes" / "presets" / "sampling.yaml"
+LENGTH_KEYS = {"ar": "max_new_tokens", "dream": "max_new_tokens", "llada": "gen_length"}
+
+
+# --- the two models -----------------------------------------------------------------------
+@dataclass
+class Side:
+    label: str
+    handle: ModelHandle
+    model: Any
+    tokenizer: Any
+    tag: str  # names its cache: the model fingerprint, plus the in-memory removal if any
+    layers: int
+    removed: list[int]
+
+
+def load_side(label: str, handle: ModelHandle, dtype: str | None, device: str, remove: Sequence[int] = ()) -> Side:
+    fam = handle.family
+    model = fam.load(handle.path, parse_dtype(dtype), device)
+    layers = handle.num_layers
+    tag = handle.ckpt.fingerprint().replace("sha256:", "")[:16]
+    if remove:
+        kept = [i for i in range(layers) if i not in set(remove)]
+        fam.remove_layers(model, kept)
+        tag += "-skip" + "_".join(map(str, remove))
+        layers = len(kept)
+    return Side(label, handle, model, fam.load_tokenizer(handle.path), tag, layers, list(remove))
+
+
+def check_same_tokenizer(a: Side, b: Side) -> None:
+    if a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
+        raise RepskipError(
+            f"base and compressed use different tokenizers ({a.handle.path} vs {b.handle.path}); "
+            "verify compares a model with a compressed copy of itself"
+        )
+
+
+# --- sampler settings ---------------------------------------------------------------------
+def load_presets(path: Path | None = None) -> dict:
+    path = Path(path) if path else PRESETS
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise RepskipError(f"sampling presets {path} are not a YAML mapping")
+    return data
+
+
+def sampler_settings(sampler: str, bench_name: str, bench: Benchmark, presets: dict, overrides: dict) -> dict:
+    """Preset for (sampler, benchmark), else the sampler's preset default, the benchmark's
+    token budget for the length, then the user's overrides."""
+    table = presets.get(sampler) or {}
+    settings = dict(table.get("default") or {})
+    length_key = LENGTH_KEYS.get(sampler)
+    if length_key and length_key not in (table.get(bench_name) or {}) and length_key not in settings:
+        settings[length_key] = bench.max_new_tokens
+    settings.update(table.get(bench_name) or {})
+    settings.update(overrides)
+    return settings
+
+
+# --- the per-item cache ---------------------------------------------------------------------
+class ItemCache:
+    """One JSON line per finished item; a batch is appended in one write and fsynced."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the tail of a write cut short: redone
+                    continue
+                self.records[record["id"]] = record
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self.records
+
+    def add(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in records))
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.records.update({r["id"]: r for r in records})
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _settings_key(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --- running one benchmark on one model ------------------------------------------------------
+def run_generation(side: Side, bench: Benchmark, items: list[Item], *, sampler_name: str, settings: dict,
+                   cache: ItemCache, batch_size: int, chat: bool, seed: int,
+                   progress: Callable[[int], None] | None = None) -> None:
+    sampler = get_sampler(sampler_name)
+    sampler.settings(settings)
+    fam = side.handle.family
+    for k in range(0, len(items), batch_size):
+        batch = [it for it in items[k : k + batch_size] if it.id not in cache]
+        if not batch:
+            continue
+        prompts = [bench.prompt(it, side.tokenizer, chat) for it in batch]
+        start = time.perf_counter()
+        out = sampler.generate(side.model, side.tokenizer, prompts, family=fam, seed=seed + k // batch_size, **settings)
+        seconds = time.perf_counter() - start
+        records = []
+        for it, prompt, text, ids in zip(batch, prompts, out.texts, out.token_ids):
+            completion = _cut(text, bench.stop)
+            records.append({
+                "id": it.id, "completion": completion, "metrics": bench.score(it, completion),
+                "prompt_tokens": len(side.tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                "new_tokens": len(ids), "seconds": seconds / len(batch),
+                "forward_passes": out.forward_passes / len(batch),
+            })
+        cache.add(records)
+        if progress:
+            progress(len(batch))
+
+
+def run_perplexity(side: Side, bench: Benchmark, items: list[Item], *, cache: ItemCache, max_length: int,
+                   seed: int, progress: Callable[[int], None] | None = None) -> None:
+    from .perplexity import autoregressive_nll, masked_diffusion_nll
+
+    fam = side.handle.family
+    device = next(side.model.parameters()).device
+    for it in items:
+        if it.id in cache:
+            continue
+        ids = side.tokenizer(it.prompt, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+        start = time.perf_counter()
+        if fam.generative_kind == "diffusion":
+            nll, n = masked_diffusion_nll(side.model, fam, ids.to(device), fam.mask_token_id(side.handle.ckpt.config), seed=seed)
+        else:
+            nll, n = autoregressive_nll(side.model, fam, ids.to(device))
+        cache.add([{"id": it.id, "metrics": {"nll": nll, "tokens": n}, "seconds": time.perf_counter() - start}])
+        if progress:
+            progress(1)
+
+
+# --- the comparison -----------------------------------------------------------------------------
+def _summary(bench: Benchmark, items: list[Item], base: ItemCache, comp: ItemCache) -> dict:
+    ids = [it.id for it in items]
+    if bench.kind == "perplexity":
+        b_nll = [base.records[i]["metrics"]["nll"] for i in ids]
+        c_nll = [comp.records[i]["metrics"]["nll"] for i in ids]
+        tokens = [base.records[i]["metrics"]["tokens"] for i in ids]
+
+        def ppl(nll, toks):
+            return float(torch.tensor(sum(nll) / sum(toks)).exp())
+
+        def ratio(b, c):  # resampled item indices arrive as paired (nll, tokens) tuples
+            return stats.retention(ppl([x for x, _ in b], [t for _, t in b]), ppl([x for x, _ in c], [t for _, t in c]), False)
+
+        pairs_b, pairs_c = list(zip(b_nll, tokens)), list(zip(c_nll, tokens))
+        base_score, comp_score = ppl(b_nll, tokens), ppl(c_nll, tokens)
+        ci = stats.bootstrap_ci(pairs_b, pairs_c, ratio)
+        per_b = [x / t for x, t in zip(b_nll, tokens)]
+        per_c = [x / t for x, t in zip(c_nll, tokens)]
+        test, p = stats.paired_test(per_b, per_c)
+        metric, higher = "perplexity", False
+    else:
+        metric, higher = bench.primary_metric, bench.higher_is_better
+        b = [float(base.records[i]["metrics"][metric]) for i in ids]
+        c = [float(comp.records[i]["metrics"][metric]) for i in ids]
+        base_score, comp_score = sum(b) / len(b), sum(c) / len(c)
+        ci = stats.bootstrap_ci(b, c, lambda x, y: stats.retention(sum(x) / len(x), sum(y) / len(y), higher))
+        test, p = stats.paired_test(b, c)
+    return {
+        "items": len(ids), "metric": metric, "higher_is_better": higher,
+        "base": base_score, "compressed": comp_score,
+        "retention": stats.retention(base_score, comp_score, higher),
+        "retention_ci95": list(ci), "test": test, "p_value": p,
+    }
+
+
+def _speed(cache: ItemCache, ids: list[str]) -> dict:
+    recs = [cache.records[i] for i in ids]
+    seconds = sum(r.get("seconds", 0.0) for r in recs)
+    tokens = sum(r.get("new_tokens", r.get("metrics", {}).get("tokens", 0)) for r in recs)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None}
+
+
+def _flops(base: Side, comp: Side, cache: ItemCache, ids: list[str], settings: dict) -> dict:
+    fam = base.handle.family
+    geo = fam.geometry(base.handle.ckpt.config)
+    recs = [cache.records[i] for i in ids]
+    prompt = max(1, round(sum(r.get("prompt_tokens", 0) for r in recs) / len(recs)))
+    kind = fam.generative_kind
+    length = LENGTH_KEYS.get(settings.get("_sampler", ""), "max_new_tokens")
+    if kind == "diffusion":
+        gen = int(settings[length])
+        steps = int(settings.get("steps", gen))
+    else:
+        gen = max(1, round(sum(r.get("new_tokens", 0) for r in recs) / len(recs)))
+        steps = None
+    cfg = bool(settings.get("cfg_scale", 0))
+    full = generation_flops(geo, kind, prompt, gen, steps=steps, cfg=cfg)
+    cut = generation_flops(geo, kind, prompt, gen, steps=steps, cfg=cfg, layers=comp.layers)
+    return {
+        "layer_fraction": 1 - comp.layers / base.layers,
+        "per_generated_token": {"base": full.per_generated_token, "compressed": cut.per_generated_token,
+                                "prompt_tokens": prompt, "generated_tokens": gen, "forward_passes": full.forward_passes},
+        "reduction": 1 - cut.total / full.total,
+    }
+
+
+def _hardware(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def verify(
+    base: str | Path,
+    compressed: str | Path | None = None,
+    *,
+    recipe: str | Path | None = None,
+    benches: Sequence[str] = ("gsm8k",),
+    data: dict[str, str] | None = None,
+    limit: int | None = None,
+    output: str | Path = "runs/verify",
+    batch_size: int = 8,
+    chat: bool = True,
+    seed: int = 0,
+    sampler: str | None = None,
+    overrides: dict | None = None,
+    presets: str | Path | None = None,
+    bench_options: dict[str, dict] | None = None,
+    max_length: int = 1024,
+    dtype: str | None = None,
+    device: str = "cpu",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Run every benchmark on base and compressed and return the report (also written to
+    ``output``/report.json and report.md). Give ``compressed`` (a checkpoint) or ``recipe``
+    (a resolved recipe applied to the base in memory)."""
+    from . import recipe as recipe_mod
+    from .pipeline import removed_layers
+
+    if (compressed is None) == (recipe is None):
+        raise RepskipError("give a compressed model or --recipe, not both and not neither")
+    if limit is not None and limit < 1:
+        raise RepskipError("--limit must be at least 1")
+    device = parse_device(device)
+    base_handle = open_model(base)
+    benchmarks = {}
+    for name in benches:
+        bench = get_benchmark(name, **(bench_options or {}).get(name, {}))
+        items = bench.load((data or {}).get(name))
+        if limit is not None:
+            if limit > len(items):
+                raise RepskipError(f"--limit {limit} is larger than {name}'s {len(items)} items")
+            items = items[:limit]
+        benchmarks[name] = (bench, items)
+    if recipe is not None:
+        remove = removed_layers(recipe_mod.load(recipe), base_handle)
+        comp_handle, comp_label = base_handle, f"{base_handle.path} with recipe {recipe}"
+    else:
+        remove = []
+        comp_handle, comp_label = open_model(compressed), str(compressed)
+    base_side = load_side("base", base_handle, dtype, device)
+    comp_side = load_side("compressed", comp_handle, dtype, device, remove)
+    check_same_tokenizer(base_side, comp_side)
+    sampler_name = sampler or base_handle.family.default_sampler
+    table = load_presets(presets)
+    out_dir = Path(output)
+    report_benchmarks = {}
+    for name, (bench, items) in benchmarks.items():
+        settings = sampler_settings(sampler_name, name, bench, table, overrides or {}) if bench.kind == "generation" else {}
+        run_key = _settings_key({"settings": settings, "chat": chat, "seed": seed, "batch": batch_size,
+                                 "max_length": max_length, "options": bench.options})
+        caches = {}
+        for side in (base_side, comp_side):
+            cache = caches[side.label] = ItemCache(out_dir / "cache" / side.tag / f"{name}-{run_key}.jsonl")
+            todo = sum(1 for it in items if it.id not in cache)
+            done = [len(items) - todo]
+
+            def tick(n: int, label=f"{name} {side.label}") -> None:
+                done[0] += n
+                if progress:
+                    progress(label, done[0], len(items))
+
+            tick(0)
+            if bench.kind == "perplexity":
+                run_perplexity(side, bench, items, cache=cache, max_length=max_length, seed=seed, progress=tick)
+            else:
+                run_generation(side, bench, items, sampler_name=sampler_name, settings=settings, cache=cache,
+                               batch_size=batch_size, chat=chat, seed=seed, progress=tick)
+        ids = [it.id for it in items]
+        entry = _summary(bench, items, caches["base"], caches["compressed"])
+        entry["settings"] = settings
+        entry["speed"] = {label: _speed(c, ids) for label, c in caches.items()}
+        b, c = entry["speed"]["base"]["tokens_per_s"], entry["speed"]["compressed"]["tokens_per_s"]
+        entry["speed"]["speedup"] = c / b if b and c else None
+        if bench.kind == "generation":
+            entry["flops"] = _flops(base_side, comp_side, caches["base"], ids, {**settings, "_sampler": sampler_name})
+        report_benchmarks[name] = entry
+    import transformers
+
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "repskip.verify",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "base": {"path": str(base_handle.path), "layers": base_side.layers, "fingerprint": base_handle.ckpt.fingerprint()},
+        "compressed": {"path": comp_label, "layers": comp_side.layers, "removed": remove or None,
+                       "fingerprint": comp_handle.ckpt.fingerprint()},
+        "settings": {"sampler": sampler_name, "chat": chat, "seed": seed, "batch_size": batch_size, "limit": limit,
+                     "dtype": str(next(base_side.model.parameters()).dtype).replace("torch.", ""), "device": device,
+                     "presets": str(presets or PRESETS), "data": data or {}, "max_length": max_length},
+        "hardware": _hardware(device),
+        "versions": {"repskip": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "benchmarks": report_benchmarks,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "report.md").write_text(markdown(report))
+    return report
+
+
+def failing(report: dict, min_retention: float) -> list[str]:
+    return [n for n, e in report["benchmarks"].items() if e["retention"] < min_retention]
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# repskip verify report", "",
+        f"- base: `{report['base']['path']}` ({report['base']['layers']} layers)",
+        f"- compressed: `{report['compressed']['path']}` ({report['compressed']['layers']} layers)",
+        f"- sampler `{report['settings']['sampler']}`, dtype {report['settings']['dtype']}, "
+        f"device {report['settings']['device']}, seed {report['settings']['seed']}, "
+        f"chat template {'on' if report['settings']['chat'] else 'off'}",
+        f"- created {report['created']} with repskip {report['versions']['repskip']}, "
+        f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}",
+        "",
+        "| benchmark | items | metric | base | compressed | retention | 95% CI | paired test p | FLOPs cut (layers / exact) | tokens/s base -> compressed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in report["benchmarks"].items():
+        lo, hi = e["retention_ci95"]
+        fl = e.get("flops")
+        flops = f"{fl['layer_fraction']:.1%} / {fl['reduction']:.1%}" if fl else "-"
+        sp = e["speed"]
+        tps = (f"{sp['base']['tokens_per_s']:.1f} -> {sp['compressed']['tokens_per_s']:.1f}"
+               if sp["base"]["tokens_per_s"] and sp["compressed"]["tokens_per_s"] else "-")
+        lines.append(f"| {name} | {e['items']} | {e['metric']} | {e['base']:.4g} | {e['compressed']:.4g} | "
+                     f"{e['retention']:.3f} | {lo:.3f} - {hi:.3f} | {e['p_value']:.3g} ({e['test']}) | {flops} | {tps} |")
+    lines += ["", "Sampler settings per benchmark:", ""]
+    lines += [f"- {name}: `{json.dumps(e['settings'])}`" for name, e in report["benchmarks"].items()]
+    return "\n".join(lines) + "\n"

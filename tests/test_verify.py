@@ -1,0 +1,141 @@
+"""verify: same items and settings for both models, exact self-retention, resumable runs
+that never recompute an item, a retention gate, and one-line errors for bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from helpers import fake_install, make_checkpoint
+from repskip import registry
+from repskip.cli import main
+from repskip.errors import RepskipError
+from repskip.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "docs" / "examples" / "repskip-example"
+ARC = REPO.parent / "shared" / "data" / "arc" / "ARC-Easy-Test.jsonl"
+WIKI = REPO.parent / "shared" / "data" / "wikitext2" / "test.txt"
+
+pytestmark = pytest.mark.skipif(not ARC.is_file(), reason="needs ../shared/data")
+
+
+@pytest.fixture(autouse=True)
+def arc_plugin(tmp_path_factory, monkeypatch):
+    site = fake_install(tmp_path_factory.mktemp("site"), "repskip-example", "0.1.0",
+                        {"repskip.benchmarks": {"arc-easy": "repskip_example.benchmark:ARCEasy"}})
+    fake_install(site, "tmp-ppl", "0", {"repskip.benchmarks": {"perplexity": "repskip_benchmarks.perplexity:Perplexity"}})  # TEMP
+    monkeypatch.syspath_prepend(str(REPO / "plugins" / "benchmarks"))  # TEMP
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    registry.refresh()
+    yield
+    registry.refresh()
+
+
+@pytest.fixture
+def wiki_small(tmp_path):
+    path = tmp_path / "wiki.txt"
+    path.write_text(WIKI.read_text()[:20000])
+    return path
+
+
+def scores(report):
+    return {name: {k: e[k] for k in ("items", "base", "compressed", "retention", "retention_ci95", "p_value")}
+            for name, e in report["benchmarks"].items()}
+
+
+def test_a_model_against_itself_retains_exactly_everything(tiny, tmp_path, wiki_small):
+    report = verify(tiny["llama"], tiny["llama"], benches=["arc-easy", "perplexity"],
+                    data={"arc-easy": str(ARC), "perplexity": str(wiki_small)}, limit=4, output=tmp_path / "v",
+                    overrides={"max_new_tokens": 4}, batch_size=2)
+    for name, entry in report["benchmarks"].items():
+        assert entry["retention"] == 1.0, name
+        assert entry["p_value"] == 1.0
+    assert report["benchmarks"]["perplexity"]["base"] > 1.0
+    saved = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert saved["schema_version"] == 1 and saved["kind"] == "repskip.verify"
+    assert "| arc-easy | 4 |" in (tmp_path / "v" / "report.md").read_text()
+
+
+def test_recipe_in_memory_reports_flops_speed_and_settings(tiny, tmp_path, wiki_small):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("schema_version: 1\nresolved: {remove: [2, 3]}\n")
+    report = verify(tiny["qwen2"], recipe=recipe, benches=["arc-easy", "perplexity"],
+                    data={"arc-easy": str(ARC), "perplexity": str(wiki_small)}, limit=3, output=tmp_path / "v",
+                    overrides={"max_new_tokens": 3})
+    arc = report["benchmarks"]["arc-easy"]
+    assert report["compressed"]["layers"] == 4 and report["compressed"]["removed"] == [2, 3]
+    assert arc["flops"]["layer_fraction"] == pytest.approx(2 / 6)
+    assert 0 < arc["flops"]["reduction"] < 2 / 6  # embeddings and LM head are not removed
+    assert arc["settings"]["max_new_tokens"] == 3 and arc["settings"]["temperature"] == 0.0
+    assert arc["speed"]["base"]["tokens_per_s"] > 0
+    ppl = report["benchmarks"]["perplexity"]
+    assert ppl["metric"] == "perplexity" and ppl["base"] != ppl["compressed"]
+    assert ppl["retention"] == pytest.approx(ppl["base"] / ppl["compressed"])
+    assert report["settings"]["seed"] == 0 and report["versions"]["torch"]
+
+
+def test_an_interrupted_run_resumes_to_the_same_report_without_recomputing(tiny, tmp_path, wiki_small):
+    kwargs = dict(recipe=None, benches=["arc-easy", "perplexity"], limit=6, batch_size=2,
+                  data={"arc-easy": str(ARC), "perplexity": str(wiki_small)}, overrides={"max_new_tokens": 4})
+    compressed = tmp_path / "c"
+    from repskip.pipeline import compress
+    from repskip.recipe import Recipe, Resolved
+
+    compress(tiny["llama"], Recipe(resolved=Resolved(remove=[1])), compressed)
+    whole = verify(tiny["llama"], compressed, output=tmp_path / "whole", **kwargs)
+
+    seen = []
+
+    def stop_midway(label, done, total):
+        seen.append(label)
+        if label == "arc-easy compressed" and done >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        verify(tiny["llama"], compressed, output=tmp_path / "resumed", progress=stop_midway, **kwargs)
+    cached = list((tmp_path / "resumed" / "cache").rglob("arc-easy-*.jsonl"))
+    assert sum(len(p.read_text().splitlines()) for p in cached) == 6 + 2  # base done, 2 of compressed
+    resumed_progress = []
+    resumed = verify(tiny["llama"], compressed, output=tmp_path / "resumed",
+                     progress=lambda label, done, total: resumed_progress.append((label, done)), **kwargs)
+    assert scores(resumed) == scores(whole)
+    assert resumed_progress[0] == ("arc-easy base", 6)  # nothing left to do for the base model
+    for path in (tmp_path / "resumed" / "cache").rglob("*.jsonl"):
+        ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+        assert len(ids) == len(set(ids)), f"{path.name} computed an item twice"
+
+
+def test_gate_exit_codes(tiny, tmp_path, wiki_small):
+    args = ["verify", str(tiny["llama"]), str(tiny["llama"]), "--bench", "perplexity",
+            "--data", f"perplexity={wiki_small}", "--limit", "2", "-o", str(tmp_path / "v")]
+    assert CliRunner().invoke(main, [*args, "--min-retention", "1.0"]).exit_code == 0
+    failed = CliRunner().invoke(main, [*args, "--min-retention", "2.0"])
+    assert failed.exit_code == 1 and "retention below 2.0 on: perplexity" in failed.stderr
+
+
+def one_line_error(args, message):
+    res = CliRunner().invoke(main, ["verify", *map(str, args)])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], res.stderr
+
+
+def test_bad_input(tiny, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    one_line_error([tiny["llama"], tiny["llama"], "--bench", "nonsense"], "unknown benchmark 'nonsense'; installed benchmarks:")
+    one_line_error([tiny["llama"], tiny["llama"], "--bench", "arc-easy", "--data", f"arc-easy={empty}"], "holds no items")
+    one_line_error([tiny["llama"], tiny["llama"], "--bench", "arc-easy", "--data", f"arc-easy={ARC}", "--limit", "99999"],
+                   "--limit 99999 is larger than arc-easy's 2376 items")
+    one_line_error([tiny["llama"], "--bench", "arc-easy"], "give a compressed model or --recipe")
+    other = make_checkpoint(tmp_path / "other", "llama")
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    vocab["model"]["vocab"]["zz-extra"] = len(vocab["model"]["vocab"])
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    one_line_error([tiny["llama"], other, "--bench", "arc-easy", "--data", f"arc-easy={ARC}", "--limit", "1"],
+                   "different tokenizers")
+    one_line_error([tiny["llama"], tiny["llama"], "--bench", "perplexity"], "perplexity needs a text file")
