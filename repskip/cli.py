@@ -498,6 +498,8 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
             batch_size=batch_size, chat=chat, seed=seed, sampler=sampler, overrides=_key_values(overrides, "--set"),
             presets=presets, dtype=None if dtype == "auto" else dtype, device=device, progress=update,
         )
+    if not report:  # a secondary process of a multi-process run: rank 0 reports
+        return
     table = Table(title=f"verify: {report['compressed']['layers']} of {report['base']['layers']} layers kept")
     for col in ("benchmark", "items", "metric", "base", "compressed", "retention", "95% CI", "p", "FLOPs cut", "speedup"):
         table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")

@@ -94,18 +94,27 @@ def sampler_settings(sampler: str, bench_name: str, bench: Benchmark, presets: d
 
 # --- the per-item cache ---------------------------------------------------------------------
 class ItemCache:
-    """One JSON line per finished item; a batch is appended in one write and fsynced."""
+    """One JSON line per finished item; a batch is appended in one write and fsynced.
 
-    def __init__(self, path: Path):
-        self.path = path
+    Under several processes each rank appends to its own file (``stem.rankN.jsonl``) and
+    reads them all, so an item finished by any rank, in any earlier run, counts as done.
+    """
+
+    def __init__(self, folder: Path, stem: str, rank: int = 0, world: int = 1):
+        self.path = folder / (f"{stem}.jsonl" if world == 1 else f"{stem}.rank{rank}.jsonl")
+        self.folder, self.stem = folder, stem
         self.records: dict[str, dict] = {}
-        if path.is_file():
+        self.reload()
+
+    def reload(self) -> None:
+        files = sorted(self.folder.glob(f"{self.stem}.jsonl")) + sorted(self.folder.glob(f"{self.stem}.rank*.jsonl"))
+        for path in files:
             for line in path.read_text().splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # the tail of a write cut short: redone
                     continue
-                self.records[record["id"]] = record
+                self.records.setdefault(record["id"], record)
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self.records
@@ -130,12 +139,14 @@ def _settings_key(data: dict) -> str:
 
 # --- running one benchmark on one model ------------------------------------------------------
 def run_generation(side: Side, bench: Benchmark, items: list[Item], *, sampler_name: str, settings: dict,
-                   cache: ItemCache, batch_size: int, chat: bool, seed: int,
+                   cache: ItemCache, batch_size: int, chat: bool, seed: int, rank: int = 0, world: int = 1,
                    progress: Callable[[int], None] | None = None) -> None:
     sampler = get_sampler(sampler_name)
     sampler.settings(settings)
     fam = side.handle.family
     for k in range(0, len(items), batch_size):
+        if (k // batch_size) % world != rank:  # batch k belongs to one rank, always the same
+            continue
         batch = [it for it in items[k : k + batch_size] if it.id not in cache]
         if not batch:
             continue
@@ -158,13 +169,13 @@ def run_generation(side: Side, bench: Benchmark, items: list[Item], *, sampler_n
 
 
 def run_perplexity(side: Side, bench: Benchmark, items: list[Item], *, cache: ItemCache, max_length: int,
-                   seed: int, progress: Callable[[int], None] | None = None) -> None:
+                   seed: int, rank: int = 0, world: int = 1, progress: Callable[[int], None] | None = None) -> None:
     from .perplexity import autoregressive_nll, masked_diffusion_nll
 
     fam = side.handle.family
     device = next(side.model.parameters()).device
-    for it in items:
-        if it.id in cache:
+    for index, it in enumerate(items):
+        if index % world != rank or it.id in cache:
             continue
         ids = side.tokenizer(it.prompt, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
         start = time.perf_counter()
@@ -244,6 +255,27 @@ def _flops(base: Side, comp: Side, cache: ItemCache, ids: list[str], settings: d
     }
 
 
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun / accelerate launch; (0, 1, 0) alone.
+    With several processes a gloo process group is started for the final barrier."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    return rank, world, local
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _hardware(device: str) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -282,6 +314,9 @@ def verify(
         raise RepskipError("give a compressed model or --recipe, not both and not neither")
     if limit is not None and limit < 1:
         raise RepskipError("--limit must be at least 1")
+    rank, world, local_rank = distributed()
+    if device.startswith("cuda") and world > 1 and ":" not in device:
+        device = f"cuda:{local_rank}"  # one GPU per process
     device = parse_device(device)
     base_handle = open_model(base)
     benchmarks = {}
@@ -305,14 +340,14 @@ def verify(
     sampler_name = sampler or base_handle.family.default_sampler
     table = load_presets(presets)
     out_dir = Path(output)
-    report_benchmarks = {}
+    runs = {}
     for name, (bench, items) in benchmarks.items():
         settings = sampler_settings(sampler_name, name, bench, table, overrides or {}) if bench.kind == "generation" else {}
         run_key = _settings_key({"settings": settings, "chat": chat, "seed": seed, "batch": batch_size,
                                  "max_length": max_length, "options": bench.options})
         caches = {}
         for side in (base_side, comp_side):
-            cache = caches[side.label] = ItemCache(out_dir / "cache" / side.tag / f"{name}-{run_key}.jsonl")
+            cache = caches[side.label] = ItemCache(out_dir / "cache" / side.tag, f"{name}-{run_key}", rank, world)
             todo = sum(1 for it in items if it.id not in cache)
             done = [len(items) - todo]
 
@@ -323,10 +358,20 @@ def verify(
 
             tick(0)
             if bench.kind == "perplexity":
-                run_perplexity(side, bench, items, cache=cache, max_length=max_length, seed=seed, progress=tick)
+                run_perplexity(side, bench, items, cache=cache, max_length=max_length, seed=seed, rank=rank,
+                               world=world, progress=tick)
             else:
                 run_generation(side, bench, items, sampler_name=sampler_name, settings=settings, cache=cache,
-                               batch_size=batch_size, chat=chat, seed=seed, progress=tick)
+                               batch_size=batch_size, chat=chat, seed=seed, rank=rank, world=world, progress=tick)
+        runs[name] = (settings, caches)
+    _barrier(world)  # every rank's items are in the caches now
+    if rank != 0:
+        return {}
+    report_benchmarks = {}
+    for name, (bench, items) in benchmarks.items():
+        settings, caches = runs[name]
+        for cache in caches.values():
+            cache.reload()
         ids = [it.id for it in items]
         entry = _summary(bench, items, caches["base"], caches["compressed"])
         entry["settings"] = settings
@@ -346,6 +391,7 @@ def verify(
         "compressed": {"path": comp_label, "layers": comp_side.layers, "removed": remove or None,
                        "fingerprint": comp_handle.ckpt.fingerprint()},
         "settings": {"sampler": sampler_name, "chat": chat, "seed": seed, "batch_size": batch_size, "limit": limit,
+                     "processes": world,
                      "dtype": str(next(base_side.model.parameters()).dtype).replace("torch.", ""), "device": device,
                      "presets": str(presets or PRESETS), "data": data or {}, "max_length": max_length},
         "hardware": _hardware(device),

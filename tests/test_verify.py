@@ -139,3 +139,44 @@ def test_bad_input(tiny, tmp_path):
     one_line_error([tiny["llama"], other, "--bench", "arc-easy", "--data", f"arc-easy={ARC}", "--limit", "1"],
                    "different tokenizers")
     one_line_error([tiny["llama"], tiny["llama"], "--bench", "perplexity"], "perplexity needs a text file")
+
+
+def test_two_processes_shard_the_items_and_merge_to_the_single_process_report(tiny, tmp_path, wiki_small):
+    """What torchrun / accelerate launch do: RANK, WORLD_SIZE and a rendezvous address."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    fake_install(site, "repskip-example", "0.1.0", {"repskip.benchmarks": {"arc-easy": "repskip_example.benchmark:ARCEasy"}})
+    fake_install(site, "tmp-ppl", "0", {"repskip.benchmarks": {"perplexity": "repskip_benchmarks.perplexity:Perplexity"}})  # TEMP
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("schema_version: 1\nresolved: {remove: [2]}\n")
+    args = ["verify", str(tiny["llama"]), "--recipe", str(recipe), "--bench", "arc-easy,perplexity",
+            "--data", f"arc-easy={ARC}", "--data", f"perplexity={wiki_small}", "--limit", "5", "--batch-size", "2",
+            "--set", "max_new_tokens=3"]
+    single = verify(tiny["llama"], recipe=recipe, benches=["arc-easy", "perplexity"], limit=5, batch_size=2,
+                    data={"arc-easy": str(ARC), "perplexity": str(wiki_small)}, overrides={"max_new_tokens": 3},
+                    output=tmp_path / "single")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = os.pathsep.join([str(site), str(EXAMPLE), str(REPO / "plugins" / "benchmarks")])
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": path, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "repskip", *args, "-o", str(tmp_path / "multi")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    merged = json.loads((tmp_path / "multi" / "report.json").read_text())
+    assert merged["settings"]["processes"] == 2
+    assert scores(merged) == scores(single)
+    rank_files = list((tmp_path / "multi" / "cache").rglob("arc-easy-*.rank*.jsonl"))
+    assert len(rank_files) == 4  # 2 ranks x 2 models
+    for model_dir in {p.parent for p in rank_files}:  # per model: every item once, by one rank
+        ids = [json.loads(line)["id"] for p in rank_files if p.parent == model_dir for line in p.read_text().splitlines()]
+        assert len(ids) == len(set(ids)) == 5
