@@ -474,10 +474,11 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Format prompts with the chat template.")
 @click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF decoders).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def verify(base, compressed, recipe_path, benches, data, limit, min_retention, output, overrides, presets, sampler,
-           batch_size, chat, dtype, device, seed):
+           batch_size, chat, dtype, device, device_map, seed):
     """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
     95% confidence interval and a paired test, FLOPs reduction and measured speed."""
     from . import verify as verify_mod
@@ -496,7 +497,8 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
         report = verify_mod.verify(
             base, compressed, recipe=recipe_path, benches=names, data=_data_map(data), limit=limit, output=output,
             batch_size=batch_size, chat=chat, seed=seed, sampler=sampler, overrides=_key_values(overrides, "--set"),
-            presets=presets, dtype=None if dtype == "auto" else dtype, device=device, progress=update,
+            presets=presets, dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map,
+            progress=update,
         )
     if not report:  # a secondary process of a multi-process run: rank 0 reports
         return

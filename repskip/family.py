@@ -56,8 +56,10 @@ class Family(abc.ABC):
 
     # --- models ----------------------------------------------------------------------
     @abc.abstractmethod
-    def load(self, path: Path, dtype: Any = None, device: str = "cpu") -> Any:
-        """Load the model for inference (eval mode). ``dtype=None`` keeps the checkpoint's."""
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
+        """Load the model for inference (eval mode). ``dtype=None`` keeps the checkpoint's.
+        ``device_map`` (e.g. "auto") spreads a model too big for one device, where the family
+        can; a family that cannot raises RepskipError."""
 
     @abc.abstractmethod
     def load_tokenizer(self, path: Path) -> Any:

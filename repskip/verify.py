@@ -47,9 +47,10 @@ class Side:
     removed: list[int]
 
 
-def load_side(label: str, handle: ModelHandle, dtype: str | None, device: str, remove: Sequence[int] = ()) -> Side:
+def load_side(label: str, handle: ModelHandle, dtype: str | None, device: str, remove: Sequence[int] = (),
+              device_map: str | None = None) -> Side:
     fam = handle.family
-    model = fam.load(handle.path, parse_dtype(dtype), device)
+    model = fam.load(handle.path, parse_dtype(dtype), device, device_map=device_map)
     layers = handle.num_layers
     tag = handle.ckpt.fingerprint().replace("sha256:", "")[:16]
     if remove:
@@ -302,6 +303,7 @@ def verify(
     max_length: int = 1024,
     dtype: str | None = None,
     device: str = "cpu",
+    device_map: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Run every benchmark on base and compressed and return the report (also written to
@@ -334,8 +336,8 @@ def verify(
     else:
         remove = []
         comp_handle, comp_label = open_model(compressed), str(compressed)
-    base_side = load_side("base", base_handle, dtype, device)
-    comp_side = load_side("compressed", comp_handle, dtype, device, remove)
+    base_side = load_side("base", base_handle, dtype, device, device_map=device_map)
+    comp_side = load_side("compressed", comp_handle, dtype, device, remove, device_map=device_map)
     check_same_tokenizer(base_side, comp_side)
     sampler_name = sampler or base_handle.family.default_sampler
     table = load_presets(presets)
@@ -392,7 +394,7 @@ def verify(
                        "fingerprint": comp_handle.ckpt.fingerprint()},
         "settings": {"sampler": sampler_name, "chat": chat, "seed": seed, "batch_size": batch_size, "limit": limit,
                      "processes": world,
-                     "dtype": str(next(base_side.model.parameters()).dtype).replace("torch.", ""), "device": device,
+                     "dtype": str(next(base_side.model.parameters()).dtype).replace("torch.", ""), "device": device, "device_map": device_map,
                      "presets": str(presets or PRESETS), "data": data or {}, "max_length": max_length},
         "hardware": _hardware(device),
         "versions": {"repskip": __version__, "torch": torch.__version__, "transformers": transformers.__version__},

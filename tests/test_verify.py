@@ -180,3 +180,15 @@ def test_two_processes_shard_the_items_and_merge_to_the_single_process_report(ti
     for model_dir in {p.parent for p in rank_files}:  # per model: every item once, by one rank
         ids = [json.loads(line)["id"] for p in rank_files if p.parent == model_dir for line in p.read_text().splitlines()]
         assert len(ids) == len(set(ids)) == 5
+
+
+def test_device_map_spreads_hf_models_and_is_refused_where_unsupported(tiny, tmp_path, wiki_small):
+    report = verify(tiny["llama"], tiny["llama"], benches=["perplexity"], data={"perplexity": str(wiki_small)},
+                    limit=2, output=tmp_path / "v", device_map="auto")
+    assert report["settings"]["device_map"] == "auto" and report["benchmarks"]["perplexity"]["retention"] == 1.0
+    from helpers import llada_from_llama
+
+    llada = llada_from_llama(make_checkpoint(tmp_path / "l", "llama", tie_word_embeddings=False), tmp_path / "d")
+    with pytest.raises(RepskipError, match="loads onto one device"):
+        verify(llada, llada, benches=["perplexity"], data={"perplexity": str(wiki_small)}, limit=1,
+               output=tmp_path / "w", device_map="auto")

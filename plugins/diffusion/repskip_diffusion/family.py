@@ -63,8 +63,11 @@ class DiffusionFamily(Family):
         s = self.spec(config)
         return DecoderGeometry(s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab, s.layers)
 
-    def load(self, path: Path, dtype: Any = None, device: str = "cpu") -> BidirectionalDecoder:
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> BidirectionalDecoder:
         from repskip.checkpoint import read_config
+
+        if device_map:
+            raise RepskipError(f"{type(self).__name__} loads onto one device; drop --device-map and pass --device")
 
         config = read_config(path)
         model = load_decoder(path, self.spec(config), self.disk_name, dtype, device)

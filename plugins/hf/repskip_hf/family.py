@@ -53,7 +53,7 @@ class HFDecoderFamily(Family):
             layers=int(config["num_hidden_layers"]),
         )
 
-    def load(self, path: Path, dtype: Any = None, device: str = "cpu") -> Any:
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
@@ -61,8 +61,9 @@ class HFDecoderFamily(Family):
             dtype=dtype if dtype is not None else "auto",
             trust_remote_code=False,
             use_safetensors=True,
+            device_map=device_map,  # accelerate places the layers across devices
         )
-        return model.to(device).eval()
+        return (model if device_map else model.to(device)).eval()
 
     def load_tokenizer(self, path: Path) -> Any:
         from transformers import AutoTokenizer

@@ -41,11 +41,12 @@ class GPT2Family(Family):
             mlp_matrices=2,  # c_fc and c_proj, no gate
         )
 
-    def load(self, path: Path, dtype: Any = None, device: str = "cpu") -> Any:
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
         from transformers import GPT2LMHeadModel
 
-        model = GPT2LMHeadModel.from_pretrained(str(path), dtype=dtype or "auto", use_safetensors=True)
-        return model.to(device).eval()
+        model = GPT2LMHeadModel.from_pretrained(str(path), dtype=dtype or "auto", use_safetensors=True,
+                                                device_map=device_map)
+        return (model if device_map else model.to(device)).eval()
 
     def load_tokenizer(self, path: Path) -> Any:
         from transformers import AutoTokenizer
