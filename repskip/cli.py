@@ -522,6 +522,50 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
             sys.exit(1)
 
 
+@main.command("lm-eval")
+@click.argument("model")
+@click.option("--tasks", required=True, help="Comma-separated lm-eval task names.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="A resolved recipe applied in memory.")
+@click.option("--include-path", type=click.Path(path_type=Path), default=None, help="Folder of extra task YAML files.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Items per task.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None)
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="More model arguments, e.g. sampler_steps=64 or mc_samples=32 (repeatable).")
+@click.option("--dtype", default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write lm-eval's results JSON here.")
+def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot, model_args, dtype, device, output):
+    """Run lm-evaluation-harness tasks on MODEL (needs the lm-eval extra)."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise RepskipError("lm-eval is not installed: pip install 'repskip[lm-eval]'") from None
+    from .lmeval import RepskipLM
+
+    lm = RepskipLM(pretrained=model, recipe=str(recipe_path) if recipe_path else None, dtype=dtype, device=device,
+                   **_key_values(model_args, "--model-arg"))
+    manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise RepskipError(f"lm-eval knows no task {unknown[0]!r}; give --include-path for local task files")
+    results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=False)
+    table = Table(title=f"lm-eval on {Path(model).name}" + (f" with {recipe_path}" if recipe_path else ""))
+    for col in ("task", "metric", "value"):
+        table.add_column(col)
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not key.startswith("alias"):
+                table.add_row(task, key, f"{value:.4g}")
+    console.print(table)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results["results"], indent=1, default=str) + "\n")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins(as_json):

@@ -1,0 +1,154 @@
+"""repskip models as an lm-evaluation-harness model, so any lm-eval task runs on them.
+
+Importing this module registers the model name ``repskip`` with lm-eval (an optional extra:
+``pip install repskip[lm-eval]``)::
+
+    import lm_eval, repskip.lmeval
+    lm_eval.simple_evaluate(model="repskip", model_args="pretrained=PATH,recipe=R.yaml", tasks=[...])
+
+or ``repskip lm-eval PATH --recipe R.yaml --tasks TASK``. The model is loaded by its family
+plugin, the recipe's layers are removed in memory, and generation uses the family's sampler
+(``sampler_*`` model args set its settings, e.g. ``sampler_steps=64``). Log-likelihoods are
+exact next-token sums for autoregressive models and the masked-token Monte Carlo estimate
+for diffusion models (``mc_samples`` draws), as their authors evaluate them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as exc:  # pragma: no cover - depends on the optional extra
+    from .errors import RepskipError
+
+    raise RepskipError("the lm-eval adapter needs lm-evaluation-harness: pip install 'repskip[lm-eval]'") from exc
+
+from .perplexity import autoregressive_nll, masked_diffusion_nll
+from .pipeline import open_model, parse_device, parse_dtype, removed_layers
+from .sampler import get_sampler
+
+LENGTH_KEYS = {"ar": "max_new_tokens", "dream": "max_new_tokens", "llada": "gen_length"}
+
+
+def _value(text: Any) -> Any:
+    """model_args arrive as strings from the command line."""
+    if not isinstance(text, str):
+        return text
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+@register_model("repskip")
+class RepskipLM(LM):
+    def __init__(self, pretrained: str, recipe: str | None = None, sampler: str | None = None, dtype: str | None = None,
+                 device: str = "cpu", batch_size: int | str = 8, mc_samples: int = 16, seed: int = 0, **kwargs: Any):
+        super().__init__()
+        from . import recipe as recipe_mod
+
+        self.handle = open_model(pretrained)
+        self.family = self.handle.family
+        self.model = self.family.load(self.handle.path, parse_dtype(_value(dtype)), parse_device(device))
+        self.removed: list[int] = []
+        if recipe:
+            self.removed = removed_layers(recipe_mod.load(recipe), self.handle)
+            kept = [i for i in range(self.handle.num_layers) if i not in set(self.removed)]
+            self.family.remove_layers(self.model, kept)
+        self.tok = self.family.load_tokenizer(self.handle.path)
+        self.sampler_name = sampler or self.family.default_sampler
+        self.sampler = get_sampler(self.sampler_name)
+        self.sampler_settings = {k[len("sampler_"):]: _value(v) for k, v in kwargs.items() if k.startswith("sampler_")}
+        unknown = sorted(k for k in kwargs if not k.startswith("sampler_"))
+        if unknown:
+            from .errors import RepskipError
+
+            raise RepskipError(f"repskip lm-eval model has no argument {unknown[0]!r}")
+        self.sampler.settings(self.sampler_settings)
+        self.batch_size = int(_value(batch_size)) if str(batch_size) != "auto" else 8
+        self.mc_samples = int(_value(mc_samples))
+        self.seed = int(_value(seed))
+        self.diffusion = self.family.generative_kind == "diffusion"
+        self.device_ = next(self.model.parameters()).device
+
+    # --- likelihoods ---------------------------------------------------------------------------
+    def _encode(self, text: str, special: bool) -> list[int]:
+        return self.tok(text, add_special_tokens=special)["input_ids"]
+
+    @torch.inference_mode()
+    def _continuation_logprob(self, context: str, continuation: str) -> tuple[float, bool]:
+        ctx = self._encode(context, True)
+        cont = self._encode(continuation, False)
+        ids = torch.tensor([ctx + cont], device=self.device_)
+        n = len(cont)
+        if not self.diffusion:
+            logits = self.family.logits(self.model, ids, torch.ones_like(ids))[0, len(ctx) - 1 : -1].float()
+            logprobs = F.log_softmax(logits, -1)
+            target = ids[0, len(ctx):]
+            total = float(logprobs.gather(-1, target[:, None]).sum())
+            return total, bool((logits.argmax(-1) == target).all())
+        # Diffusion: mask the continuation at stratified ratios; (1/t) x masked NLL, averaged.
+        mask_id = self.family.mask_token_id(self.handle.ckpt.config)
+        generator = torch.Generator().manual_seed(self.seed)
+        nll = 0.0
+        for k in range(self.mc_samples):
+            t = (k + 0.5) / self.mc_samples
+            masked = torch.rand(n, generator=generator) < t
+            if not masked.any():
+                masked[torch.randint(n, (1,), generator=generator)] = True
+            where = torch.zeros(ids.shape[1], dtype=torch.bool)
+            where[len(ctx):] = masked
+            where = where.to(self.device_)
+            noisy = torch.where(where[None], torch.full_like(ids, mask_id), ids)
+            logits = self.family.token_logits(self.model, noisy, torch.ones_like(ids))[0].float()
+            nll += float(F.cross_entropy(logits[where], ids[0, where], reduction="sum")) / t
+        full = torch.where(torch.arange(ids.shape[1], device=self.device_)[None] >= len(ctx), mask_id, ids)
+        greedy = self.family.token_logits(self.model, full, torch.ones_like(ids))[0, len(ctx):].argmax(-1)
+        return -nll / self.mc_samples, bool((greedy == ids[0, len(ctx):]).all())
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        return [self._continuation_logprob(*req.args) for req in requests]
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        out = []
+        for req in requests:
+            ids = torch.tensor([self._encode(req.args[0], True)], device=self.device_)
+            if self.diffusion:
+                mask_id = self.family.mask_token_id(self.handle.ckpt.config)
+                nll, _ = masked_diffusion_nll(self.model, self.family, ids, mask_id, self.mc_samples, self.seed)
+            else:
+                nll, _ = autoregressive_nll(self.model, self.family, ids)
+            out.append(-nll)
+        return out
+
+    # --- generation ------------------------------------------------------------------------------
+    def generate_until(self, requests) -> list[str]:
+        out: list[str] = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            settings = dict(self.sampler_settings)
+            length_key = LENGTH_KEYS.get(self.sampler_name)
+            if "max_gen_toks" in gen_kwargs and length_key and length_key not in settings:
+                settings[length_key] = int(gen_kwargs["max_gen_toks"])
+            if self.diffusion and length_key in settings:  # as the authors: one step per token
+                settings.setdefault("steps", settings[length_key])
+                if self.sampler_name == "llada" and "block_length" not in settings:
+                    settings["block_length"] = 32 if settings[length_key] % 32 == 0 else settings[length_key]
+            result = self.sampler.generate(self.model, self.tok, [context], family=self.family, seed=self.seed, **settings)
+            text = result.texts[0]
+            cut = min((i for i in (text.find(u) for u in until) if i >= 0), default=len(text))
+            out.append(text[:cut])
+        return out
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.handle.path)
