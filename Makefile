@@ -10,11 +10,11 @@ DEMO_PROMPT ?= Give me three tips for staying focused while studying.
 
 # torch is pinned and installed first: the CPU wheel on these machines is 2.13.0, and an
 # unpinned torch would pull several GB of CUDA packages.
-$(STAMP): pyproject.toml plugins/hf/pyproject.toml plugins/diffusion/pyproject.toml
+$(STAMP): pyproject.toml plugins/hf/pyproject.toml plugins/diffusion/pyproject.toml plugins/benchmarks/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[default-model,test]" -e plugins/hf -e plugins/diffusion
+	$(BIN)/python -m pip install --quiet -e ".[default-model,test,lm-eval]" -e plugins/hf -e plugins/diffusion -e plugins/benchmarks
 	touch $(STAMP)
 
 setup: $(STAMP)

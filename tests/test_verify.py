@@ -26,8 +26,6 @@ pytestmark = pytest.mark.skipif(not ARC.is_file(), reason="needs ../shared/data"
 def arc_plugin(tmp_path_factory, monkeypatch):
     site = fake_install(tmp_path_factory.mktemp("site"), "repskip-example", "0.1.0",
                         {"repskip.benchmarks": {"arc-easy": "repskip_example.benchmark:ARCEasy"}})
-    fake_install(site, "tmp-ppl", "0", {"repskip.benchmarks": {"perplexity": "repskip_benchmarks.perplexity:Perplexity"}})  # TEMP
-    monkeypatch.syspath_prepend(str(REPO / "plugins" / "benchmarks"))  # TEMP
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.syspath_prepend(str(EXAMPLE))
     registry.refresh()
@@ -150,7 +148,6 @@ def test_two_processes_shard_the_items_and_merge_to_the_single_process_report(ti
 
     site = tmp_path / "site"
     fake_install(site, "repskip-example", "0.1.0", {"repskip.benchmarks": {"arc-easy": "repskip_example.benchmark:ARCEasy"}})
-    fake_install(site, "tmp-ppl", "0", {"repskip.benchmarks": {"perplexity": "repskip_benchmarks.perplexity:Perplexity"}})  # TEMP
     recipe = tmp_path / "r.yaml"
     recipe.write_text("schema_version: 1\nresolved: {remove: [2]}\n")
     args = ["verify", str(tiny["llama"]), "--recipe", str(recipe), "--bench", "arc-easy,perplexity",
@@ -162,7 +159,7 @@ def test_two_processes_shard_the_items_and_merge_to_the_single_process_report(ti
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    path = os.pathsep.join([str(site), str(EXAMPLE), str(REPO / "plugins" / "benchmarks")])
+    path = os.pathsep.join([str(site), str(EXAMPLE)])
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "PYTHONPATH": path, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
