@@ -430,7 +430,7 @@ def generate(model, prompts, sampler, chat, dtype, device, seed, **settings):
 
     handle = pipeline.open_model(model)
     fam = handle.family
-    smp = get_sampler(sampler or fam.default_sampler)
+    smp = get_sampler(sampler or fam.default_sampler, fam)
     given = {k: v for k, v in settings.items() if v is not None}
     smp.settings(given)  # reject a setting this sampler does not take before loading anything
     torch_model = fam.load(handle.path, pipeline.parse_dtype(dtype), pipeline.parse_device(device))

@@ -68,8 +68,16 @@ def count_forwards(model: Any) -> Iterator[list[int]]:
         handle.remove()
 
 
-def get_sampler(name: str) -> Sampler:
-    return registry.create("samplers", name)
+def get_sampler(name: str, family: Any = None) -> Sampler:
+    """The sampler plugin ``name``; with ``family``, one that can drive that family's models."""
+    sampler = registry.create("samplers", name)
+    kind = getattr(family, "generative_kind", None)
+    if kind and sampler.generative_kind != kind:
+        raise RepskipError(
+            f"sampler {name!r} is for {sampler.generative_kind} models; this model is {kind}: "
+            f"use {family.default_sampler!r}"
+        )
+    return sampler
 
 
 

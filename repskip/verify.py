@@ -340,6 +340,7 @@ def verify(
     comp_side = load_side("compressed", comp_handle, dtype, device, remove, device_map=device_map)
     check_same_tokenizer(base_side, comp_side)
     sampler_name = sampler or base_handle.family.default_sampler
+    get_sampler(sampler_name, base_handle.family)  # the right kind for this model, or a clear error
     table = load_presets(presets)
     out_dir = Path(output)
     runs = {}

@@ -222,3 +222,31 @@ def test_analyze_cli_in_sampling_mode_writes_everything(diffusion, tmp_path):
         assert (out / name).stat().st_size > 0
     data = json.loads((out / "analysis.json").read_text())
     assert data["settings"]["sampler"]["steps"] == 4
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("llada", dict(steps=8, gen_length=8, block_length=4)),
+    ("dream", dict(steps=6, max_new_tokens=8)),
+])
+def test_a_tokenizer_without_pad_token_still_batches_exactly(diffusion, family, settings):
+    from repskip.sampler import get_sampler
+
+    handle = open_model(diffusion[family])
+    model = handle.family.load(handle.path)
+    tok = handle.family.load_tokenizer(handle.path)
+    tok.pad_token = None  # as the tokenizer.json fallback of the authors' checkpoints loads
+    sampler = get_sampler(handle.family.default_sampler)
+    prompts = ["hi", "a much longer prompt than the first"]
+    batched = sampler.generate(model, tok, prompts, family=handle.family, **settings)
+    for i, p in enumerate(prompts):
+        assert sampler.generate(model, tok, [p], family=handle.family, **settings).token_ids[0] == batched.token_ids[i]
+
+
+def test_an_autoregressive_sampler_is_refused_for_a_diffusion_model(diffusion):
+    from click.testing import CliRunner
+
+    from repskip.cli import main
+
+    res = CliRunner().invoke(main, ["generate", str(diffusion["llada"]), "--prompt", "hi", "--sampler", "ar"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "sampler 'ar' is for autoregressive models; this model is diffusion: use 'llada'" in res.stderr

@@ -80,7 +80,7 @@ def llada_generate(
         start, end = P + block * block_length, P + (block + 1) * block_length
         schedule = transfer_schedule((x[:, start:end] == mask_id).sum(1), steps_per_block)
         for i in range(steps_per_block):
-            mask_index = x == mask_id
+            mask_index = (x == mask_id) & attention.bool()  # padding is never generated
             if cfg_scale > 0:
                 unconditional = x.clone()
                 unconditional[prompt_index] = mask_id
@@ -195,7 +195,7 @@ def dream_generate(
     attention = torch.cat([prompt_mask.long(), torch.ones(B, max_new_tokens, dtype=torch.long, device=device)], 1)
     timesteps = torch.linspace(1, eps, steps + 1, device=device)
     for i in range(steps):
-        mask_index = x == mask_id
+        mask_index = (x == mask_id) & attention.bool()  # padding is never generated
         logits = denoise(x, attention)
         mask_logits = logits[mask_index]
         t, s = timesteps[i], timesteps[i + 1]
@@ -270,7 +270,9 @@ class _DiffusionSampler(Sampler):
         cfg = self.settings(overrides)
         config = getattr(model, "repskip_config", None) or {}
         mask_id = family.mask_token_id(config)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else mask_id
+        # never pad with the mask token: padding would look like positions to fill
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, config.get("pad_token_id"), 0)
+                       if isinstance(t, int) and t != mask_id), 0 if mask_id else 1)
         ids, mask = _left_pad(tokenizer, prompts, pad_id)
         device = next(model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
