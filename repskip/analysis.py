@@ -382,8 +382,13 @@ def observe_forwards(
         attn = args[1] if len(args) > 1 else kwargs.get("attention_mask")
         if attn is None:
             attn = torch.ones_like(ids)
-        valid = attn.bool()
-        acc.begin_batch(valid, masks_for(ids, valid, calls[0]))
+        masks = masks_for(ids, attn.bool(), calls[0])
+        # the positions measured at all: the union of the groups (rows a caller leaves out,
+        # such as a guidance batch's unconditional half, stay out of the profile too)
+        measured = torch.zeros_like(attn, dtype=torch.bool)
+        for mask in masks.values():
+            measured |= mask.to(measured.device)
+        acc.begin_batch(measured, masks)
 
     def after(module, args, kwargs, output):
         acc.end_batch()

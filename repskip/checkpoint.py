@@ -139,8 +139,9 @@ class Checkpoint:
         """A hash of what identifies the model: its config, its tensor names and shapes, and
         a sample of its weights (a fine-tune of the same architecture is another model).
 
-        The dtype and the sharding are left out: the same model saved in bf16 or in other
-        shards is the same model for a recipe.
+        The sharding is left out, and so is the difference between fp32 and bf16 copies of
+        the same weights (the sample is rounded to bf16). An fp16 copy can differ: rounding
+        twice does not always land where rounding once does.
         """
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.config, self.tensors)
@@ -155,7 +156,7 @@ _FLOATS = {"F32": "<f4", "F16": "<f2", "BF16": None, "F64": "<f8"}
 
 def _weight_sample(entries: list[TensorEntry]) -> bytes:
     """A few elements of every tensor at fixed relative positions, floats rounded to bf16 so
-    that fp32, bf16 and fp16 copies of the same weights give the same bytes."""
+    that fp32 and bf16 copies of the same weights give the same bytes."""
     import numpy as np
     import torch
 

@@ -197,7 +197,8 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
               help="forward: text as it is [AR default]; masked: mask part of each response at "
                    "--mask-ratios [diffusion default]; sampling: measure real denoising trajectories.")
 @click.option("--mask-ratios", default="0.25,0.5,0.75,1.0", show_default=True,
-              help="masked mode: fractions of each response that are masked, one pass each.")
+              help="masked mode: per pass, the probability that each response token is masked "
+                   "(at least one per sequence), one pass per ratio.")
 @click.option("--prompt-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
               help="masked mode: leading fraction of each sequence kept visible as the prompt.")
 @click.option("--sampler-setting", "sampler_set", multiple=True, metavar="KEY=VALUE",
@@ -220,7 +221,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
     sampler_settings = _key_values(sampler_set)
     spec = _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, positions)
     spec = spec.model_copy(update=dict(mode=mode, mask_ratios=ratios, prompt_fraction=prompt_fraction,
-                                       sampler=sampler_settings))
+                                       sampler=sampler_settings, chat=chat))
     cal = CalibrationSpec(source=calib or "builtin", field=calib_field, num_samples=num_samples,
                           max_length=max_length, batch_size=batch_size, seed=seed)
     if output.exists() and not force:
@@ -246,7 +247,9 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         with _atomic_dir(output, force) as tmp:
             _write_analysis_outputs(tmp, result, unresolved, threshold)
         console.print(_analysis_table(result, []))
-        hint = "--threshold 0.9" if strategy == "paper" else f"-k {max(1, k - 1)}"
+        kept_flags = "".join([f" --protect {protect}" if protect else "", " --no-protect-ends" if no_protect_ends else "",
+                              {True: " --allow-adjacent", False: " --no-adjacent", None: ""}[allow_adjacent]])
+        hint = (f"--threshold {threshold - 0.05:.2f} -k {k}" if strategy == "paper" else f"-k {max(1, k - 1)}") + kept_flags
         raise RepskipError(
             f"{exc}. The analysis was saved in {output}: choose again without re-running the "
             f"model, e.g. repskip select {output}/analysis.json -o recipe.yaml --strategy {strategy} {hint}"
@@ -328,7 +331,10 @@ def compress(model, recipe_path, output, max_shard_size, dtype, device, force):
                           f"in {result.shards} shard(s)")
     table.add_row("copied", ", ".join(result.side_files) or "-")
     console.print(table)
-    console.print(f"wrote {output} (loads with AutoModelForCausalLM.from_pretrained)")
+    if handle.family.generative_kind == "autoregressive":
+        console.print(f"wrote {output} (loads with AutoModelForCausalLM.from_pretrained)")
+    else:
+        console.print(f"wrote {output} (loads with repskip, and with the authors' code via trust_remote_code)")
 
 
 def _removed_for(handle, recipe_path, remove):
@@ -368,10 +374,12 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
     from .flops import COMPONENTS, generation_flops
 
     handle = pipeline.open_model(model)
+    kind = handle.family.generative_kind
+    if kind == "autoregressive" and (steps is not None or cfg):
+        raise RepskipError("--steps and --cfg describe diffusion sampling; this model is autoregressive")
     removed = _removed_for(handle, recipe_path, remove)
     cmp = pipeline.flops(handle, removed, seq_len)
     geo = handle.family.geometry(handle.ckpt.config)
-    kind = handle.family.generative_kind
     gen = {name: generation_flops(geo, kind, prompt_len, gen_len, steps=steps, cfg=cfg, layers=layers)
            for name, layers in (("base", geo.layers), ("pruned", geo.layers - len(removed)))}
     gen_cut = 1 - gen["pruned"].total / gen["base"].total
@@ -393,8 +401,9 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
     console.print(f"exact reduction per token, {seq_len}-token forward incl. LM head: "
                   f"[bold]{cmp.forward_reduction:.2%}[/] ({cmp.base.per_token / 1e6:,.1f} -> "
                   f"{cmp.pruned.per_token / 1e6:,.1f} MFLOPs/token)")
-    console.print(f"exact reduction per generated token (decode at context {seq_len + 1}): "
-                  f"[bold]{cmp.decode_reduction:.2%}[/]")
+    if kind == "autoregressive":  # a diffusion model has no KV-cache decode step
+        console.print(f"exact reduction per generated token (decode at context {seq_len + 1}): "
+                      f"[bold]{cmp.decode_reduction:.2%}[/]")
     g = gen["base"]
     regime = (f"{g.forward_passes} full-sequence denoising passes{' with CFG' if cfg else ''}"
               if kind == "diffusion" else "prefill + KV-cache decoding")
@@ -419,11 +428,13 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
 @click.option("--alg", type=click.Choice(["origin", "maskgit_plus", "topk_margin", "entropy"]), default=None,
               help="dream: which masked positions to reveal [entropy].")
 @click.option("--alg-temp", type=click.FloatRange(min=0), default=None, help="dream: sample positions instead of top-n.")
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Any other sampler setting, e.g. eps=0.001 or logits_eos_inf=true (repeatable).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template if there is one.")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate(model, prompts, sampler, chat, dtype, device, seed, **settings):
+def generate(model, prompts, sampler, extra, chat, dtype, device, seed, **settings):
     """Load MODEL (e.g. an exported one) and continue prompts with its sampler."""
     from . import pipeline
     from .sampler import format_prompt, get_sampler
@@ -431,7 +442,7 @@ def generate(model, prompts, sampler, chat, dtype, device, seed, **settings):
     handle = pipeline.open_model(model)
     fam = handle.family
     smp = get_sampler(sampler or fam.default_sampler, fam)
-    given = {k: v for k, v in settings.items() if v is not None}
+    given = {**{k: v for k, v in settings.items() if v is not None}, **_key_values(extra, "--set")}
     smp.settings(given)  # reject a setting this sampler does not take before loading anything
     torch_model = fam.load(handle.path, pipeline.parse_dtype(dtype), pipeline.parse_device(device))
     tokenizer = fam.load_tokenizer(handle.path)

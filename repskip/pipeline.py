@@ -193,7 +193,11 @@ def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_sa
     acc = _analysis.LayerStatsAccumulator(L, names, max_distance=max_distance, device=device,
                                           matrix_groups=["current_block", "masked", "prompt"])
 
+    rows = [0]  # prompts in the current call: classifier-free guidance appends as many unconditional rows
+
     def masks_for(ids: torch.Tensor, valid: torch.Tensor, call: int) -> dict[str, torch.Tensor]:
+        valid = valid.clone()
+        valid[rows[0]:] = False  # measure the conditional rows only
         step = call % steps
         block = min(step // steps_per_block, blocks - 1)
         P = ids.shape[1] - gen_length
@@ -211,6 +215,7 @@ def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_sa
     with _analysis.observe_forwards(torch_model, fam, acc, masks_for):
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
+            rows[0] = len(chunk)
             sampler.generate(torch_model, tokenizer, chunk, family=fam, seed=seed + start, **cfg)
             done += len(chunk)
             if progress:
@@ -230,13 +235,7 @@ def resolve_recipe(
 ) -> tuple[_recipe.Recipe, _analysis.Analysis | None]:
     """The recipe with its layers chosen for ``model`` (running the analysis if needed)."""
     handle = model if isinstance(model, ModelHandle) else open_model(model)
-    kind = handle.family.generative_kind
-    wanted = recipe.selection.applies_to if recipe.selection else "any"
-    if wanted not in ("any", kind):
-        raise RepskipError(
-            f"the recipe applies to {wanted} models only; {handle.path.name} is a {kind} model "
-            f"({handle.family_name})"
-        )
+    check_kind(recipe, handle)
     if recipe.is_resolved:
         _recipe.check_applies(recipe, handle.ckpt.fingerprint(), handle.num_layers)
         return recipe, None
@@ -256,6 +255,7 @@ def resolve_recipe(
         mask_ratios=sel.mask_ratios,
         prompt_fraction=sel.prompt_fraction,
         sampler_settings=sel.sampler,
+        chat=sel.chat,
         dtype=dtype,
         device=device,
         progress=progress,
@@ -311,8 +311,21 @@ def flops(
     return compare(handle.family.geometry(handle.ckpt.config), len(removed), seq_len)
 
 
+def check_kind(recipe: _recipe.Recipe, handle: ModelHandle) -> None:
+    """Refuse a recipe whose applies_to rule excludes this model's kind."""
+    kind = handle.family.generative_kind
+    wanted = recipe.selection.applies_to if recipe.selection else "any"
+    if wanted not in ("any", kind):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise RepskipError(
+            f"the recipe applies to {wanted} models only; {handle.path.name} is {article} {kind} model "
+            f"({handle.family_name})"
+        )
+
+
 def removed_layers(recipe: _recipe.Recipe, handle: ModelHandle) -> list[int]:
     """The layers a resolved recipe removes, checked against the model."""
+    check_kind(recipe, handle)
     if not recipe.is_resolved:
         raise RepskipError(
             "this recipe is unresolved (it says how to choose, not which layers): run "

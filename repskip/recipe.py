@@ -55,6 +55,7 @@ class SelectionSpec(_Strict):
     mask_ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     prompt_fraction: float = Field(0.5, ge=0.0, lt=1.0)
     sampler: dict = Field(default_factory=dict, description="sampler settings for mode sampling")
+    chat: bool = Field(True, description="sampling mode: prompts through the chat template")
 
 
 class ModelRef(_Strict):
@@ -91,6 +92,8 @@ class Recipe(_Strict):
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)
+        if self.selection is None:  # written by hand: no analysis ran, so no calibration to record
+            data.pop("calibration", None)
         return yaml.safe_dump(data, sort_keys=False, width=100)
 
     def save(self, path: Path) -> None:
@@ -166,6 +169,7 @@ def resolve(recipe: Recipe, analysis: Analysis) -> Recipe:
         measured.update(mask_ratios=used["mask_ratios"], prompt_fraction=used["prompt_fraction"])
     if "sampler" in used:
         measured["sampler"] = {k: v for k, v in used["sampler"].items() if k != "name"}
+        measured["chat"] = used.get("chat", True)
     resolved = Resolved(
         remove=choice.remove,
         num_layers=analysis.num_layers,

@@ -250,3 +250,12 @@ def test_an_autoregressive_sampler_is_refused_for_a_diffusion_model(diffusion):
     res = CliRunner().invoke(main, ["generate", str(diffusion["llada"]), "--prompt", "hi", "--sampler", "ar"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "sampler 'ar' is for autoregressive models; this model is diffusion: use 'llada'" in res.stderr
+
+
+def test_sampling_analysis_with_guidance_measures_the_conditional_rows_only(diffusion):
+    plain = dict(steps=4, gen_length=8, block_length=4)
+    a = analyze(diffusion["llada"], num_samples=3, max_length=16, mode="sampling", sampler_settings=plain)
+    b = analyze(diffusion["llada"], num_samples=3, max_length=16, mode="sampling", sampler_settings={**plain, "cfg_scale": 1.0})
+    count = lambda r: {k: v["tokens"] for k, v in r.data["groups"].items()}  # noqa: E731
+    assert count(a) == count(b)
+    assert a.data["token_distance_profile"]["pairs"] == b.data["token_distance_profile"]["pairs"]
