@@ -455,6 +455,16 @@ def generate(model, prompts, sampler, extra, chat, dtype, device, seed, **settin
                   f"sampler {sampler or fam.default_sampler}[/]")
 
 
+def _bench_options(pairs: tuple[str, ...]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for key, value in _key_values(pairs, "--bench-option").items():
+        bench, dot, option = key.partition(".")
+        if not dot or not bench or not option:
+            raise RepskipError(f"--bench-option takes BENCH.KEY=VALUE, got {key!r}")
+        out.setdefault(bench, {})[option] = value
+    return out
+
+
 def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -479,6 +489,8 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("runs/verify"), show_default=True,
               help="Folder for report.json, report.md and the per-item cache (a rerun resumes from it).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Sampler setting for every benchmark (repeatable).")
+@click.option("--bench-option", "bench_opts", multiple=True, metavar="BENCH.KEY=VALUE",
+              help="A benchmark's option, e.g. gsm8k.shots=0 or humaneval.timeout_s=5 (repeatable).")
 @click.option("--presets", type=click.Path(path_type=Path), default=None,
               help="Sampler presets YAML [default: recipes/presets/sampling.yaml].")
 @click.option("--sampler", default=None, help="Sampler plugin [default: the family's].")
@@ -488,8 +500,8 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF decoders).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def verify(base, compressed, recipe_path, benches, data, limit, min_retention, output, overrides, presets, sampler,
-           batch_size, chat, dtype, device, device_map, seed):
+def verify(base, compressed, recipe_path, benches, data, limit, min_retention, output, overrides, bench_opts, presets,
+           sampler, batch_size, chat, dtype, device, device_map, seed):
     """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
     95% confidence interval and a paired test, FLOPs reduction and measured speed."""
     from . import verify as verify_mod
@@ -508,7 +520,8 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
         report = verify_mod.verify(
             base, compressed, recipe=recipe_path, benches=names, data=_data_map(data), limit=limit, output=output,
             batch_size=batch_size, chat=chat, seed=seed, sampler=sampler, overrides=_key_values(overrides, "--set"),
-            presets=presets, dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map,
+            presets=presets, bench_options=_bench_options(bench_opts),
+            dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map,
             progress=update,
         )
     if not report:  # a secondary process of a multi-process run: rank 0 reports

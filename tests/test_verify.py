@@ -189,3 +189,13 @@ def test_device_map_spreads_hf_models_and_is_refused_where_unsupported(tiny, tmp
     with pytest.raises(RepskipError, match="loads onto one device"):
         verify(llada, llada, benches=["perplexity"], data={"perplexity": str(wiki_small)}, limit=1,
                output=tmp_path / "w", device_map="auto")
+
+
+def test_benchmark_options_reach_the_benchmark(tiny, tmp_path, wiki_small):
+    res = CliRunner().invoke(main, ["verify", str(tiny["llama"]), str(tiny["llama"]), "--bench", "perplexity",
+                                    "--data", f"perplexity={wiki_small}", "--bench-option", "perplexity.chunk_chars=500",
+                                    "--limit", "2", "-o", str(tmp_path / "v")])
+    assert res.exit_code == 0, res.output
+    bad = CliRunner().invoke(main, ["verify", str(tiny["llama"]), str(tiny["llama"]), "--bench", "perplexity",
+                                    "--data", f"perplexity={wiki_small}", "--bench-option", "perplexity.colour=red"])
+    assert bad.exit_code == 1 and "no option 'colour'" in bad.stderr
