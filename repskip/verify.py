@@ -143,6 +143,8 @@ def run_generation(side: Side, bench: Benchmark, items: list[Item], *, sampler_n
                    cache: ItemCache, batch_size: int, chat: bool, seed: int, rank: int = 0, world: int = 1,
                    progress: Callable[[int], None] | None = None) -> None:
     sampler = get_sampler(sampler_name)
+    if bench.stop and "stop" in sampler.defaults and "stop" not in settings:
+        settings = {**settings, "stop": list(bench.stop)}  # stop generating where scoring would cut
     sampler.settings(settings)
     fam = side.handle.family
     for k in range(0, len(items), batch_size):

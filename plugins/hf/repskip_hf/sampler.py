@@ -11,7 +11,7 @@ from repskip.sampler import Generation, Sampler, count_forwards
 
 class ARSampler(Sampler):
     generative_kind = "autoregressive"
-    defaults = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "batch_size": 8}
+    defaults = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "batch_size": 8, "stop": ()}
 
     @torch.inference_mode()
     def generate(
@@ -23,6 +23,8 @@ class ARSampler(Sampler):
         device = next(model.parameters()).device
         sampling = cfg["temperature"] > 0
         kwargs = dict(max_new_tokens=cfg["max_new_tokens"], do_sample=sampling, pad_token_id=pad_id)
+        if cfg["stop"]:  # stop each row once its text holds one of these strings
+            kwargs.update(stop_strings=list(cfg["stop"]), tokenizer=tokenizer)
         if sampling:
             kwargs.update(temperature=cfg["temperature"], top_p=cfg["top_p"], top_k=cfg["top_k"] or None)
         texts, ids_out = [], []
