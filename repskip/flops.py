@@ -29,6 +29,21 @@ class DecoderGeometry:
     mlp_matrices: int = 3  # gate, up, down (SwiGLU); 2 for a plain two-matrix MLP
 
 
+def hf_geometry(config: dict) -> DecoderGeometry:
+    """The geometry under transformers' usual config keys (Llama, Qwen2, Mistral, Dream, ...)."""
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    return DecoderGeometry(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        intermediate=int(config["intermediate_size"]),
+        vocab=int(config["vocab_size"]),
+        layers=int(config["num_hidden_layers"]),
+    )
+
+
 @dataclass(frozen=True)
 class Flops:
     """FLOPs of one forward pass, split by component (totals over all layers)."""

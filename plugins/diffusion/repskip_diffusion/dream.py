@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from repskip.family import slice_layer_config
+from repskip.flops import hf_geometry
 
 from .family import DiffusionFamily, rope_theta
 from .model import DecoderSpec
@@ -45,15 +46,15 @@ class DreamFamily(DiffusionFamily):
         return slice_layer_config(config, kept, "num_hidden_layers")
 
     def spec(self, config: dict) -> DecoderSpec:
-        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        geo = hf_geometry(config)  # Qwen2's keys
         return DecoderSpec(
-            hidden=hidden,
-            heads=heads,
-            kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            intermediate=int(config["intermediate_size"]),
-            vocab=int(config["vocab_size"]),
-            layers=int(config["num_hidden_layers"]),
+            hidden=geo.hidden,
+            heads=geo.heads,
+            kv_heads=geo.kv_heads,
+            head_dim=geo.head_dim,
+            intermediate=geo.intermediate,
+            vocab=geo.vocab,
+            layers=geo.layers,
             rms_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta(config),
             qkv_bias=True,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from repskip.family import Family, slice_layer_config
-from repskip.flops import DecoderGeometry
+from repskip.flops import DecoderGeometry, hf_geometry
 
 # model_type -> what the family was tested on. Each shares the model.layers.{i} layout,
 # per-layer self_attn.layer_idx, and a SwiGLU MLP with gate/up/down projections.
@@ -41,17 +41,7 @@ class HFDecoderFamily(Family):
         return slice_layer_config(config, kept, "num_hidden_layers", PER_LAYER_KEYS)
 
     def geometry(self, config: dict) -> DecoderGeometry:
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        return DecoderGeometry(
-            hidden=hidden,
-            heads=heads,
-            kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            intermediate=int(config["intermediate_size"]),
-            vocab=int(config["vocab_size"]),
-            layers=int(config["num_hidden_layers"]),
-        )
+        return hf_geometry(config)
 
     def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
         from transformers import AutoModelForCausalLM
