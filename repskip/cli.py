@@ -18,8 +18,9 @@ from rich.table import Table
 from . import __version__
 from .errors import RepskipError
 
-console = Console()
-err_console = Console(stderr=True)
+# Logs and pipes get a wide console, so tables are not cut to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
@@ -532,7 +533,7 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
     for name, e in report["benchmarks"].items():
         lo, hi = e["retention_ci95"]
         ok = min_retention is None or e["retention"] >= min_retention
-        ret = f"[{'green' if ok else 'red'}]{e['retention']:.3f}[/]"
+        ret = f"[{'green' if ok else 'red'}]{e['retention']:.3f}[/]" + (" [dim](base 0)[/]" if e.get("uninformative") else "")
         flops_cut = f"{e['flops']['reduction']:.1%}" if e.get("flops") else "-"
         speedup = f"{e['speed']['speedup']:.2f}x" if e["speed"].get("speedup") else "-"
         table.add_row(name, str(e["items"]), e["metric"], f"{e['base']:.4g}", f"{e['compressed']:.4g}", ret,

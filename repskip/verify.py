@@ -222,6 +222,8 @@ def _summary(bench: Benchmark, items: list[Item], base: ItemCache, comp: ItemCac
     return {
         "items": len(ids), "metric": metric, "higher_is_better": higher,
         "base": base_score, "compressed": comp_score,
+        # a base that scores nothing leaves nothing to retain: the retention says nothing then
+        "uninformative": bool(higher and base_score == 0),
         "retention": stats.retention(base_score, comp_score, higher),
         "retention_ci95": list(ci), "test": test, "p_value": p,
     }
@@ -434,8 +436,9 @@ def markdown(report: dict) -> str:
         sp = e["speed"]
         tps = (f"{sp['base']['tokens_per_s']:.1f} -> {sp['compressed']['tokens_per_s']:.1f}"
                if sp["base"]["tokens_per_s"] and sp["compressed"]["tokens_per_s"] else "-")
+        ret = f"{e['retention']:.3f}" + (" (base scores 0: uninformative)" if e.get("uninformative") else "")
         lines.append(f"| {name} | {e['items']} | {e['metric']} | {e['base']:.4g} | {e['compressed']:.4g} | "
-                     f"{e['retention']:.3f} | {lo:.3f} - {hi:.3f} | {e['p_value']:.3g} ({e['test']}) | {flops} | {tps} |")
+                     f"{ret} | {lo:.3f} - {hi:.3f} | {e['p_value']:.3g} ({e['test']}) | {flops} | {tps} |")
     lines += ["", "Sampler settings per benchmark:", ""]
     lines += [f"- {name}: `{json.dumps(e['settings'])}`" for name, e in report["benchmarks"].items()]
     return "\n".join(lines) + "\n"

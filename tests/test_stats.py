@@ -47,3 +47,23 @@ def test_permutation_test_detects_a_consistent_shift():
     assert paired_test(base, base)[1] == 1.0
     assert paired_test(base, shifted)[0] == "paired-permutation"
     assert not math.isnan(paired_permutation(base, [x + 0.01 * (-1) ** i for i, x in enumerate(base)]))
+
+
+def test_a_base_that_scores_nothing_is_flagged(tmp_path):
+    from repskip.verify import ItemCache, _summary
+    from repskip.benchmark import Benchmark, Item
+
+    class Zero(Benchmark):
+        primary_metric = "pass@1"
+
+        def load(self, source=None):
+            return []
+
+    items = [Item(str(i), "", None) for i in range(3)]
+    caches = []
+    for label in ("b", "c"):
+        cache = ItemCache(tmp_path / label, "x")
+        cache.add([{"id": it.id, "metrics": {"pass@1": 0.0}} for it in items])
+        caches.append(cache)
+    summary = _summary(Zero(), items, *caches)
+    assert summary["retention"] == 1.0 and summary["uninformative"]
