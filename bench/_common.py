@@ -65,6 +65,9 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+LOAD_AT_START = load_avg()
+
+
 # --- memory ------------------------------------------------------------------------------
 def rss_mb() -> float:
     """Current resident set size (VmRSS) in MB."""
@@ -73,6 +76,14 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024 / MB
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def rss_parts_mb() -> dict:
+    """VmRSS split into anonymous memory and file-backed pages (e.g. mmap'd safetensors)."""
+    keys = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+    with open("/proc/self/status") as fh:
+        fields = {k: v.split()[0] for k, v in (line.split(":", 1) for line in fh) if k in keys}
+    return {k: round(int(v) * 1024 / MB, 1) for k, v in fields.items()}
 
 
 def peak_rss_mb() -> float:
@@ -121,6 +132,19 @@ def write_json(path: str | Path, data: dict) -> Path:
     return path
 
 
+def git_state() -> dict:
+    """The commit measured, and whether the working tree differed from it."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty_repskip": bool(git("status", "--porcelain", "--", "repskip", "plugins"))}
+
+
+GIT_AT_START = git_state()  # the code a run imports is the code of when it started
+
+
 def report(name: str, settings: dict, results: dict) -> dict:
     """The common JSON envelope."""
     return {
@@ -129,7 +153,8 @@ def report(name: str, settings: dict, results: dict) -> dict:
         "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
         "argv": sys.argv,
         "machine": machine(),
-        "load_average": load_avg(),
+        "git": GIT_AT_START,
+        "load_average": {"start": LOAD_AT_START, "end": load_avg()},
         "settings": settings,
         "results": results,
     }
