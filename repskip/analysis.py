@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from . import __version__, calibration
+from . import calibration
+from .versions import versions
 from .errors import RepskipError
 
 SCHEMA_VERSION = 1
@@ -136,6 +137,8 @@ class LayerStatsAccumulator:
             # of this batch sit in one preallocated buffer, so no step copies earlier ones.
             units = batch["units"].get(name)
             if units is None:
+                if index != 0:  # the buffer is filled layer by layer from state 0
+                    raise RuntimeError("LayerStatsAccumulator.layer must see layer 0 first in every batch")
                 n, width = u_in.shape
                 units = batch["units"][name] = torch.empty(self.num_layers + 1, n, width, device=self.device)
                 units[0] = u_in
@@ -404,12 +407,6 @@ def observe_forwards(
             h.remove()
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {"repskip": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def build_result(
     acc: LayerStatsAccumulator,
     *,
@@ -431,6 +428,6 @@ def build_result(
         "primary_group": primary,
         "groups": groups,
         "token_distance_profile": acc.profile_result(),
-        "versions": _versions(),
+        "versions": versions(),
     }
     return Analysis(data)

@@ -112,9 +112,10 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise RepskipError(
             f"{path}: the data section holds {data_len} bytes but the tensors cover {covered}; {hint}"
         )
-    # A second opinion from the reference implementation.
+    # A second opinion from the reference implementation (the numpy framework: checking a
+    # header must not need torch).
     try:
-        with safe_open(str(path), framework="pt"):
+        with safe_open(str(path), framework="numpy"):
             pass
     except SafetensorError as exc:
         raise RepskipError(f"{path}: rejected by safetensors ({exc}); {hint}") from None
@@ -151,15 +152,19 @@ class Checkpoint:
 
 
 SAMPLES_PER_TENSOR = 8
-_FLOATS = {"F32": "<f4", "F16": "<f2", "BF16": None, "F64": "<f8"}
+_FLOAT_FORMATS = {"F32": "<f", "F16": "<e", "F64": "<d"}
+
+
+def _bf16_bits(value: float) -> int:
+    """The bf16 bit pattern of ``value``: its float32 bits rounded to the nearest even 16."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", value))
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
 
 
 def _weight_sample(entries: list[TensorEntry]) -> bytes:
     """A few elements of every tensor at fixed relative positions, floats rounded to bf16 so
-    that fp32 and bf16 copies of the same weights give the same bytes."""
-    import numpy as np
-    import torch
-
+    that fp32 and bf16 copies of the same weights give the same bytes. Plain Python: a
+    fingerprint must not need torch."""
     out = bytearray()
     handles: dict[Path, object] = {}
     try:
@@ -170,19 +175,16 @@ def _weight_sample(entries: list[TensorEntry]) -> bytes:
                 continue
             fh = handles.get(e.file) or handles.setdefault(e.file, open(e.file, "rb"))
             picks = sorted({i * (numel - 1) // max(1, SAMPLES_PER_TENSOR - 1) for i in range(SAMPLES_PER_TENSOR)})
-            raw = []
             for i in picks:
                 fh.seek(e.start + i * size)
-                raw.append(fh.read(size))
-            data = b"".join(raw)
-            if e.dtype == "BF16":
-                values = torch.frombuffer(bytearray(data), dtype=torch.bfloat16)
-            elif e.dtype in _FLOATS:
-                values = torch.from_numpy(np.frombuffer(data, dtype=_FLOATS[e.dtype]).astype(np.float32))
-            else:
-                out += data
-                continue
-            out += values.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+                raw = fh.read(size)
+                if e.dtype == "BF16":
+                    out += raw
+                elif e.dtype in _FLOAT_FORMATS:
+                    (value,) = struct.unpack(_FLOAT_FORMATS[e.dtype], raw)
+                    out += struct.pack("<H", _bf16_bits(value))
+                else:
+                    out += raw
     finally:
         for h in handles.values():
             h.close()

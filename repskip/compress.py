@@ -86,10 +86,9 @@ def _shards(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
 
 def _copy_range(src, dst, start: int, length: int) -> None:
     src_fd, dst_fd = src.fileno(), dst.fileno()
+    offset, remaining = start, length
     if hasattr(os, "copy_file_range"):
         try:
-            offset = start
-            remaining = length
             while remaining:
                 n = os.copy_file_range(src_fd, dst_fd, min(remaining, COPY_CHUNK), offset)
                 if n == 0:
@@ -100,9 +99,8 @@ def _copy_range(src, dst, start: int, length: int) -> None:
         except OSError as exc:
             if exc.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
                 raise
-            dst.seek(0, os.SEEK_END)
-    src.seek(start)
-    remaining = length
+            dst.seek(0, os.SEEK_END)  # carry on with plain reads from where the kernel stopped
+    src.seek(offset)
     while remaining:
         chunk = src.read(min(remaining, COPY_CHUNK))
         if not chunk:

@@ -11,10 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import analysis as _analysis
-from . import calibration
 from . import recipe as _recipe
 from .checkpoint import Checkpoint, open_checkpoint, resolve_model
 from .compress import DEFAULT_SHARD_SIZE, CompressResult, write_pruned
@@ -22,23 +18,32 @@ from .errors import RepskipError
 from .family import Family, find_family, validate_kept
 from .flops import FlopsComparison, compare
 
+# torch is imported only where a model runs: compressing files never needs it.
 DTYPES = {
     "auto": None,
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": "float32", "fp32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16",
 }
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
+def parse_dtype(name: str | None) -> Any:
     if name is None:
         return None
     if name not in DTYPES:
         raise RepskipError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if DTYPES[name] is None:
+        return None
+    import torch
+
+    return getattr(torch, DTYPES[name])
 
 
 def parse_device(name: str) -> str:
+    if name == "cpu":
+        return name
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -114,6 +119,9 @@ def analyze(
     response for every ratio of ``mask_ratios``; ``sampling`` runs the family's sampler on
     the calibration texts as prompts and measures every denoising step.
     """
+    from . import analysis as _analysis
+    from . import calibration
+
     handle = model if isinstance(model, ModelHandle) else open_model(model, family)
     fam = handle.family
     diffusion = fam.generative_kind == "diffusion"
@@ -166,6 +174,10 @@ def analyze(
 def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_samples, max_length, batch_size,
                       seed, max_distance, sampler_settings, chat, settings, progress) -> _analysis.Analysis:
     """Statistics along real denoising trajectories of the family's sampler."""
+    import torch
+
+    from . import analysis as _analysis
+    from . import calibration
     from .sampler import format_prompt, get_sampler
 
     fam = handle.family
@@ -285,7 +297,9 @@ def compress(
     assert resolved.resolved is not None
     kept = validate_kept(handle.num_layers, resolved.resolved.remove)
     if not resolved.resolved.versions:  # a hand-written recipe: record what exported it
-        stamped = resolved.resolved.model_copy(update={"versions": _analysis._versions()})
+        from .versions import versions
+
+        stamped = resolved.resolved.model_copy(update={"versions": versions()})
         resolved = resolved.model_copy(update={"resolved": stamped})
     new_config = handle.family.rewrite_config(handle.ckpt.config, kept)
     result = write_pruned(

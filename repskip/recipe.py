@@ -15,9 +15,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .analysis import Analysis
+from typing import TYPE_CHECKING
+
 from .errors import RepskipError
 from .selection import STRATEGIES, select
+
+if TYPE_CHECKING:  # the analysis module needs torch; a recipe does not
+    from .analysis import Analysis
 
 SCHEMA_VERSION = 1
 
@@ -137,7 +141,7 @@ def load(path: str | Path) -> Recipe:
     return parse(data, f"recipe {path}")
 
 
-def resolve(recipe: Recipe, analysis: Analysis) -> Recipe:
+def resolve(recipe: Recipe, analysis: "Analysis") -> Recipe:
     """A resolved copy of ``recipe``, choosing layers from ``analysis``."""
     if recipe.selection is None:
         raise RepskipError("the recipe has no 'selection' section to resolve")

@@ -13,8 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .analysis import Analysis
+from typing import TYPE_CHECKING
+
 from .errors import RepskipError
+
+if TYPE_CHECKING:  # the analysis module needs torch; choosing layers does not
+    from .analysis import Analysis
 
 STRATEGIES = ("paper", "block-influence", "angular-block")
 
@@ -55,7 +59,7 @@ def _take(order: list[int], k: int, allow_adjacent: bool) -> list[int]:
     return chosen
 
 
-def paper(analysis: Analysis, k: int, threshold: float, allow_adjacent: bool, protected: set[int]) -> Selection:
+def paper(analysis: "Analysis", k: int, threshold: float, allow_adjacent: bool, protected: set[int]) -> Selection:
     cos = analysis.cosine()
     order = sorted(
         (i for i in range(len(cos)) if i not in protected and cos[i] > threshold),
@@ -71,7 +75,7 @@ def paper(analysis: Analysis, k: int, threshold: float, allow_adjacent: bool, pr
     return Selection(sorted(chosen), "cosine_mean", analysis.primary, cos)
 
 
-def block_influence(analysis: Analysis, k: int, allow_adjacent: bool, protected: set[int]) -> Selection:
+def block_influence(analysis: "Analysis", k: int, allow_adjacent: bool, protected: set[int]) -> Selection:
     bi = analysis.block_influence()
     order = sorted((i for i in range(len(bi)) if i not in protected), key=lambda i: bi[i])
     chosen = _take(order, k, allow_adjacent)
@@ -83,7 +87,7 @@ def block_influence(analysis: Analysis, k: int, allow_adjacent: bool, protected:
     return Selection(sorted(chosen), "block_influence", analysis.primary, bi)
 
 
-def angular_block(analysis: Analysis, k: int, protected: set[int]) -> Selection:
+def angular_block(analysis: "Analysis", k: int, protected: set[int]) -> Selection:
     # Gromov et al. measure the last token; diffusion analyses have no such group.
     group = "last_token" if "last_token" in analysis.data["groups"] else analysis.primary
     measured = analysis.data["groups"][group]
@@ -104,7 +108,7 @@ def angular_block(analysis: Analysis, k: int, protected: set[int]) -> Selection:
 
 
 def select(
-    analysis: Analysis,
+    analysis: "Analysis",
     strategy: str,
     k: int,
     *,

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import yaml
 
-from . import __version__, stats
+from . import stats
+from .versions import versions
 from .benchmark import Benchmark, Item, get_benchmark
 from .errors import RepskipError
 from .flops import generation_flops
@@ -388,8 +389,6 @@ def verify(
         if bench.kind == "generation":
             entry["flops"] = _flops(base_side, comp_side, caches["base"], ids, {**settings, "_sampler": sampler_name})
         report_benchmarks[name] = entry
-    import transformers
-
     report = {
         "schema_version": SCHEMA_VERSION,
         "kind": "repskip.verify",
@@ -402,7 +401,7 @@ def verify(
                      "dtype": str(next(base_side.model.parameters()).dtype).replace("torch.", ""), "device": device, "device_map": device_map,
                      "presets": str(presets or PRESETS), "data": data or {}, "max_length": max_length},
         "hardware": _hardware(device),
-        "versions": {"repskip": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": versions(),
         "benchmarks": report_benchmarks,
     }
     out_dir.mkdir(parents=True, exist_ok=True)

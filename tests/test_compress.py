@@ -176,3 +176,42 @@ def test_parse_size():
     assert compress_mod.parse_size("500MB") == 500_000_000
     with pytest.raises(RepskipError, match="cannot read size"):
         compress_mod.parse_size("lots")
+
+
+def test_compress_and_flops_never_import_torch(tiny, tmp_path):
+    """Working on files must stay light: a 70B checkpoint compresses on a laptop."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("schema_version: 1\nresolved: {remove: [1]}\n")
+    script = ("import sys\nfrom repskip.cli import main\n"
+              "try:\n    main(sys.argv[1:], standalone_mode=False)\n"
+              "finally:\n    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    for args in (["compress", tiny["qwen2"], "--recipe", recipe, "-o", tmp_path / "out"],
+                 ["flops", tiny["qwen2"], "--recipe", recipe]):
+        done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith("NO-TORCH"), args[0]
+
+
+def test_copy_falls_back_to_reads_where_the_kernel_copy_is_refused(tiny, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    calls = []
+
+    def refuse_after_first(src, dst, count, offset):
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.EXDEV, "cross-device")
+        return real(src, dst, min(count, 100), offset)  # copy a little, then refuse
+
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", refuse_after_first)
+    out = tmp_path / "out"
+    compress(tiny["llama"], resolved([2]), out)
+    monkeypatch.undo()
+    expected = tmp_path / "expected"
+    compress(tiny["llama"], resolved([2]), expected)
+    assert (out / "model.safetensors").read_bytes() == (expected / "model.safetensors").read_bytes()

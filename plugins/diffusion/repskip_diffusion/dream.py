@@ -13,7 +13,7 @@ from repskip.family import slice_layer_config
 from repskip.flops import hf_geometry
 
 from .family import DiffusionFamily, rope_theta
-from .model import DecoderSpec
+from .spec import DecoderSpec
 
 
 class DreamFamily(DiffusionFamily):

@@ -8,12 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from repskip.errors import RepskipError
 from repskip.family import Family
 from repskip.flops import DecoderGeometry
 
-from .model import BidirectionalDecoder, DecoderSpec, load_decoder
+from .spec import DecoderSpec
+
+# torch and the model code are imported where a model is built or run, not here: finding a
+# checkpoint's family and compressing its files must not need them.
 
 
 def rope_theta(config: dict) -> float:
@@ -63,8 +65,10 @@ class DiffusionFamily(Family):
         s = self.spec(config)
         return DecoderGeometry(s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab, s.layers)
 
-    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> BidirectionalDecoder:
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
         from repskip.checkpoint import read_config
+
+        from .model import load_decoder
 
         if device_map:
             raise RepskipError(f"{type(self).__name__} loads onto one device; drop --device-map and pass --device")
@@ -92,20 +96,24 @@ class DiffusionFamily(Family):
                 return PreTrainedTokenizerFast(tokenizer_file=str(Path(path) / "tokenizer.json"))
             raise RepskipError(f"{path} has no tokenizer that loads without remote code (no tokenizer.json)") from None
 
-    def decoder_layers(self, model: BidirectionalDecoder) -> torch.nn.ModuleList:
+    def decoder_layers(self, model: Any) -> Any:
         return model.blocks
 
-    def remove_layers(self, model: BidirectionalDecoder, kept: Sequence[int]) -> None:
+    def remove_layers(self, model: Any, kept: Sequence[int]) -> None:
+        import torch
+
         model.blocks = torch.nn.ModuleList(model.blocks[i] for i in kept)
         spec = model.spec
         model.spec = DecoderSpec(**{**spec.__dict__, "layers": len(kept)})
 
-    def logits(self, model: BidirectionalDecoder, input_ids: Any, attention_mask: Any) -> Any:
+    def logits(self, model: Any, input_ids: Any, attention_mask: Any) -> Any:
         """Raw logits of the forward pass, as the authors' model returns them."""
         return model(input_ids, attention_mask)
 
-    def token_logits(self, model: BidirectionalDecoder, input_ids: Any, attention_mask: Any = None) -> Any:
+    def token_logits(self, model: Any, input_ids: Any, attention_mask: Any = None) -> Any:
         """Logits aligned so that position i predicts the token at position i."""
+        import torch
+
         logits = model(input_ids, attention_mask)
         if self.shifted_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)

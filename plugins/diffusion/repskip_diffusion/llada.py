@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from repskip.family import slice_layer_config
 
 from .family import DiffusionFamily, rope_theta
-from .model import DecoderSpec
+from .spec import DecoderSpec
 
 
 class LLaDAFamily(DiffusionFamily):

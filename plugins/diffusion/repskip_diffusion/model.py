@@ -10,7 +10,6 @@ correctness check against transformers that needs no foreign code.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,20 +19,7 @@ from repskip.errors import RepskipError
 from safetensors import safe_open
 from torch import nn
 
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int  # rows of the embedding and of the LM head
-    layers: int
-    rms_eps: float
-    rope_theta: float
-    qkv_bias: bool = False
-    tie_embeddings: bool = False
+from .spec import DecoderSpec
 
 
 class RMSNorm(nn.Module):

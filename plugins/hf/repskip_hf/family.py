@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from repskip.family import Family, slice_layer_config
 from repskip.flops import DecoderGeometry, hf_geometry
 
@@ -60,10 +59,12 @@ class HFDecoderFamily(Family):
 
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
-    def decoder_layers(self, model: Any) -> torch.nn.ModuleList:
+    def decoder_layers(self, model: Any) -> Any:
         return model.model.layers
 
     def remove_layers(self, model: Any, kept: Sequence[int]) -> None:
+        import torch  # here, not at the top: working on files must not need torch
+
         layers = self.decoder_layers(model)
         model.model.layers = torch.nn.ModuleList(layers[i] for i in kept)
         # The KV cache is indexed by layer_idx: a stale index corrupts generation.
