@@ -366,8 +366,10 @@ def _removed_for(handle, recipe_path, remove):
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Generation figure, diffusion: denoising steps [default: --gen-len].")
 @click.option("--cfg", is_flag=True, help="Generation figure, diffusion: classifier-free guidance doubles each pass.")
+@click.option("--block-length", type=click.IntRange(min=1), default=None,
+              help="Generation figure, LLaDA: logits are computed for the current block only [default: --gen-len].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema-versioned) instead of a table.")
-def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, as_json):
+def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, block_length, as_json):
     """Analytic FLOPs of MODEL before and after removing layers: one forward pass, and a
     whole generation (KV-cache decoding for autoregressive models, full-sequence denoising
     steps for diffusion models)."""
@@ -376,12 +378,13 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
 
     handle = pipeline.open_model(model)
     kind = handle.family.generative_kind
-    if kind == "autoregressive" and (steps is not None or cfg):
-        raise RepskipError("--steps and --cfg describe diffusion sampling; this model is autoregressive")
+    if kind == "autoregressive" and (steps is not None or cfg or block_length is not None):
+        raise RepskipError("--steps, --cfg and --block-length describe diffusion sampling; this model is autoregressive")
     removed = _removed_for(handle, recipe_path, remove)
     cmp = pipeline.flops(handle, removed, seq_len)
     geo = handle.family.geometry(handle.ckpt.config)
-    gen = {name: generation_flops(geo, kind, prompt_len, gen_len, steps=steps, cfg=cfg, layers=layers)
+    gen = {name: generation_flops(geo, kind, prompt_len, gen_len, steps=steps, cfg=cfg, layers=layers,
+                                  logits_per_pass=block_length)
            for name, layers in (("base", geo.layers), ("pruned", geo.layers - len(removed)))}
     gen_cut = 1 - gen["pruned"].total / gen["base"].total
     if as_json:

@@ -182,16 +182,20 @@ def generation_flops(
     steps: int | None = None,
     cfg: bool = False,
     layers: int | None = None,
+    logits_per_pass: int | None = None,
 ) -> GenerationFlops:
     """Autoregressive: one prefill of the prompt (logits for its last position only), then
     one cached decode step per further token. Diffusion: ``steps`` forward passes over the
-    whole sequence (no KV cache, logits everywhere), doubled in batch by classifier-free
-    guidance. ``steps`` defaults to ``gen_len``, as the authors' samplers do."""
+    whole sequence (no KV cache), doubled in batch by classifier-free guidance, with logits
+    for ``logits_per_pass`` positions (repskip's samplers compute the LM head only where a
+    step can reveal: LLaDA's current block, Dream's generated region; default ``gen_len``).
+    ``steps`` defaults to ``gen_len``, as the authors' samplers do."""
     if kind == "autoregressive":
         total = forward_flops(geo, prompt_len, layers=layers, logits_tokens=1).total
         for i in range(1, gen_len):
             total += forward_flops(geo, 1, context=prompt_len + i, layers=layers).total
         return GenerationFlops(kind, prompt_len, gen_len, gen_len, total)
     passes = gen_len if steps is None else steps
-    per_pass = forward_flops(geo, prompt_len + gen_len, layers=layers).total
+    per_pass = forward_flops(geo, prompt_len + gen_len, layers=layers,
+                             logits_tokens=gen_len if logits_per_pass is None else logits_per_pass).total
     return GenerationFlops(kind, prompt_len, gen_len, passes, per_pass * passes * (2 if cfg else 1))

@@ -251,8 +251,9 @@ def _flops(base: Side, comp: Side, cache: ItemCache, ids: list[str], settings: d
         gen = max(1, round(sum(r.get("new_tokens", 0) for r in recs) / len(recs)))
         steps = None
     cfg = bool(settings.get("cfg_scale", 0))
-    full = generation_flops(geo, kind, prompt, gen, steps=steps, cfg=cfg)
-    cut = generation_flops(geo, kind, prompt, gen, steps=steps, cfg=cfg, layers=comp.layers)
+    head = int(settings.get("block_length") or gen) if kind == "diffusion" else None
+    full = generation_flops(geo, kind, prompt, gen, steps=steps, cfg=cfg, logits_per_pass=head)
+    cut = generation_flops(geo, kind, prompt, gen, steps=steps, cfg=cfg, layers=comp.layers, logits_per_pass=head)
     return {
         "layer_fraction": 1 - comp.layers / base.layers,
         "per_generated_token": {"base": full.per_generated_token, "compressed": cut.per_generated_token,

@@ -13,9 +13,10 @@ V, MASK = 12, 11
 CONF = {2: 5.0, 3: 9.0, 4: 1.0, 5: 7.0, 6: 3.0, 7: 8.0, 8: 6.0, 9: 2.0}
 
 
-def toy(x, attention):
+def toy(x, attention, window=None):
     """At real position j the toy predicts token (j + number of unmasked real tokens) % 10
-    with logit CONF[j] (0 elsewhere): the prediction changes as tokens are revealed."""
+    with logit CONF[j] (0 elsewhere): the prediction changes as tokens are revealed. Like a
+    real denoiser it returns the logits of the positions in ``window`` only."""
     B, L = x.shape
     logits = torch.zeros(B, L, V)
     logits[:, :, MASK] = float("-inf")  # a denoiser never predicts the mask itself
@@ -25,7 +26,7 @@ def toy(x, attention):
         for pos in range(pads, L):
             j = pos - pads
             logits[b, pos, (j + known) % 10] = CONF.get(j, 4.0)
-    return logits
+    return logits if window is None else logits[:, window[0] : window[1]]
 
 
 def trace_of(run):
@@ -91,9 +92,9 @@ def test_llada_batched_with_left_padding_equals_one_by_one():
 def test_llada_classifier_free_guidance_combines_as_the_authors_do():
     calls = []
 
-    def guided(x, attention):
+    def guided(x, attention, window):
         calls.append(x.clone())
-        logits = torch.zeros(x.shape[0], x.shape[1], V)
+        logits = torch.zeros(x.shape[0], window[1] - window[0], V)
         half = x.shape[0] // 2
         logits[:half, :, 4] = 2.0  # conditional: token 4 a little
         logits[:half, :, 5] = 1.5
@@ -118,8 +119,8 @@ def test_llada_temperature_is_seeded_and_random_remasking_reveals_everything():
 
 
 def test_llada_eos_suppression():
-    def eos_loving(x, attention):
-        logits = toy(x, attention)
+    def eos_loving(x, attention, window):
+        logits = toy(x, attention, window)
         logits[:, :, 7] = 100.0  # token 7 plays EOS
         return logits
 

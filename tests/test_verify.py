@@ -199,3 +199,40 @@ def test_benchmark_options_reach_the_benchmark(tiny, tmp_path, wiki_small):
     bad = CliRunner().invoke(main, ["verify", str(tiny["llama"]), str(tiny["llama"]), "--bench", "perplexity",
                                     "--data", f"perplexity={wiki_small}", "--bench-option", "perplexity.colour=red"])
     assert bad.exit_code == 1 and "no option 'colour'" in bad.stderr
+
+
+def test_a_killed_run_restarts_to_the_same_report(tiny, tmp_path, wiki_small):
+    """SIGKILL the verify process once some items are cached, start it again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    site = tmp_path / "site"
+    fake_install(site, "repskip-example", "0.1.0", {"repskip.benchmarks": {"arc-easy": "repskip_example.benchmark:ARCEasy"}})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(EXAMPLE)])}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("schema_version: 1\nresolved: {remove: [1]}\n")
+    args = [sys.executable, "-m", "repskip", "verify", str(tiny["llama"]), "--recipe", str(recipe), "--bench",
+            "arc-easy", "--data", f"arc-easy={ARC}", "--limit", "40", "--batch-size", "1", "--set", "max_new_tokens=24"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "-o", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    cached = lambda: sum(len(p.read_text().splitlines()) for p in out.rglob("*.jsonl")) if out.exists() else 0  # noqa: E731
+    while cached() < 45 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = cached()
+    assert 40 < before < 80, "the kill should land while the compressed model is being evaluated"
+    assert not (out / "report.json").exists()
+    done = subprocess.run([*args, "-o", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    whole = subprocess.run([*args, "-o", str(tmp_path / "whole")], env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    resumed = json.loads((out / "report.json").read_text())
+    assert scores(resumed) == scores(json.loads((tmp_path / "whole" / "report.json").read_text()))
+    for path in out.rglob("*.jsonl"):
+        ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+        assert len(ids) == len(set(ids)) == 40, f"{path.name}: an item computed twice or lost"

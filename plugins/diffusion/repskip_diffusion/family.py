@@ -110,11 +110,20 @@ class DiffusionFamily(Family):
         """Raw logits of the forward pass, as the authors' model returns them."""
         return model(input_ids, attention_mask)
 
-    def token_logits(self, model: Any, input_ids: Any, attention_mask: Any = None) -> Any:
-        """Logits aligned so that position i predicts the token at position i."""
+    def token_logits(self, model: Any, input_ids: Any, attention_mask: Any = None,
+                     window: tuple[int, int] | None = None) -> Any:
+        """Logits aligned so that position i predicts the token at position i; with
+        ``window=(start, end)``, for those positions only."""
         import torch
 
-        logits = model(input_ids, attention_mask)
-        if self.shifted_logits:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        if window is None:
+            logits = model(input_ids, attention_mask)
+            if self.shifted_logits:
+                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            return logits
+        start, end = window
+        if not self.shifted_logits:
+            return model(input_ids, attention_mask, head_window=(start, end))
+        # shifted: position i is predicted by hidden state i - 1 (position 0 by itself)
+        logits = model(input_ids, attention_mask, head_window=(max(start - 1, 0), end - 1))
+        return torch.cat([logits[:, :1], logits], dim=1) if start == 0 else logits

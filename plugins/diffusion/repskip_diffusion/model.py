@@ -110,8 +110,11 @@ class BidirectionalDecoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         causal: bool = False,
+        head_window: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab]. ``attention_mask`` is the usual 2-D 1 = token, 0 = padding."""
+        """Logits [B, T, vocab]. ``attention_mask`` is the usual 2-D 1 = token, 0 = padding.
+        ``head_window=(start, end)`` runs the LM head on those positions only (a sampler
+        reads no other logits; the head is a large share of a small model's forward)."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -126,6 +129,8 @@ class BidirectionalDecoder(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
+        if head_window is not None:
+            x = x[:, head_window[0] : head_window[1]]
         x = self.norm(x)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head)

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from repskip.errors import RepskipError
 from repskip.sampler import Generation, Sampler, count_forwards
 
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: denoise(x, attention_mask, (start, end)) -> logits of positions start..end-1, aligned so
+#: that position i predicts token i. Samplers ask only for the positions they read.
+Denoise = Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor]
 StepHook = Callable[[dict], None]
 NEG_INF = float("-inf")
 
@@ -32,12 +34,17 @@ def transfer_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
     return schedule
 
 
-def gumbel_argmax_logits(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """The authors' Gumbel trick in float64: exp(logits) / (-log U) ** temperature."""
+def gumbel_argmax_logits(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                         full_shape: tuple[int, ...] | None = None, window: tuple[int, int] | None = None) -> torch.Tensor:
+    """The authors' Gumbel trick in float64: exp(logits) / (-log U) ** temperature. With
+    ``full_shape`` and ``window``, U is drawn for the whole sequence and the window's slice
+    used, so a seed gives the same tokens as the authors' whole-sequence draw."""
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    noise = torch.rand(full_shape or logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    if window is not None:
+        noise = noise[:, window[0] : window[1]]
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 
@@ -81,17 +88,20 @@ def llada_generate(
         schedule = transfer_schedule((x[:, start:end] == mask_id).sum(1), steps_per_block)
         for i in range(steps_per_block):
             mask_index = (x == mask_id) & attention.bool()  # padding is never generated
+            # Only the current block can be revealed (the authors set every other confidence
+            # to -inf), so only its logits are computed: the same result for less work.
             if cfg_scale > 0:
                 unconditional = x.clone()
                 unconditional[prompt_index] = mask_id
-                both = denoise(torch.cat([x, unconditional]), torch.cat([attention, attention]))
+                both = denoise(torch.cat([x, unconditional]), torch.cat([attention, attention]), (start, end))
                 cond, uncond = both.chunk(2)
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:
-                logits = denoise(x, attention)
+                logits = denoise(x, attention, (start, end))
             if logits_eos_inf and eos_id is not None:
                 logits[:, :, eos_id] = NEG_INF
-            x0 = gumbel_argmax_logits(logits, temperature, generator).argmax(-1)
+            noise_shape = (B, x.shape[1], logits.shape[-1])  # draws as for the whole sequence
+            x0 = gumbel_argmax_logits(logits, temperature, generator, noise_shape, (start, end)).argmax(-1)
             if confidence_eos_eot_inf:
                 for tok in (eos_id, eot_id):
                     if tok is not None:
@@ -100,18 +110,20 @@ def llada_generate(
                 p = F.softmax(logits, dim=-1)
                 x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             else:
-                x0_p = torch.rand(x0.shape, dtype=torch.float64, device=device, generator=generator)
-            x0_p[:, end:] = NEG_INF
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, NEG_INF))
+                x0_p = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)[:, start:end]
+            block_masked = mask_index[:, start:end]
+            x0 = torch.where(block_masked, x0, x[:, start:end])
+            confidence = torch.where(block_masked, x0_p, torch.full_like(x0_p, NEG_INF))
             transfer = torch.zeros_like(x0, dtype=torch.bool)
             for row in range(B):
                 k = int(schedule[row, i])
                 if k:
                     transfer[row, torch.topk(confidence[row], k).indices] = True
-            x[transfer] = x0[transfer]
+            x[:, start:end][transfer] = x0[transfer]
+            revealed = torch.zeros_like(x, dtype=torch.bool)
+            revealed[:, start:end] = transfer
             if on_step:
-                on_step({"block": block, "step": i, "x": x, "revealed": transfer, "mask_index": mask_index,
+                on_step({"block": block, "step": i, "x": x, "revealed": revealed, "mask_index": mask_index,
                          "attention_mask": attention})
     return x
 
@@ -196,8 +208,9 @@ def dream_generate(
     timesteps = torch.linspace(1, eps, steps + 1, device=device)
     for i in range(steps):
         mask_index = (x == mask_id) & attention.bool()  # padding is never generated
-        logits = denoise(x, attention)
-        mask_logits = logits[mask_index]
+        # only the generated region can hold masks: its logits are all that is read
+        gen_logits = denoise(x, attention, (P, x.shape[1]))
+        mask_logits = gen_logits[mask_index[:, P:]]
         t, s = timesteps[i], timesteps[i + 1]
         revealed = torch.zeros_like(mask_index)
         if alg == "origin":
@@ -284,7 +297,7 @@ class _DiffusionSampler(Sampler):
                 f"tokens, longer than the model's context ({context}); shorten the prompt or the generation"
             )
         generator = torch.Generator(device=device).manual_seed(seed)
-        denoise = lambda x, m: family.token_logits(model, x, m)  # noqa: E731
+        denoise = lambda x, m, window: family.token_logits(model, x, m, window)  # noqa: E731
         with count_forwards(model) as calls:
             x = self._run(denoise, ids, mask, mask_id, cfg, generator, family, tokenizer, config)
         stops = _stop_ids(tokenizer, config) | {mask_id}
