@@ -175,3 +175,27 @@ def test_dream_batched_equals_one_by_one_and_origin_is_seeded():
 def test_dream_unknown_alg():
     with pytest.raises(RepskipError, match="alg 'best' is unknown"):
         dream_generate(toy, torch.tensor([[1]]), torch.tensor([[1]]), mask_id=MASK, alg="best")
+
+
+def test_llada_revisits_an_earlier_position_that_still_holds_the_mask():
+    """A model may predict the mask token itself; the authors' rule leaves that position
+    masked, and since only positions after the current block are excluded, a later block's
+    step may reveal it."""
+    calls = []
+
+    def stubborn(x, attention, window):
+        calls.append(1)
+        logits = toy(x, attention, window)
+        if len(calls) == 2:  # the second forward: position 2 predicts the mask, confidently
+            logits[:, 2 - window[0], :] = -10.0
+            logits[:, 2 - window[0], MASK] = 50.0
+        return logits
+
+    prompt = torch.tensor([[1, 2]])
+    out, steps = trace_of(lambda rec: llada_generate(
+        stubborn, prompt, torch.ones_like(prompt), mask_id=MASK, steps=4, gen_length=4, block_length=2, on_step=rec))
+    # Block 0 (2, 3), one reveal a step: step 0 reveals 3 (conf 9 > 5); step 1 "reveals" 2 as the mask.
+    # Block 1 (4, 5), one a step, candidates include 2: step 0 picks 5 (7 > 5 > 1), step 1 picks 2
+    # (5 > 1), so position 4 is never revealed.
+    assert [[p for p, _ in rows[0]] for _, _, rows in steps] == [[3], [2], [5], [2]]
+    assert out[0, 4] == MASK and out[0, 2] != MASK

@@ -48,6 +48,12 @@ def gumbel_argmax_logits(logits: torch.Tensor, temperature: float, generator: to
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 
+def _window_start(mask_index: torch.Tensor, start: int, end: int) -> int:
+    """The first position before ``end`` that any row still has masked, or ``start``."""
+    masked = mask_index[:, :start].any(0).nonzero()
+    return int(masked[0]) if len(masked) else start
+
+
 def llada_generate(
     denoise: Denoise,
     prompt: torch.Tensor,
@@ -88,20 +94,23 @@ def llada_generate(
         schedule = transfer_schedule((x[:, start:end] == mask_id).sum(1), steps_per_block)
         for i in range(steps_per_block):
             mask_index = (x == mask_id) & attention.bool()  # padding is never generated
-            # Only the current block can be revealed (the authors set every other confidence
-            # to -inf), so only its logits are computed: the same result for less work.
+            # The authors give every position after the current block confidence -inf, so a
+            # step can reveal only masked positions before the block's end: the block, and any
+            # earlier position still holding the mask token (a model may predict it). Logits
+            # are computed for that window alone: the same result for less work.
+            lo = _window_start(mask_index, start, end)
             if cfg_scale > 0:
                 unconditional = x.clone()
                 unconditional[prompt_index] = mask_id
-                both = denoise(torch.cat([x, unconditional]), torch.cat([attention, attention]), (start, end))
+                both = denoise(torch.cat([x, unconditional]), torch.cat([attention, attention]), (lo, end))
                 cond, uncond = both.chunk(2)
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:
-                logits = denoise(x, attention, (start, end))
+                logits = denoise(x, attention, (lo, end))
             if logits_eos_inf and eos_id is not None:
                 logits[:, :, eos_id] = NEG_INF
             noise_shape = (B, x.shape[1], logits.shape[-1])  # draws as for the whole sequence
-            x0 = gumbel_argmax_logits(logits, temperature, generator, noise_shape, (start, end)).argmax(-1)
+            x0 = gumbel_argmax_logits(logits, temperature, generator, noise_shape, (lo, end)).argmax(-1)
             if confidence_eos_eot_inf:
                 for tok in (eos_id, eot_id):
                     if tok is not None:
@@ -110,18 +119,18 @@ def llada_generate(
                 p = F.softmax(logits, dim=-1)
                 x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             else:
-                x0_p = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)[:, start:end]
-            block_masked = mask_index[:, start:end]
-            x0 = torch.where(block_masked, x0, x[:, start:end])
-            confidence = torch.where(block_masked, x0_p, torch.full_like(x0_p, NEG_INF))
+                x0_p = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)[:, lo:end]
+            window_masked = mask_index[:, lo:end]
+            x0 = torch.where(window_masked, x0, x[:, lo:end])
+            confidence = torch.where(window_masked, x0_p, torch.full_like(x0_p, NEG_INF))
             transfer = torch.zeros_like(x0, dtype=torch.bool)
             for row in range(B):
                 k = int(schedule[row, i])
                 if k:
                     transfer[row, torch.topk(confidence[row], k).indices] = True
-            x[:, start:end][transfer] = x0[transfer]
+            x[:, lo:end][transfer] = x0[transfer]
             revealed = torch.zeros_like(x, dtype=torch.bool)
-            revealed[:, start:end] = transfer
+            revealed[:, lo:end] = transfer
             if on_step:
                 on_step({"block": block, "step": i, "x": x, "revealed": revealed, "mask_index": mask_index,
                          "attention_mask": attention})
@@ -208,9 +217,9 @@ def dream_generate(
     timesteps = torch.linspace(1, eps, steps + 1, device=device)
     for i in range(steps):
         mask_index = (x == mask_id) & attention.bool()  # padding is never generated
-        # only the generated region can hold masks: its logits are all that is read
-        gen_logits = denoise(x, attention, (P, x.shape[1]))
-        mask_logits = gen_logits[mask_index[:, P:]]
+        # logits only from the first masked position on: nothing before it is read
+        lo = _window_start(mask_index, P, x.shape[1])
+        mask_logits = denoise(x, attention, (lo, x.shape[1]))[mask_index[:, lo:]]
         t, s = timesteps[i], timesteps[i + 1]
         revealed = torch.zeros_like(mask_index)
         if alg == "origin":
