@@ -17,7 +17,8 @@ CHAT_TEMPLATE = (
 )
 
 # Each family as its real checkpoints are laid out, shrunk: Qwen2 has q/k/v biases, GQA and
-# layer_types; Llama (SmolLM2-style) ties the embeddings; Qwen3 has q/k norms and head_dim.
+# layer_types; Llama (SmolLM2-style) ties the embeddings; Qwen3 has q/k norms and head_dim;
+# Mistral has GQA and no biases.
 FAMILIES = {
     "qwen2": dict(
         model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -33,6 +34,11 @@ FAMILIES = {
         model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
         tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, sliding_window=None,
     ),
 }
 

@@ -26,7 +26,7 @@ def in_memory(path, kept):
 PROMPT = torch.tensor([[5, 80, 81, 82, 90, 100, 120, 7, 64, 65, 66, 67]])
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "mistral"])
 def test_compressed_checkpoint_matches_in_memory_removal_and_generates_with_cache(tiny, tmp_path, family):
     out = tmp_path / "out"
     result, _ = compress(tiny[family], resolved([1, 4]), out)

@@ -7,7 +7,7 @@ from repskip.flops import DecoderGeometry, compare, forward_flops
 from repskip.pipeline import open_model
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "mistral"])
 @pytest.mark.parametrize("seq_len", [17, 64])
 def test_analytic_forward_flops_agree_with_torch_flop_counter(tiny, family, seq_len):
     handle = open_model(tiny[family])
