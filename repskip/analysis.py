@@ -45,6 +45,7 @@ class _GroupSums:
     angle_sum: torch.Tensor = field(init=False)
     gram_sum: torch.Tensor = field(init=False)
     angle_matrix_sum: torch.Tensor = field(init=False)
+    matrix_count: int = 0  # tokens behind the matrices (a per-batch sample when capped)
 
     def __post_init__(self) -> None:
         L, dev = self.num_layers, self.device
@@ -81,12 +82,18 @@ class LayerStatsAccumulator:
         device: torch.device | str = "cpu",
         matrix_groups: Sequence[str] | None = None,
         angle_groups: Sequence[str] = ("last_token",),
+        matrix_tokens: int | None = 2048,
     ):
         self.num_layers = num_layers
         # the layer x layer matrix costs O(L) per layer: keep it for the groups that want it
         self.matrix_groups = set(groups if matrix_groups is None else matrix_groups)
         # the mean angular distance between states needs per-token cosines: few-token groups
         self.angle_groups = set(angle_groups) & self.matrix_groups
+        # The matrix keeps a batch's states of every layer at once: (L+1) x tokens x width
+        # floats. Past matrix_tokens tokens a batch contributes a seeded random sample to it
+        # (the per-layer statistics always use every token).
+        self.matrix_tokens = matrix_tokens
+        self._sampler = torch.Generator().manual_seed(0)
         self.max_distance = max_distance
         self.device = torch.device(device)
         self.groups = {g: _GroupSums(num_layers, self.device) for g in groups}
@@ -101,10 +108,16 @@ class LayerStatsAccumulator:
         """Start a batch: ``valid`` marks real tokens [B, T]; ``masks`` selects each group."""
         valid = valid.to(self.device, torch.bool)
         selectors = {}
+        picks = {}
         for name in self.groups:
             mask = masks[name].to(self.device, torch.bool) & valid
             selectors[name] = mask
-            self.groups[name].count += int(mask.sum())
+            n = int(mask.sum())
+            self.groups[name].count += n
+            if name in self.matrix_groups:
+                if self.matrix_tokens and n > self.matrix_tokens:
+                    picks[name] = torch.randperm(n, generator=self._sampler)[: self.matrix_tokens].sort().values.to(self.device)
+                self.groups[name].matrix_count += min(n, self.matrix_tokens or n)
         T = valid.shape[1]
         pos = torch.arange(T, device=self.device)
         dist = pos[:, None] - pos[None, :]  # i - j
@@ -112,7 +125,7 @@ class LayerStatsAccumulator:
         pair_dist = dist.expand_as(pairs)[pairs]
         self.profile_pairs += torch.bincount(pair_dist, minlength=self.max_distance + 1).double()
         self.sequences += valid.shape[0]
-        self._batch = {"sel": selectors, "pairs": pairs, "pair_dist": pair_dist, "units": {}}
+        self._batch = {"sel": selectors, "pairs": pairs, "pair_dist": pair_dist, "units": {}, "picks": picks}
 
     def layer(self, index: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         """Take in layer ``index``'s input and output states, [B, T, D] each."""
@@ -133,6 +146,9 @@ class LayerStatsAccumulator:
             sums.angle_sum[index] += (torch.arccos(cos) / math.pi).sum()
             if name not in self.matrix_groups:
                 continue
+            pick = batch["picks"].get(name)
+            if pick is not None:
+                u_in, u_out = u_in[pick], u_out[pick]
             # Layer-similarity matrix: the new state against every earlier one. The states
             # of this batch sit in one preallocated buffer, so no step copies earlier ones.
             units = batch["units"].get(name)
@@ -185,10 +201,11 @@ class LayerStatsAccumulator:
             })
         out = {"tokens": n, "layers": layers}
         if name in self.matrix_groups:
-            matrix = (s.gram_sum / n).clamp(-1.0, 1.0)
+            out["matrix_tokens"] = s.matrix_count
+            matrix = (s.gram_sum / s.matrix_count).clamp(-1.0, 1.0)
             out["similarity_matrix"] = [[round(float(v), 6) for v in row] for row in matrix]
         if name in self.angle_groups:
-            angles = s.angle_matrix_sum / n
+            angles = s.angle_matrix_sum / s.matrix_count
             out["angular_distance_matrix"] = [[round(float(v), 6) for v in row] for row in angles]
         return out
 
@@ -327,6 +344,7 @@ def collect(
     groups: Sequence[str] | None = None,
     prepares: Sequence[Prepare] | None = None,
     matrix_groups: Sequence[str] | None = None,
+    matrix_tokens: int | None = 2048,
     progress: Callable[[int, int], None] | None = None,
 ) -> LayerStatsAccumulator:
     """Run the calibration batches through ``model`` with hooks and return the sums.
@@ -344,7 +362,7 @@ def collect(
     L = len(family.decoder_layers(model))
     device = next(model.parameters()).device
     acc = LayerStatsAccumulator(L, list(groups), max_distance=max_distance, device=device,
-                                matrix_groups=matrix_groups)
+                                matrix_groups=matrix_groups, matrix_tokens=matrix_tokens)
     handles = _hook_layers(model, family, acc, stop_after_last=True)
     total = len(calib.sequences) * len(prepares)
     done = 0

@@ -194,6 +194,9 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--positions", type=click.Choice(["all", "last"]), default="all", show_default=True,
               help="forward mode: token positions averaged for the per-layer scores.")
+@click.option("--matrix-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Most tokens a batch contributes to the layer x layer matrix (a seeded sample past it); "
+                   "bounds memory at (layers+1) x this x hidden floats. Per-layer scores use every token.")
 @click.option("--mode", type=click.Choice(["forward", "masked", "sampling"]), default=None,
               help="forward: text as it is [AR default]; masked: mask part of each response at "
                    "--mask-ratios [diffusion default]; sampling: measure real denoising trajectories.")
@@ -211,7 +214,7 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def analyze(model, output, calib, calib_field, num_samples, max_length, batch_size, positions, mode,
+def analyze(model, output, calib, calib_field, num_samples, max_length, batch_size, positions, matrix_tokens, mode,
             mask_ratios, prompt_fraction, sampler_set, chat, strategy, k, threshold, allow_adjacent, protect,
             no_protect_ends, dtype, device, seed, force):
     """Measure each layer of MODEL and write analysis.json, plots and a resolved recipe.yaml."""
@@ -237,6 +240,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         result = pipeline.analyze(
             handle, calib=calib, calib_field=calib_field, num_samples=num_samples,
             max_length=max_length, batch_size=batch_size, seed=seed, positions=positions, mode=mode,
+            matrix_tokens=matrix_tokens,
             mask_ratios=ratios, prompt_fraction=prompt_fraction, sampler_settings=sampler_settings, chat=chat,
             dtype=dtype, device=device, progress=update,
         )

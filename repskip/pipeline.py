@@ -102,6 +102,7 @@ def analyze(
     seed: int = 0,
     positions: str = "all",
     max_distance: int = 64,
+    matrix_tokens: int | None = 2048,
     mode: str | None = None,
     mask_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
     prompt_fraction: float = 0.5,
@@ -148,6 +149,7 @@ def analyze(
         "batch_size": batch_size,
         "seed": seed,
         "max_distance": max_distance,
+        "matrix_tokens": matrix_tokens,
         "dtype": str(next(torch_model.parameters()).dtype).replace("torch.", ""),
         "device": device,
     }
@@ -166,7 +168,7 @@ def analyze(
         settings.update(mask_ratios=list(mask_ratios), prompt_fraction=prompt_fraction, mask_token_id=mask_id)
     acc = _analysis.collect(
         torch_model, fam, calib_set, pad_id=_pad_id(tokenizer), batch_size=batch_size, positions=positions,
-        max_distance=max_distance, progress=progress, **kwargs,
+        max_distance=max_distance, matrix_tokens=matrix_tokens, progress=progress, **kwargs,
     )
     return _analysis.build_result(acc, model_info=handle.info(), calib=calib_set, settings=settings, primary=primary)
 
@@ -203,7 +205,8 @@ def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_sa
     L = len(fam.decoder_layers(torch_model))
     device = next(torch_model.parameters()).device
     acc = _analysis.LayerStatsAccumulator(L, names, max_distance=max_distance, device=device,
-                                          matrix_groups=["current_block", "masked", "prompt"])
+                                          matrix_groups=["current_block", "masked", "prompt"],
+                                          matrix_tokens=settings["matrix_tokens"])
 
     rows = [0]  # prompts in the current call: classifier-free guidance appends as many unconditional rows
 

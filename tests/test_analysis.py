@@ -188,3 +188,19 @@ def test_paragraphs_split_at_blank_lines_that_hold_spaces(tmp_path):
     path.write_text(" = Heading = \n \n The first paragraph is here and long enough . \n \n The second one follows it here . \n")
     texts, _ = load_texts(path)
     assert texts == ["The first paragraph is here and long enough .", "The second one follows it here ."]
+
+
+def test_matrix_token_cap_bounds_the_matrix_sample_and_leaves_layer_scores_alone(tiny):
+    full = analyze(tiny["qwen2"], num_samples=6, max_length=40)
+    capped = analyze(tiny["qwen2"], num_samples=6, max_length=40, matrix_tokens=16)
+    a, b = full.data["groups"]["tokens"], capped.data["groups"]["tokens"]
+    assert [r["cosine_mean"] for r in a["layers"]] == [r["cosine_mean"] for r in b["layers"]]
+    batches = -(-6 // 8)
+    assert b["matrix_tokens"] == 16 * batches < a["matrix_tokens"] == a["tokens"]
+    for i in range(7):
+        assert b["similarity_matrix"][i][i] == pytest.approx(1.0)
+        for j in range(7):  # a 16-token sample of each batch estimates the same matrix
+            assert abs(b["similarity_matrix"][i][j] - a["similarity_matrix"][i][j]) < 0.15
+    assert capped.data["settings"]["matrix_tokens"] == 16
+    again = analyze(tiny["qwen2"], num_samples=6, max_length=40, matrix_tokens=16)
+    assert again.data["groups"]["tokens"]["similarity_matrix"] == b["similarity_matrix"]  # seeded
