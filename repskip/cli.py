@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import warnings
 from contextlib import contextmanager
@@ -12,11 +10,13 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
 from .errors import RepskipError
+from .outputs import atomic_dir
 
 # Logs and pipes get a wide console, so tables are not cut to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -24,7 +24,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 class _Cli(click.Group):
@@ -42,7 +42,7 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except RepskipError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/]")
@@ -72,28 +72,6 @@ def _progress(description: str):
 
     with bar:
         yield update
-
-
-@contextmanager
-def _atomic_dir(path: Path, force: bool):
-    """Yield a temporary folder that becomes ``path`` only if the block succeeds."""
-    if path.exists() and not force:
-        raise RepskipError(f"output {path} already exists; pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RepskipError(f"writing {path} failed ({exc.strerror or exc}); nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _float_list(text: str, option: str) -> list[float]:
@@ -249,7 +227,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         recipe = resolve(unresolved, result)
     except RepskipError as exc:
         # The measurements are still worth keeping: save them, then say how to choose again.
-        with _atomic_dir(output, force) as tmp:
+        with atomic_dir(output, force) as tmp:
             _write_analysis_outputs(tmp, result, unresolved, threshold)
         console.print(_analysis_table(result, []))
         kept_flags = "".join([f" --protect {protect}" if protect else "", " --no-protect-ends" if no_protect_ends else "",
@@ -259,7 +237,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
             f"{exc}. The analysis was saved in {output}: choose again without re-running the "
             f"model, e.g. repskip select {output}/analysis.json -o recipe.yaml --strategy {strategy} {hint}"
         ) from None
-    with _atomic_dir(output, force) as tmp:
+    with atomic_dir(output, force) as tmp:
         _write_analysis_outputs(tmp, result, recipe, threshold)
     console.print(_analysis_table(result, recipe.resolved.remove))
     cal_info = result.data["calibration"]
@@ -301,13 +279,24 @@ def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protec
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), required=True,
               help="A resolved recipe, or an unresolved preset (resolved by running the analysis).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output folder [default: exported/<model>-skip<k>].")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
+              help="Output folder [default: exported/<model>-skip<k>, plus -onnx for --format onnx].")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx"]), default="safetensors", show_default=True,
+              help="safetensors: a checkpoint from_pretrained loads; onnx: model.onnx for ONNX Runtime, checked "
+                   "against PyTorch before it is kept.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="safetensors: largest output shard, e.g. 500MB.")
+@click.option("--opset", type=int, default=18, show_default=True, help="onnx: ONNX opset (18 or newer).")
+@click.option("--export-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="onnx: precision of the graph's weights and compute (bf16 is refused: see docs/onnx.md).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="onnx: ONNX Runtime execution provider for the parity check.")
+@click.option("--parity-tolerance", type=click.FloatRange(min=0), default=None,
+              help="onnx: largest |ORT - PyTorch| logit difference accepted [default: by dtype, see docs/onnx.md].")
 @click.option("--dtype", default="auto", show_default=True, help="dtype for the analysis of an unresolved recipe.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the analysis of an unresolved recipe.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def compress(model, recipe_path, output, max_shard_size, dtype, device, force):
-    """Write MODEL without the recipe's layers as a safetensors checkpoint."""
+def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtype, provider, parity_tolerance,
+             dtype, device, force):
+    """Write MODEL without the recipe's layers: a safetensors checkpoint, or an ONNX graph."""
     from . import pipeline
     from . import recipe as recipe_mod
     from .compress import parse_size
@@ -319,16 +308,28 @@ def compress(model, recipe_path, output, max_shard_size, dtype, device, force):
         k = len(recipe.resolved.remove) if recipe.is_resolved else recipe.selection.k
         # a Hub id resolves to a snapshot folder named by its commit: name it after the repo
         name = Path(model).name if Path(model).exists() else model.rstrip("/").split("/")[-1]
-        output = Path("exported") / f"{name}-skip{k}"
+        output = Path("exported") / (f"{name}-skip{k}" + ("-onnx" if fmt == "onnx" else ""))
+    kwargs = dict(max_shard_size=shard, force=force, format=fmt, opset=opset, export_dtype=export_dtype,
+                  provider=provider, parity_tolerance=parity_tolerance)
+    if fmt == "onnx":
+        kwargs["status"] = lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False)
     if recipe.is_resolved:
-        result, resolved = pipeline.compress(handle, recipe, output, max_shard_size=shard, force=force)
+        result, resolved = pipeline.compress(handle, recipe, output, **kwargs)
     else:
         if output.exists() and not force:
             raise RepskipError(f"output {output} already exists; pass --force to replace it")
+        pipeline.check_calibration(recipe)  # refuse bad input before a long analysis
+        if fmt == "onnx":
+            from .onnx_export import check_options
+
+            check_options(opset, export_dtype, provider)
         console.print(f"recipe {recipe_path} is unresolved: analysing {handle.path.name} to choose layers")
         with _progress("analysing") as update:
-            result, resolved = pipeline.compress(handle, recipe, output, max_shard_size=shard, force=force,
-                                                 dtype=dtype, device=device, progress=update)
+            result, resolved = pipeline.compress(handle, recipe, output, dtype=dtype, device=device, progress=update,
+                                                 **kwargs)
+    if fmt == "onnx":
+        _print_onnx_export(handle, result, output)
+        return
     table = Table(show_header=False, box=None)
     table.add_row("removed layers", str(result.removed))
     table.add_row("layers", f"{handle.num_layers} -> {len(result.kept)}")
@@ -340,6 +341,26 @@ def compress(model, recipe_path, output, max_shard_size, dtype, device, force):
         console.print(f"wrote {output} (loads with AutoModelForCausalLM.from_pretrained)")
     else:
         console.print(f"wrote {output} (loads with repskip, and with the authors' code via trust_remote_code)")
+
+
+def _print_onnx_export(handle, result, output) -> None:
+    table = Table(title="parity: ONNX Runtime vs PyTorch", title_justify="left")
+    for col in ("batch", "new tokens", "past", "padded rows", "max |diff| logits", "max |diff| present"):
+        table.add_column(col, justify="right")
+    for c in result.parity:
+        present = "-" if c.present_max_abs_diff is None else f"{c.present_max_abs_diff:.2e}"
+        table.add_row(str(c.batch), str(c.length), str(c.past), str(c.padded_rows), f"{c.max_abs_diff:.2e}", present)
+    console.print(table)
+    summary = Table(show_header=False, box=None)
+    summary.add_row("removed layers", str(result.removed))
+    summary.add_row("layers", f"{handle.num_layers} -> {len(result.kept)}")
+    summary.add_row("graph", f"{result.signature}, opset {result.opset}, {result.dtype}"
+                             + (", external data" if result.external_data else ""))
+    summary.add_row("size", f"{result.onnx_bytes / 1e6:,.1f} MB")
+    summary.add_row("parity", f"max |diff| {result.max_abs_diff:.2e} <= tolerance {result.tolerance:.2e} "
+                              f"on {result.provider.upper()}")
+    console.print(summary)
+    console.print(f"wrote {output} (runs with 'repskip generate {output}' or any ONNX Runtime)")
 
 
 def _removed_for(handle, recipe_path, remove):
@@ -380,7 +401,7 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
     from . import pipeline
     from .flops import COMPONENTS, generation_flops
 
-    handle = pipeline.open_model(model)
+    handle = pipeline.open_model(model, allow_onnx=True)
     kind = handle.family.generative_kind
     if kind == "autoregressive" and (steps is not None or cfg or block_length is not None):
         raise RepskipError("--steps, --cfg and --block-length describe diffusion sampling; this model is autoregressive")
@@ -440,27 +461,32 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
               help="Any other sampler setting, e.g. eps=0.001 or logits_eos_inf=true (repeatable).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template if there is one.")
 @click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="PyTorch checkpoints: cpu, cuda, cuda:N or auto.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="ONNX exports: ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu and a GPU are "
+                   "present, else CPU).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate(model, prompts, sampler, extra, chat, dtype, device, seed, **settings):
-    """Load MODEL (e.g. an exported one) and continue prompts with its sampler."""
+def generate(model, prompts, sampler, extra, chat, dtype, device, provider, seed, **settings):
+    """Load MODEL (a checkpoint, or an exported one: safetensors or ONNX) and continue
+    prompts with its sampler."""
     from . import pipeline
     from .sampler import format_prompt, get_sampler
 
-    handle = pipeline.open_model(model)
+    handle = pipeline.open_model(model, allow_onnx=True)
     fam = handle.family
     smp = get_sampler(sampler or fam.default_sampler, fam)
     given = {**{k: v for k, v in settings.items() if v is not None}, **_key_values(extra, "--set")}
     smp.settings(given)  # reject a setting this sampler does not take before loading anything
-    torch_model = fam.load(handle.path, pipeline.parse_dtype(dtype), pipeline.parse_device(device))
+    torch_model = handle.load(dtype, device, provider=provider)
     tokenizer = fam.load_tokenizer(handle.path)
     texts = [format_prompt(tokenizer, p, chat) for p in prompts]
     out = smp.generate(torch_model, tokenizer, texts, family=fam, seed=seed, **given)
     for prompt, text in zip(prompts, out.texts):
         console.print(f"[bold cyan]> {prompt}[/]")
         console.print(text, highlight=False)
+    runtime = f"ONNX Runtime {torch_model.session.provider.upper()}" if handle.onnx else "PyTorch"
     console.print(f"[dim]{handle.num_layers} layers, {out.forward_passes} forward passes, "
-                  f"sampler {sampler or fam.default_sampler}[/]")
+                  f"sampler {sampler or fam.default_sampler}, {runtime}[/]")
 
 
 def _bench_options(pairs: tuple[str, ...]) -> dict[str, dict]:
@@ -507,11 +533,14 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF decoders).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="COMPRESSED as an ONNX export: ONNX Runtime execution provider.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def verify(base, compressed, recipe_path, benches, data, limit, min_retention, output, overrides, bench_opts, presets,
-           sampler, batch_size, chat, dtype, device, device_map, seed):
+           sampler, batch_size, chat, dtype, device, device_map, provider, seed):
     """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
-    95% confidence interval and a paired test, FLOPs reduction and measured speed."""
+    95% confidence interval and a paired test, FLOPs reduction and measured speed. COMPRESSED
+    may be a safetensors checkpoint or an ONNX export (run on ONNX Runtime)."""
     from . import verify as verify_mod
 
     names = [b.strip() for b in benches.split(",") if b.strip()]
@@ -529,7 +558,7 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
             base, compressed, recipe=recipe_path, benches=names, data=_data_map(data), limit=limit, output=output,
             batch_size=batch_size, chat=chat, seed=seed, sampler=sampler, overrides=_key_values(overrides, "--set"),
             presets=presets, bench_options=_bench_options(bench_opts),
-            dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map,
+            dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map, provider=provider,
             progress=update,
         )
     if not report:  # a secondary process of a multi-process run: rank 0 reports

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorEntry, read_header
 from .errors import RepskipError
+from .outputs import atomic_dir, check_free
 
 # Weight files of other formats are never copied into the output.
 SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".onnx_data"}
@@ -136,7 +137,7 @@ def _write_shard(path: Path, items: list[Planned], metadata: dict[str, str]) -> 
             h.close()
 
 
-def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
+def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
     copied = []
     for item in sorted(src_dir.iterdir()):
         if not item.is_file() or item.name.startswith("."):
@@ -175,18 +176,12 @@ def write_pruned(
     output = Path(output)
     if output.resolve() == ckpt.path.resolve():
         raise RepskipError("the output folder is the input checkpoint; choose another -o")
-    if output.exists() and not force:
-        raise RepskipError(f"output {output} already exists; pass --force to replace it")
+    check_free(output, force)
     planned = plan_tensors(ckpt, prefix, kept, num_layers)
     shards = _shards(planned, max_shard_size)
     first_meta = read_header(ckpt.files[0]).metadata
     metadata = {**first_meta, "format": first_meta.get("format", "pt")}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
+    with atomic_dir(output, force) as tmp:
         names = (
             [SINGLE_NAME]
             if len(shards) == 1
@@ -200,26 +195,11 @@ def write_pruned(
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        side = _copy_side_files(ckpt.path, tmp)
+        side = copy_side_files(ckpt.path, tmp)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         (tmp / RECIPE_NAME).write_text(recipe_yaml)
         for name in names:  # re-read what was written before it is put in place
             read_header(tmp / name)
-        if output.exists():
-            trash = output.parent / f".{output.name}.replaced-{os.getpid()}"
-            output.rename(trash)
-            tmp.rename(output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(output)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RepskipError(
-            f"writing {output} failed ({exc.strerror or exc}); nothing was written there"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     removed = [i for i in range(num_layers) if i not in set(kept)]
     return CompressResult(
         output=output,

@@ -77,6 +77,17 @@ class Family(abc.ABC):
         """Logits of a forward pass; position i predicts token i+1 for autoregressive models."""
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def onnx_module(self, model: Any) -> Any:
+        """A torch module with the ONNX signature of this family's kind, for export.
+
+        Autoregressive: ``forward(input_ids, attention_mask, position_ids, past)`` where
+        ``past`` is a tuple of 2 x layers tensors [batch, kv_heads, past_len, head_dim] (key,
+        value per layer), returning ``(logits, *present)`` with the new token's keys and values
+        appended. Diffusion: ``forward(input_ids, attention_mask)`` returning the logits as the
+        family's own forward returns them. See repskip.runtime for the names each gets.
+        """
+        raise RepskipError(f"the {type(self).__name__} family plugin does not support ONNX export")
+
     @staticmethod
     def layer_output(output: Any) -> Any:
         """The hidden state a decoder layer returns (some return a tuple)."""

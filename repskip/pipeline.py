@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from . import recipe as _recipe
-from .checkpoint import Checkpoint, open_checkpoint, resolve_model
+from .checkpoint import Checkpoint, open_checkpoint, read_config, resolve_model
 from .compress import DEFAULT_SHARD_SIZE, CompressResult, write_pruned
+from .outputs import check_free
 from .errors import RepskipError
 from .family import Family, find_family, validate_kept
 from .flops import FlopsComparison, compare
@@ -53,12 +54,13 @@ def parse_device(name: str) -> str:
 
 @dataclass
 class ModelHandle:
-    """A checkpoint on disk and the family that understands it."""
+    """A checkpoint on disk (safetensors, or an exported ONNX folder) and its family."""
 
     path: Path
     ckpt: Checkpoint
     family_name: str
     family: Family
+    onnx: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -69,13 +71,45 @@ class ModelHandle:
             "path": str(self.path),
             "family": self.family_name,
             "model_type": self.ckpt.config.get("model_type"),
-            "fingerprint": self.ckpt.fingerprint(),
+            "fingerprint": None if self.onnx else self.ckpt.fingerprint(),
             "num_layers": self.num_layers,
+            "format": "onnx" if self.onnx else "safetensors",
         }
 
+    def load(self, dtype: str | None = None, device: str = "cpu", device_map: str | None = None,
+             provider: str = "auto") -> Any:
+        """The runnable model: the family's torch module, or an ONNX Runtime session behind
+        the same interface for an exported ONNX folder (``provider``: auto, cpu or cuda)."""
+        if not self.onnx:
+            return self.family.load(self.path, parse_dtype(dtype), parse_device(device), device_map=device_map)
+        from .runtime import load_onnx_model
 
-def open_model(model: str | Path, family: str | None = None) -> ModelHandle:
+        if dtype not in (None, "auto"):
+            raise RepskipError(f"{self.path.name} is an ONNX export: it runs in the dtype it was exported in; drop --dtype")
+        if device_map:
+            raise RepskipError(f"{self.path.name} is an ONNX export: --device-map is for PyTorch checkpoints")
+        return load_onnx_model(self.path, self.ckpt.config, provider)
+
+    def require_weights(self, what: str) -> None:
+        """Refuse work that needs the PyTorch checkpoint on an ONNX export."""
+        if self.onnx:
+            raise RepskipError(f"{what} needs the original safetensors checkpoint; {self.path} is an ONNX export")
+
+
+def open_model(model: str | Path, family: str | None = None, allow_onnx: bool = False) -> ModelHandle:
+    """A model folder (or Hub id) and its family; ``allow_onnx`` also takes an exported ONNX
+    folder, for the commands that can run one (generate, verify, flops)."""
+    from .runtime import ONNX_FILE, is_onnx_folder
+
     path = resolve_model(model)
+    if path.is_dir() and is_onnx_folder(path) and not any(path.glob("*.safetensors")):
+        if not allow_onnx:
+            raise RepskipError(
+                f"{path} is an ONNX export; this command needs the safetensors checkpoint it was exported from"
+            )
+        config = read_config(path)
+        name, fam = find_family(config, family)
+        return ModelHandle(path, Checkpoint(path, config, [path / ONNX_FILE], {}, None), name, fam, onnx=True)
     ckpt = open_checkpoint(path)
     name, fam = find_family(ckpt.config, family)
     return ModelHandle(path, ckpt, name, fam)
@@ -89,6 +123,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 MODES = ("forward", "masked", "sampling")
+FORMATS = ("safetensors", "onnx")
 
 
 def analyze(
@@ -240,6 +275,22 @@ def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_sa
                                   primary="current_block")
 
 
+def check_calibration(recipe: _recipe.Recipe) -> None:
+    """An unresolved recipe is resolved by an analysis on its calibration data: refuse it at
+    once, before any model is loaded, when that data cannot be read."""
+    from . import calibration
+
+    if recipe.is_resolved:
+        return
+    try:
+        calibration.load_texts(recipe.calibration.source, recipe.calibration.field)
+    except RepskipError as exc:
+        raise RepskipError(
+            f"the recipe is unresolved and its analysis data cannot be read ({exc}): fix calibration.source, "
+            "or pass a resolved recipe (from 'repskip analyze' or 'repskip select')"
+        ) from None
+
+
 def resolve_recipe(
     recipe: _recipe.Recipe,
     model: str | Path | ModelHandle,
@@ -254,6 +305,7 @@ def resolve_recipe(
     if recipe.is_resolved:
         _recipe.check_applies(recipe, handle.ckpt.fingerprint(), handle.num_layers)
         return recipe, None
+    check_calibration(recipe)
     sel = recipe.selection
     assert sel is not None
     cal = recipe.calibration
@@ -288,14 +340,28 @@ def compress(
     dtype: str | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[CompressResult, _recipe.Recipe]:
-    """Write ``model`` without the recipe's layers to ``output`` (safetensors)."""
+    format: str = "safetensors",
+    opset: int = 18,
+    export_dtype: str = "fp32",
+    provider: str = "cpu",
+    parity_tolerance: float | None = None,
+    status: Callable[[str], None] | None = None,
+) -> tuple[Any, _recipe.Recipe]:
+    """Write ``model`` without the recipe's layers to ``output``: a safetensors checkpoint
+    (a CompressResult) or, with ``format="onnx"``, an ONNX graph checked against PyTorch on
+    ``provider`` (an OnnxExportResult; see repskip.onnx_export)."""
     handle = model if isinstance(model, ModelHandle) else open_model(model)
+    handle.require_weights("compress")
+    if format not in FORMATS:
+        raise RepskipError(f"unknown output format {format!r}; choose {' or '.join(FORMATS)}")
     if not isinstance(recipe, _recipe.Recipe):
         recipe = _recipe.load(recipe)
     output = Path(output)
-    if output.exists() and not force:  # fail before a long analysis, not after it
-        raise RepskipError(f"output {output} already exists; pass --force to replace it")
+    check_free(output, force)  # fail before a long analysis, not after it
+    if format == "onnx":
+        from .onnx_export import check_options
+
+        check_options(opset, export_dtype, provider)
     resolved, _ = resolve_recipe(recipe, handle, dtype=dtype, device=device, progress=progress)
     assert resolved.resolved is not None
     kept = validate_kept(handle.num_layers, resolved.resolved.remove)
@@ -305,6 +371,13 @@ def compress(
         stamped = resolved.resolved.model_copy(update={"versions": versions()})
         resolved = resolved.model_copy(update={"resolved": stamped})
     new_config = handle.family.rewrite_config(handle.ckpt.config, kept)
+    if format == "onnx":
+        from .onnx_export import export_onnx
+
+        onnx_result = export_onnx(handle, kept, new_config, resolved.to_yaml(), output, opset=opset,
+                                  dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force,
+                                  status=status)
+        return onnx_result, resolved
     result = write_pruned(
         handle.ckpt,
         prefix=handle.family.layer_prefix(handle.ckpt.config),

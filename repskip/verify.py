@@ -28,7 +28,8 @@ from .versions import versions
 from .benchmark import Benchmark, Item, get_benchmark
 from .errors import RepskipError
 from .flops import generation_flops
-from .pipeline import ModelHandle, open_model, parse_device, parse_dtype
+from .pipeline import ModelHandle, open_model, parse_device
+from .runtime import model_device, model_dtype
 from .sampler import get_sampler
 
 SCHEMA_VERSION = 1
@@ -49,17 +50,29 @@ class Side:
 
 
 def load_side(label: str, handle: ModelHandle, dtype: str | None, device: str, remove: Sequence[int] = (),
-              device_map: str | None = None) -> Side:
+              device_map: str | None = None, provider: str = "auto") -> Side:
     fam = handle.family
-    model = fam.load(handle.path, parse_dtype(dtype), device, device_map=device_map)
+    model = handle.load(dtype, device, device_map=device_map, provider=provider)
     layers = handle.num_layers
-    tag = handle.ckpt.fingerprint().replace("sha256:", "")[:16]
+    tag = (onnx_tag(handle.path) if handle.onnx else handle.ckpt.fingerprint().replace("sha256:", "")[:16])
     if remove:
         kept = [i for i in range(layers) if i not in set(remove)]
         fam.remove_layers(model, kept)
         tag += "-skip" + "_".join(map(str, remove))
         layers = len(kept)
     return Side(label, handle, model, fam.load_tokenizer(handle.path), tag, layers, list(remove))
+
+
+def onnx_tag(path: Path) -> str:
+    """Cache tag of an ONNX export: its export record (recipe, parity, versions) and file size."""
+    from .runtime import META_FILE, ONNX_FILE
+
+    digest = hashlib.sha256()
+    for name in (META_FILE, "config.json"):
+        if (path / name).is_file():
+            digest.update((path / name).read_bytes())
+    digest.update(str((path / ONNX_FILE).stat().st_size).encode())
+    return "onnx-" + digest.hexdigest()[:16]
 
 
 def check_same_tokenizer(a: Side, b: Side) -> None:
@@ -177,7 +190,7 @@ def run_perplexity(side: Side, bench: Benchmark, items: list[Item], *, cache: It
     from .perplexity import autoregressive_nll, masked_diffusion_nll
 
     fam = side.handle.family
-    device = next(side.model.parameters()).device
+    device = model_device(side.model)
     for index, it in enumerate(items):
         if index % world != rank or it.id in cache:
             continue
@@ -310,6 +323,7 @@ def verify(
     dtype: str | None = None,
     device: str = "cpu",
     device_map: str | None = None,
+    provider: str = "auto",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Run every benchmark on base and compressed and return the report (also written to
@@ -341,9 +355,9 @@ def verify(
         comp_handle, comp_label = base_handle, f"{base_handle.path} with recipe {recipe}"
     else:
         remove = []
-        comp_handle, comp_label = open_model(compressed), str(compressed)
+        comp_handle, comp_label = open_model(compressed, allow_onnx=True), str(compressed)
     base_side = load_side("base", base_handle, dtype, device, device_map=device_map)
-    comp_side = load_side("compressed", comp_handle, dtype, device, remove, device_map=device_map)
+    comp_side = load_side("compressed", comp_handle, dtype, device, remove, device_map=device_map, provider=provider)
     check_same_tokenizer(base_side, comp_side)
     sampler_name = sampler or base_handle.family.default_sampler
     get_sampler(sampler_name, base_handle.family)  # the right kind for this model, or a clear error
@@ -396,10 +410,13 @@ def verify(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "base": {"path": str(base_handle.path), "layers": base_side.layers, "fingerprint": base_handle.ckpt.fingerprint()},
         "compressed": {"path": comp_label, "layers": comp_side.layers, "removed": remove or None,
-                       "fingerprint": comp_handle.ckpt.fingerprint()},
+                       "format": "onnx" if comp_handle.onnx else "safetensors",
+                       "fingerprint": comp_side.tag if comp_handle.onnx else comp_handle.ckpt.fingerprint(),
+                       **({"provider": comp_side.model.session.provider,
+                           "dtype": str(model_dtype(comp_side.model)).replace("torch.", "")} if comp_handle.onnx else {})},
         "settings": {"sampler": sampler_name, "chat": chat, "seed": seed, "batch_size": batch_size, "limit": limit,
                      "processes": world,
-                     "dtype": str(next(base_side.model.parameters()).dtype).replace("torch.", ""), "device": device, "device_map": device_map,
+                     "dtype": str(model_dtype(base_side.model)).replace("torch.", ""), "device": device, "device_map": device_map,
                      "presets": str(presets or PRESETS), "data": data or {}, "max_length": max_length},
         "hardware": _hardware(device),
         "versions": versions(),

@@ -8,9 +8,9 @@ from importlib import metadata
 from . import __version__
 
 
-def versions() -> dict[str, str]:
+def versions(packages: tuple[str, ...] = ("torch", "transformers")) -> dict[str, str]:
     out = {"repskip": __version__}
-    for package in ("torch", "transformers"):
+    for package in packages:
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

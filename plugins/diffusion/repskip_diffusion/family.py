@@ -106,6 +106,11 @@ class DiffusionFamily(Family):
         spec = model.spec
         model.spec = DecoderSpec(**{**spec.__dict__, "layers": len(kept)})
 
+    def onnx_module(self, model: Any) -> Any:
+        from .model import ExportForward
+
+        return ExportForward(model)
+
     def logits(self, model: Any, input_ids: Any, attention_mask: Any) -> Any:
         """Raw logits of the forward pass, as the authors' model returns them."""
         return model(input_ids, attention_mask)

@@ -170,3 +170,15 @@ def load_decoder(
     model.load_state_dict(state, strict=False, assign=True)
     model.inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float) / spec.head_dim))
     return model.to(device).eval()
+
+
+class ExportForward(nn.Module):
+    """The decoder's forward as ONNX export sees it: ids and padding mask in, every
+    position's logits out (no head window: the graph serves any window)."""
+
+    def __init__(self, decoder: BidirectionalDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder(input_ids, attention_mask)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from repskip.errors import RepskipError
+from repskip.runtime import model_device
 from repskip.sampler import Generation, Sampler, count_forwards
 
 #: denoise(x, attention_mask, (start, end)) -> logits of positions start..end-1, aligned so
@@ -296,7 +297,7 @@ class _DiffusionSampler(Sampler):
         pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, config.get("pad_token_id"), 0)
                        if isinstance(t, int) and t != mask_id), 0 if mask_id else 1)
         ids, mask = _left_pad(tokenizer, prompts, pad_id)
-        device = next(model.parameters()).device
+        device = model_device(model)
         ids, mask = ids.to(device), mask.to(device)
         context = family.context_length(config)
         total = ids.shape[1] + cfg[self.length_key]

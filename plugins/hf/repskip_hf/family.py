@@ -76,3 +76,8 @@ class HFDecoderFamily(Family):
         for key in ("num_hidden_layers", "max_window_layers", *PER_LAYER_KEYS):
             if key in new:
                 setattr(model.config, key, new[key])
+
+    def onnx_module(self, model: Any) -> Any:
+        from .onnx import CausalLMWithPast
+
+        return CausalLMWithPast(model)
