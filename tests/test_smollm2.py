@@ -92,3 +92,34 @@ def test_real_weights_in_llada_layout_match_llama_when_causal(smollm2, tmp_path)
     with torch.no_grad():
         diff = (ours(ids, causal=True) - reference(ids).logits).abs().max().item()
     assert diff < 1e-5
+
+
+def test_onnx_export_of_real_weights(smollm2, smol_analysis, tmp_path, text_ids):
+    """The pruned SmolLM2 as ONNX: the file loses the removed layers' share of the weights,
+    ONNX Runtime agrees with PyTorch on real text, and greedy generation is the same."""
+    from repskip.runtime import ONNX_FILE
+    from repskip.sampler import get_sampler
+
+    recipe = resolve(Recipe(selection=SelectionSpec(strategy="paper", k=6)), smol_analysis)
+    result, _ = compress(smollm2, recipe, tmp_path / "onnx", format="onnx")
+    compress(smollm2, recipe, tmp_path / "st")
+    source = open_model(smollm2).ckpt
+    removed_share = sum(e.nbytes for n, e in source.tensors.items()
+                        if any(n.startswith(f"model.layers.{i}.") for i in result.removed)) / source.total_bytes
+    # The full export's file is the checkpoint's bytes plus a small graph (bench/onnx_speed.py
+    # measures the two ONNX files against each other).
+    shrink = 1 - (tmp_path / "onnx" / ONNX_FILE).stat().st_size / source.total_bytes
+    assert shrink >= 0.9 * removed_share, (shrink, removed_share)
+    assert result.max_abs_diff <= result.tolerance
+
+    onnx_model = open_model(tmp_path / "onnx", allow_onnx=True).load(provider="cpu")
+    pt_handle = open_model(tmp_path / "st")
+    pt_model = pt_handle.load()
+    with torch.inference_mode():
+        diff = (onnx_model(text_ids).logits - pt_model(input_ids=text_ids).logits).abs().max().item()
+    assert diff < 1e-2, diff
+    tok = pt_handle.family.load_tokenizer(tmp_path / "st")
+    prompts = ["The capital of France is", "List three colours:"]
+    a = get_sampler("ar").generate(pt_model, tok, prompts, max_new_tokens=24)
+    b = get_sampler("ar").generate(onnx_model, tok, prompts, max_new_tokens=24)
+    assert a.token_ids == b.token_ids
