@@ -29,9 +29,12 @@ demo: setup
 	$(BIN)/repskip flops "$$MODEL" --recipe runs/smollm2/recipe.yaml; \
 	echo "== reload the compressed model and generate"; \
 	$(BIN)/repskip generate exported/smollm2-skip4 --prompt "$(DEMO_PROMPT)" --max-new-tokens 48; \
+	echo "== export the same recipe to ONNX (checked against PyTorch) and generate on ONNX Runtime"; \
+	$(BIN)/repskip compress "$$MODEL" --recipe runs/smollm2/recipe.yaml --format onnx -o exported/smollm2-skip4-onnx --force; \
+	$(BIN)/repskip generate exported/smollm2-skip4-onnx --prompt "$(DEMO_PROMPT)" --max-new-tokens 48 --provider auto; \
 	echo; \
 	echo "analysis report and plots: runs/smollm2/ (analysis.json, recipe.yaml, *.png)"; \
-	echo "compressed model:          exported/smollm2-skip4/"
+	echo "compressed model:          exported/smollm2-skip4/ (safetensors), exported/smollm2-skip4-onnx/ (ONNX)"
 
 test: setup
 	$(BIN)/python -m pytest

@@ -24,7 +24,8 @@ import torch
 from .compress import RECIPE_NAME, copy_side_files
 from .errors import RepskipError
 from .outputs import atomic_dir
-from .runtime import CAUSAL, MASKED, META_FILE, ONNX_FILE, check_provider, load_onnx_model
+from .formats import CAUSAL, MASKED, META_FILE, ONNX_FILE
+from .runtime import check_provider, load_onnx_model
 
 SCHEMA_VERSION = 1
 MIN_OPSET = 18

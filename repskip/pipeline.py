@@ -99,7 +99,7 @@ class ModelHandle:
 def open_model(model: str | Path, family: str | None = None, allow_onnx: bool = False) -> ModelHandle:
     """A model folder (or Hub id) and its family; ``allow_onnx`` also takes an exported ONNX
     folder, for the commands that can run one (generate, verify, flops)."""
-    from .runtime import ONNX_FILE, is_onnx_folder
+    from .formats import ONNX_FILE, is_onnx_folder
 
     path = resolve_model(model)
     if path.is_dir() and is_onnx_folder(path) and not any(path.glob("*.safetensors")):

@@ -27,11 +27,8 @@ from typing import Any
 import torch
 
 from .errors import RepskipError
+from .formats import CAUSAL, MASKED, ONNX_FILE
 
-ONNX_FILE = "model.onnx"
-META_FILE = "repskip-onnx.json"
-CAUSAL = "causal-lm-with-past"
-MASKED = "masked-lm"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
@@ -48,10 +45,6 @@ def require_onnxruntime() -> Any:
             "machine, which brings onnxruntime-gpu)"
         ) from None
     return onnxruntime
-
-
-def is_onnx_folder(path: Path) -> bool:
-    return (Path(path) / ONNX_FILE).is_file()
 
 
 def model_device(model: Any) -> torch.device:
@@ -147,6 +140,8 @@ class OrtSession:
             binding.bind_input(name, kind, index, _NUMPY_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
         for name, tensor in outputs.items():
             binding.bind_output(name, kind, index, _NUMPY_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
+        if kind == "cuda":  # torch wrote the inputs on its own stream: finish before ORT reads them
+            torch.cuda.synchronize(self.device)
         self.session.run_with_iobinding(binding)
 
 

@@ -65,7 +65,7 @@ def load_side(label: str, handle: ModelHandle, dtype: str | None, device: str, r
 
 def onnx_tag(path: Path) -> str:
     """Cache tag of an ONNX export: its export record (recipe, parity, versions) and file size."""
-    from .runtime import META_FILE, ONNX_FILE
+    from .formats import META_FILE, ONNX_FILE
 
     digest = hashlib.sha256()
     for name in (META_FILE, "config.json"):

@@ -13,7 +13,8 @@ from helpers import dream_from_qwen2, llada_from_llama, make_checkpoint
 from repskip import pipeline
 from repskip.cli import main
 from repskip.errors import RepskipError
-from repskip.runtime import META_FILE, ONNX_FILE, OrtCausalLM, OrtMaskedLM
+from repskip.formats import META_FILE, ONNX_FILE
+from repskip.runtime import OrtCausalLM, OrtMaskedLM
 from repskip.sampler import get_sampler
 
 REMOVE = [2, 4]  # of 6 layers

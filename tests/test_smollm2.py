@@ -97,7 +97,7 @@ def test_real_weights_in_llada_layout_match_llama_when_causal(smollm2, tmp_path)
 def test_onnx_export_of_real_weights(smollm2, smol_analysis, tmp_path, text_ids):
     """The pruned SmolLM2 as ONNX: the file loses the removed layers' share of the weights,
     ONNX Runtime agrees with PyTorch on real text, and greedy generation is the same."""
-    from repskip.runtime import ONNX_FILE
+    from repskip.formats import ONNX_FILE
     from repskip.sampler import get_sampler
 
     recipe = resolve(Recipe(selection=SelectionSpec(strategy="paper", k=6)), smol_analysis)
