@@ -10,6 +10,8 @@ KV cache that prefill left (ms per token). Medians of --repeats, measured in alt
 outside load hits every model alike. Targets: ORT / PyTorch >= 1.0 for prefill and decode;
 (ORT full / ORT pruned) / FLOPs-ideal >= 0.9. The file-size target: the pruned file is
 smaller than the full one by at least 90% of the removed layers' share of the parameters.
+ONNX Runtime's worker threads are told not to spin after a run (by default they busy-wait
+for more work, which would slow whatever is timed next in the alternation).
 With --fused, a copy of the pruned graph with ONNX Runtime's transformer fusions
 (onnxruntime.transformers.optimizer, model type qwen3: RMSNorm and skip-add fusions) is
 timed as well.
@@ -63,12 +65,20 @@ def fused_copy(src: Path, out: Path) -> Path:
     return out
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so a timer stops when the work is done."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def runners(model, ids: torch.Tensor, steps: int, onnx: bool):
     """(prefill, decode) callables: one forward over ``ids``; ``steps`` cached decode steps."""
     token = ids[:, -1:]
 
     def prefill():
-        return model(ids) if onnx else model(input_ids=ids, use_cache=True)
+        out = model(ids) if onnx else model(input_ids=ids, use_cache=True)
+        sync()
+        return out
 
     state = {"past": prefill().past_key_values}
 
@@ -78,11 +88,13 @@ def runners(model, ids: torch.Tensor, steps: int, onnx: bool):
             import copy
 
             past = copy.deepcopy(past)
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
             out = model(token, past_key_values=past) if onnx else model(input_ids=token, past_key_values=past,
                                                                           use_cache=True)
             past = out.past_key_values
+        sync()
         return time.perf_counter() - t
 
     return prefill, decode
@@ -99,6 +111,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "repskip" / "bench-onnx",
                     help="where the exports are kept between runs")
     ap.add_argument("--fused", action="store_true", help="also time ORT's transformer fusions")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: PyTorch on the GPU against ORT's CUDAExecutionProvider (needs onnxruntime-gpu)")
     ap.add_argument("--json", default=_common.default_json("onnx_speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,15 +143,16 @@ def main() -> None:
                           f"{shrink / removed_share:.3f}"]]))
 
     ids = torch.randint(0, geo.vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
     with torch.inference_mode():
-        pt = handle.family.load(smol, torch.float32)
+        pt = handle.family.load(smol, torch.float32, args.device)
         handle.family.remove_layers(pt, kept)
         models = {"pytorch pruned": (pt, False),
-                  "ort pruned": (load_onnx_model(pruned_dir, read_config(pruned_dir), "cpu", threads=args.threads), True),
-                  "ort full": (load_onnx_model(full_dir, read_config(full_dir), "cpu", threads=args.threads), True)}
+                  "ort pruned": (load_onnx_model(pruned_dir, read_config(pruned_dir), args.device, threads=args.threads, spinning=False), True),
+                  "ort full": (load_onnx_model(full_dir, read_config(full_dir), args.device, threads=args.threads, spinning=False), True)}
         if args.fused:
             fused = fused_copy(pruned_dir, args.workdir / f"smollm2-skip{tag}-onnx-fused")
-            models["ort pruned fused"] = (load_onnx_model(fused, read_config(fused), "cpu", threads=args.threads), True)
+            models["ort pruned fused"] = (load_onnx_model(fused, read_config(fused), args.device, threads=args.threads, spinning=False), True)
         run = {name: runners(m, ids, args.decode, onnx) for name, (m, onnx) in models.items()}
         for prefill, decode in run.values():  # warm-up: page the weights in, let ORT settle its plans
             prefill(), decode()
@@ -154,7 +169,8 @@ def main() -> None:
         "prefill": forward_flops(geo, args.prompt_len).total / forward_flops(geo, args.prompt_len, layers=len(kept)).total,
         "decode": forward_flops(geo, 1, context).total / forward_flops(geo, 1, context, layers=len(kept)).total,
     }
-    results: dict = {"size": size, "median_s": {n: {k: round(v, 5) for k, v in m.items()} for n, m in med.items()}}
+    results: dict = {"size": size, "median_s": {n: {k: round(v, 5) for k, v in m.items()} for n, m in med.items()},
+                     "decode_tokens_per_s": {n: round(args.batch / m["decode"], 1) for n, m in med.items()}}
     rows = []
     for phase in ("prefill", "decode"):
         ort_vs_pt = med["pytorch pruned"][phase] / med["ort pruned"][phase]
@@ -172,7 +188,8 @@ def main() -> None:
                          "FLOPs-ideal", "realised/ideal"] + (["ORT pruned fused"] if args.fused else []), rows))
     data = _common.report("onnx_speed", {"removed": removed, "prompt_len": args.prompt_len, "decode_steps": args.decode,
                                          "batch": args.batch, "repeats": args.repeats, "threads": args.threads,
-                                         "dtype": "float32", "provider": "CPUExecutionProvider"}, results)
+                                         "dtype": "float32", "device": args.device,
+                                         "provider": f"{args.device.upper()}ExecutionProvider"}, results)
     print(f"wrote {_common.write_json(args.json, data)}")
 
 

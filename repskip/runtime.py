@@ -79,7 +79,7 @@ def check_provider(provider: str) -> None:
 class OrtSession:
     """An onnxruntime session on one execution provider, run through IO bindings."""
 
-    def __init__(self, path: Path, provider: str = "auto", threads: int | None = None):
+    def __init__(self, path: Path, provider: str = "auto", threads: int | None = None, spinning: bool = True):
         ort = require_onnxruntime()
         path = Path(path)
         if not path.is_file():
@@ -94,6 +94,8 @@ class OrtSession:
         options.log_severity_level = 3  # errors only: ORT's own warnings are not for the user
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:  # idle threads sleep at once: fairer beside other sessions or torch
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph types
@@ -228,11 +230,12 @@ class OrtMaskedLM(torch.nn.Module):
         return logits
 
 
-def load_onnx_model(path: Path, config: dict, provider: str = "auto", threads: int | None = None) -> torch.nn.Module:
+def load_onnx_model(path: Path, config: dict, provider: str = "auto", threads: int | None = None,
+                    spinning: bool = True) -> torch.nn.Module:
     """The model in an exported folder (or a bare .onnx file) on an ONNX Runtime session."""
     path = Path(path)
     file = path / ONNX_FILE if path.is_dir() else path
-    session = OrtSession(file, provider, threads)
+    session = OrtSession(file, provider, threads, spinning)
     names = set(session.inputs)
     if "input_ids" not in names or "logits" not in session.outputs:
         raise RepskipError(f"{file} has inputs {sorted(names)} and outputs {sorted(session.outputs)}; repskip runs "
