@@ -208,9 +208,10 @@ def _left_pad(batch: int, length: int, pads: Sequence[int]) -> torch.Tensor:
 def _diff(got: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor) -> float:
     """Largest |difference| over the positions that are real tokens (padding rows' outputs are
     whatever each runtime makes of a query with nothing to attend to)."""
-    d = (got.float() - ref.float()).abs()
+    d = (got.float().cpu() - ref.float().cpu()).abs()  # ORT's outputs may sit on the GPU
     while valid.dim() < d.dim():
         valid = valid.unsqueeze(-1)
+    valid = valid.cpu()
     return float(d.masked_select(valid.expand_as(d).to(torch.bool)).max()) if valid.any() else 0.0
 
 
