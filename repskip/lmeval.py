@@ -29,7 +29,8 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise RepskipError("the lm-eval adapter needs lm-evaluation-harness: pip install 'repskip[lm-eval]'") from exc
 
 from .perplexity import autoregressive_nll, masked_diffusion_nll
-from .pipeline import open_model, parse_device, parse_dtype, removed_layers
+from .pipeline import open_model, removed_layers
+from .runtime import model_device
 from .sampler import get_sampler
 
 LENGTH_KEYS = {"ar": "max_new_tokens", "dream": "max_new_tokens", "llada": "gen_length"}
@@ -50,13 +51,16 @@ def _value(text: Any) -> Any:
 @register_model("repskip")
 class RepskipLM(LM):
     def __init__(self, pretrained: str, recipe: str | None = None, sampler: str | None = None, dtype: str | None = None,
-                 device: str = "cpu", batch_size: int | str = 8, mc_samples: int = 16, seed: int = 0, **kwargs: Any):
+                 device: str = "cpu", batch_size: int | str = 8, mc_samples: int = 16, seed: int = 0,
+                 provider: str = "auto", **kwargs: Any):
         super().__init__()
         from . import recipe as recipe_mod
 
-        self.handle = open_model(pretrained)
+        self.handle = open_model(pretrained, allow_onnx=True)
         self.family = self.handle.family
-        self.model = self.family.load(self.handle.path, parse_dtype(_value(dtype)), parse_device(device))
+        if recipe:
+            self.handle.require_weights("a recipe applied in memory")
+        self.model = self.handle.load(_value(dtype), device, provider=provider)
         self.removed: list[int] = []
         if recipe:
             self.removed = removed_layers(recipe_mod.load(recipe), self.handle)
@@ -76,7 +80,7 @@ class RepskipLM(LM):
         self.mc_samples = int(_value(mc_samples))
         self.seed = int(_value(seed))
         self.diffusion = self.family.generative_kind == "diffusion"
-        self.device_ = next(self.model.parameters()).device
+        self.device_ = model_device(self.model)
 
     # --- likelihoods ---------------------------------------------------------------------------
     def _encode(self, text: str, special: bool) -> list[int]:

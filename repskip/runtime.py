@@ -113,7 +113,8 @@ class OrtSession:
         if provider == "auto" and used != PROVIDERS["cuda"]:
             reason = ("onnxruntime-gpu is not installed" if PROVIDERS["cuda"] not in available
                       else "no usable CUDA GPU was found")
-            warnings.warn(f"ONNX Runtime runs {path.name} on CPUExecutionProvider: {reason}", stacklevel=2)
+            where = path.parent if path.name == ONNX_FILE else path
+            warnings.warn(f"ONNX Runtime runs {where} on CPUExecutionProvider: {reason}", stacklevel=2)
         self.provider = "cuda" if used == PROVIDERS["cuda"] else "cpu"
         # Tensors live on the GPU only when torch can put them there; otherwise ORT copies.
         on_gpu = self.provider == "cuda" and torch.cuda.is_available()

@@ -118,3 +118,21 @@ metric_list:
     assert "exact_match,none" in json.loads(out.read_text())["repskip_toy_gen"]
     bad = CliRunner().invoke(main, ["lm-eval", str(tiny["llama"]), "--tasks", "no_such_task_xyz"])
     assert bad.exit_code == 1 and "knows no task 'no_such_task_xyz'" in bad.stderr
+
+
+def test_an_onnx_export_is_an_lm_eval_model(tiny, tmp_path):
+    from repskip import pipeline
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("schema_version: 1\nresolved: {remove: [1, 2]}\n")
+    pipeline.compress(tiny["llama"], recipe, tmp_path / "onnx", format="onnx")
+    pipeline.compress(tiny["llama"], recipe, tmp_path / "st")
+    on_ort = RepskipLM(pretrained=str(tmp_path / "onnx"), provider="cpu")
+    on_pt = RepskipLM(pretrained=str(tmp_path / "st"))
+    reqs = [Req("The cat sat on", " the mat"), Req("abc", "def")]
+    for (a, ga), (b, gb) in zip(on_ort.loglikelihood(reqs), on_pt.loglikelihood(reqs)):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    gen = Req("hello", {"until": ["zz"], "max_gen_toks": 6})
+    assert on_ort.generate_until([gen]) == on_pt.generate_until([gen])
+    with pytest.raises(Exception, match="needs the original safetensors checkpoint"):
+        RepskipLM(pretrained=str(tmp_path / "onnx"), recipe=str(recipe))

@@ -229,7 +229,7 @@ def test_auto_provider_falls_back_with_one_line(exports):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed: auto may pick CUDA")
-    with pytest.warns(UserWarning, match="runs model.onnx on CPUExecutionProvider: onnxruntime-gpu is not installed"):
+    with pytest.warns(UserWarning, match="qwen2-onnx on CPUExecutionProvider: onnxruntime-gpu is not installed"):
         model = pipeline.open_model(exports["qwen2"][0], allow_onnx=True).load()
     assert model.session.provider == "cpu"
 
