@@ -284,9 +284,10 @@ def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protec
               help="safetensors: a checkpoint from_pretrained loads; onnx: model.onnx for ONNX Runtime, checked "
                    "against PyTorch before it is kept.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="safetensors: largest output shard, e.g. 500MB.")
-@click.option("--opset", type=int, default=18, show_default=True, help="onnx: ONNX opset (18 or newer).")
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="onnx: ONNX opset, 18 up to the newest the installed torch writes (23 for torch 2.13).")
 @click.option("--export-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="onnx: precision of the graph's weights and compute (bf16 is refused: see docs/onnx.md).")
+              help="onnx: precision of the graph's weights and compute (bf16 needs --provider cuda).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="onnx: ONNX Runtime execution provider for the parity check.")
 @click.option("--parity-tolerance", type=click.FloatRange(min=0), default=None,

@@ -32,7 +32,10 @@ from .formats import CAUSAL, MASKED, ONNX_FILE
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
-_NUMPY_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32"}
+# IO-binding element types: numpy names, and ONNX's enum for bf16, which numpy lacks
+# (TensorProto.BFLOAT16 = 16).
+_BIND_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
+               torch.bfloat16: 16}
 
 
 def require_onnxruntime() -> Any:
@@ -135,14 +138,14 @@ class OrtSession:
         index = self.device.index or 0
         keep = []  # contiguous copies must outlive the run
         for name, tensor in inputs.items():
+            shape = tuple(tensor.shape)
             tensor = tensor.to(self.device).contiguous()
+            if tensor.numel() == 0:  # an empty past: point at a real (unread) element, not at null
+                tensor = torch.empty(1, dtype=tensor.dtype, device=self.device)
             keep.append(tensor)
-            if tensor.numel() == 0:  # an empty past: nothing to point at
-                binding.bind_cpu_input(name, tensor.cpu().numpy())
-                continue
-            binding.bind_input(name, kind, index, _NUMPY_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_input(name, kind, index, _BIND_TYPES[tensor.dtype], shape, tensor.data_ptr())
         for name, tensor in outputs.items():
-            binding.bind_output(name, kind, index, _NUMPY_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_output(name, kind, index, _BIND_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
         if kind == "cuda":  # torch wrote the inputs on its own stream: finish before ORT reads them
             torch.cuda.synchronize(self.device)
         self.session.run_with_iobinding(binding)

@@ -262,7 +262,7 @@ def test_cli_export_generate_and_flops(models, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--opset", "17"], "opset 17 is not supported: repskip exports opset 18 to"),
     (["--opset", "99"], "opset 99 is not supported"),
-    (["--export-dtype", "bf16"], "bf16 ONNX export is not offered"),
+    (["--export-dtype", "bf16"], "a bf16 graph runs on CUDAExecutionProvider only"),
 ])
 def test_cli_bad_export_options(models, tmp_path, extra, message):
     res = run(["compress", models["qwen2"], "--recipe", resolved_recipe(tmp_path / "r.yaml"), "--format", "onnx",
