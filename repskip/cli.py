@@ -317,13 +317,9 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
     if recipe.is_resolved:
         result, resolved = pipeline.compress(handle, recipe, output, **kwargs)
     else:
-        if output.exists() and not force:
-            raise RepskipError(f"output {output} already exists; pass --force to replace it")
-        pipeline.check_calibration(recipe)  # refuse bad input before a long analysis
-        if fmt == "onnx":
-            from .onnx_export import check_options
-
-            check_options(opset, export_dtype, provider)
+        # refuse bad input before the progress bar and the analysis start
+        pipeline.check_compress(recipe, output, force=force, format=fmt, opset=opset, export_dtype=export_dtype,
+                                provider=provider)
         console.print(f"recipe {recipe_path} is unresolved: analysing {handle.path.name} to choose layers")
         with _progress("analysing") as update:
             result, resolved = pipeline.compress(handle, recipe, output, dtype=dtype, device=device, progress=update,

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import recipe as _recipe
 from .checkpoint import Checkpoint, open_checkpoint, read_config, resolve_model
-from .compress import DEFAULT_SHARD_SIZE, CompressResult, write_pruned
+from .compress import DEFAULT_SHARD_SIZE, write_pruned
 from .outputs import check_free
 from .errors import RepskipError
 from .family import Family, find_family, validate_kept
@@ -278,10 +278,10 @@ def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_sa
 def check_calibration(recipe: _recipe.Recipe) -> None:
     """An unresolved recipe is resolved by an analysis on its calibration data: refuse it at
     once, before any model is loaded, when that data cannot be read."""
-    from . import calibration
-
     if recipe.is_resolved:
         return
+    from . import calibration  # imports torch: only for an analysis that will run anyway
+
     try:
         calibration.load_texts(recipe.calibration.source, recipe.calibration.field)
     except RepskipError as exc:
@@ -330,6 +330,20 @@ def resolve_recipe(
     return _recipe.resolve(recipe, result), result
 
 
+def check_compress(recipe: _recipe.Recipe, output: Path, *, force: bool = False, format: str = "safetensors",
+                   opset: int = 18, export_dtype: str = "fp32", provider: str = "cpu") -> None:
+    """Every refusal ``compress`` can make from its arguments alone, made before a long
+    analysis or export starts, not after it."""
+    if format not in FORMATS:
+        raise RepskipError(f"unknown output format {format!r}; choose {' or '.join(FORMATS)}")
+    check_free(output, force)
+    check_calibration(recipe)
+    if format == "onnx":
+        from .onnx_export import check_options
+
+        check_options(opset, export_dtype, provider)
+
+
 def compress(
     model: str | Path | ModelHandle,
     recipe: _recipe.Recipe | str | Path,
@@ -352,16 +366,11 @@ def compress(
     ``provider`` (an OnnxExportResult; see repskip.onnx_export)."""
     handle = model if isinstance(model, ModelHandle) else open_model(model)
     handle.require_weights("compress")
-    if format not in FORMATS:
-        raise RepskipError(f"unknown output format {format!r}; choose {' or '.join(FORMATS)}")
     if not isinstance(recipe, _recipe.Recipe):
         recipe = _recipe.load(recipe)
     output = Path(output)
-    check_free(output, force)  # fail before a long analysis, not after it
-    if format == "onnx":
-        from .onnx_export import check_options
-
-        check_options(opset, export_dtype, provider)
+    check_compress(recipe, output, force=force, format=format, opset=opset, export_dtype=export_dtype,
+                   provider=provider)
     resolved, _ = resolve_recipe(recipe, handle, dtype=dtype, device=device, progress=progress)
     assert resolved.resolved is not None
     kept = validate_kept(handle.num_layers, resolved.resolved.remove)

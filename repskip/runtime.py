@@ -157,26 +157,33 @@ class CausalLMOutput:
     past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
-class OrtCausalLM(torch.nn.Module):
-    """A ``causal-lm-with-past`` graph: one call per prefill or decode step."""
-
-    signature = CAUSAL
+class _OrtLM(torch.nn.Module):
+    """What both graph kinds share: the session, the config, and the logits' shape and type."""
 
     def __init__(self, session: OrtSession, config: dict):
         super().__init__()
         self.session = session
         self.config = config
-        self.repskip_config = config
+        self.repskip_config = config  # samplers read the mask token, context and EOS from it
+        vocab = session.outputs["logits"].shape[-1]
+        self.vocab = int(vocab) if isinstance(vocab, int) else int(config["vocab_size"])
+        self.dtype = session.type_of("logits")
+        self.device = session.device
+
+
+class OrtCausalLM(_OrtLM):
+    """A ``causal-lm-with-past`` graph: one call per prefill or decode step."""
+
+    signature = CAUSAL
+
+    def __init__(self, session: OrtSession, config: dict):
+        super().__init__(session, config)
         names = sorted((n for n in session.inputs if n.startswith("past_key_values.") and n.endswith(".key")),
                        key=lambda n: int(n.split(".")[1]))
         self.num_layers = len(names)
         first = session.inputs[names[0]].shape if names else [None, 0, None, 0]
         self.kv_heads, self.head_dim = int(first[1]), int(first[3])
-        vocab = session.outputs["logits"].shape[-1]
-        self.vocab = int(vocab) if isinstance(vocab, int) else int(config["vocab_size"])
-        self.dtype = session.type_of("logits")
         self.kv_dtype = session.type_of(names[0]) if names else self.dtype
-        self.device = session.device
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None) -> CausalLMOutput:
@@ -207,20 +214,10 @@ class OrtCausalLM(torch.nn.Module):
         return CausalLMOutput(logits, tuple(present))
 
 
-class OrtMaskedLM(torch.nn.Module):
+class OrtMaskedLM(_OrtLM):
     """A ``masked-lm`` graph: the whole sequence in, logits for every position out."""
 
     signature = MASKED
-
-    def __init__(self, session: OrtSession, config: dict):
-        super().__init__()
-        self.session = session
-        self.config = config
-        self.repskip_config = config  # the diffusion samplers read the mask token from it
-        vocab = session.outputs["logits"].shape[-1]
-        self.vocab = int(vocab) if isinstance(vocab, int) else int(config["vocab_size"])
-        self.dtype = session.type_of("logits")
-        self.device = session.device
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 head_window: tuple[int, int] | None = None) -> torch.Tensor:
