@@ -35,6 +35,9 @@ class Benchmark(abc.ABC):
     #: Generation needs: new tokens to allow, and strings after which the answer is over.
     max_new_tokens: ClassVar[int] = 256
     stop: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``score`` runs the completion as code (through repskip.sandbox): verify then
+    #: checks that the sandbox can be built before it loads any model.
+    runs_code: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         """``options`` are benchmark-specific (number of shots, say); unknown ones are errors."""

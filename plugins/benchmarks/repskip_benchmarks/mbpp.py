@@ -86,6 +86,7 @@ class MBPP(BaseBenchmark):
     name = "mbpp"
     default_source = f"the Hugging Face Hub dataset {HUB_REPO} (full config: test split, prompt split for the shots)"
     primary_metric = "pass@1"
+    runs_code = True
     max_new_tokens = 512
     stop = ("[DONE]", "\n```")
     option_defaults = {"shots": 3, "chat": None, "timeout_s": 10.0}
