@@ -260,16 +260,57 @@ class Analysis:
         return self.data["model"]["fingerprint"]
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Analysis":
-        version = data.get("schema_version")
-        if data.get("kind") != "repskip.analysis" or version is None:
-            raise RepskipError("not a repskip analysis file (no kind/schema_version)")
-        if version > SCHEMA_VERSION:
+    def from_dict(cls, data: dict, origin: str = "the analysis") -> "Analysis":
+        if not isinstance(data, dict) or data.get("kind") != "repskip.analysis" or "schema_version" not in data:
+            raise RepskipError(f"{origin} is not a repskip analysis file (no kind/schema_version)")
+        version = data["schema_version"]
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise RepskipError(
-                f"analysis schema_version {version} is newer than this repskip understands "
-                f"({SCHEMA_VERSION}); upgrade repskip"
+                f"{origin} has schema_version {version!r}; this repskip reads up to {SCHEMA_VERSION}: upgrade repskip"
             )
+        problem = _incomplete(data)
+        if problem:
+            raise RepskipError(f"{origin} is incomplete or damaged ({problem}); re-run 'repskip analyze'")
         return cls(data)
+
+
+def _incomplete(data: dict) -> str | None:
+    """The first thing missing or malformed in an analysis dict that selection relies on."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    for key in ("model", "calibration", "settings", "groups", "versions"):
+        if not isinstance(data.get(key), dict):
+            return f"no {key!r} section"
+    model = data["model"]
+    layers = model.get("num_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        return "model.num_layers is missing"
+    for key in ("fingerprint", "family"):
+        if not isinstance(model.get(key), str):
+            return f"model.{key} is missing"
+    for key, kind in (("source", str), ("hash", str), ("sequences", int), ("max_length", int)):
+        if not isinstance(data["calibration"].get(key), kind):
+            return f"calibration.{key} is missing"
+    primary = data.get("primary_group")
+    if not isinstance(primary, str) or primary not in data["groups"]:
+        return "primary_group names no group"
+    for name, group in data["groups"].items():
+        rows = group.get("layers") if isinstance(group, dict) else None
+        if not isinstance(rows, list) or len(rows) != layers:
+            return f"groups.{name}.layers does not hold {layers} layers"
+        for row in rows:
+            if not isinstance(row, dict) or not all(
+                number(row.get(k)) for k in ("cosine_mean", "cosine_std", "angular_distance_mean", "block_influence")
+            ):
+                return f"groups.{name}.layers has an entry without its scores"
+        for key in ("similarity_matrix", "angular_distance_matrix"):
+            if key in group:
+                matrix = group[key]
+                if (not isinstance(matrix, list) or len(matrix) != layers + 1
+                        or not all(isinstance(r, list) and len(r) == layers + 1 and all(map(number, r)) for r in matrix)):
+                    return f"groups.{name}.{key} is not {layers + 1} x {layers + 1} numbers"
+    return None
 
 
 def position_masks(valid: torch.Tensor, positions: str) -> dict[str, torch.Tensor]:

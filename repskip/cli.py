@@ -16,7 +16,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import RepskipError
-from .outputs import atomic_dir
+from .outputs import Terminated, atomic_dir, check_output, exit_cleanly_on_signals, write_atomic
 
 # Logs and pipes get a wide console, so tables are not cut to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -32,6 +32,7 @@ class _Cli(click.Group):
 
     def invoke(self, ctx):
         warnings.showwarning = _one_line_warnings
+        exit_cleanly_on_signals()  # SIGTERM / SIGHUP unwind like Ctrl-C: no half-written output
         try:
             from transformers.utils import logging as hf_logging
 
@@ -44,8 +45,11 @@ class _Cli(click.Group):
         except RepskipError as exc:
             err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(1)
+        except Terminated as exc:
+            err_console.print(f"[red]terminated ({exc}): nothing half-written was left[/]")
+            ctx.exit(143)
         except KeyboardInterrupt:
-            err_console.print("[red]interrupted[/]")
+            err_console.print("[red]interrupted: nothing half-written was left[/]")
             ctx.exit(130)
 
 
@@ -119,13 +123,19 @@ def _analysis_table(analysis, chosen: list[int]) -> Table:
     return table
 
 
+def _cosine(ctx, param, value):
+    if value is not None and not -1.0 <= value <= 1.0:  # also refuses nan
+        raise RepskipError(f"--threshold is a cosine similarity: a number from -1 to 1, got {value}")
+    return value
+
+
 def _selection_options(f):
     opts = [
         click.option("--strategy", type=click.Choice(["paper", "block-influence", "angular-block"]),
                      default="paper", show_default=True, help="How layers are chosen."),
         click.option("-k", "k", type=click.IntRange(min=1), default=4, show_default=True, help="Layers to remove."),
-        click.option("--threshold", type=float, default=0.95, show_default=True,
-                     help="paper: a layer qualifies when its mean cos(in, out) is above this."),
+        click.option("--threshold", type=float, default=0.95, show_default=True, callback=_cosine,
+                     help="paper: a layer qualifies when its mean cos(in, out) is above this (-1 to 1)."),
         click.option("--allow-adjacent/--no-adjacent", default=None,
                      help="Allow two neighbouring layers [default: no for paper, yes for block-influence; "
                           "angular-block removes a contiguous block by definition]."),
@@ -206,14 +216,14 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
                                        sampler=sampler_settings, chat=chat))
     cal = CalibrationSpec(source=calib or "builtin", field=calib_field, num_samples=num_samples,
                           max_length=max_length, batch_size=batch_size, seed=seed)
-    if output.exists() and not force:
-        raise RepskipError(f"output {output} already exists; pass --force to replace it")
+    pipeline.check_device_name(device)
     handle = pipeline.open_model(model)
-    from .selection import protected_layers
+    # every refusal now, not after the analysis
+    check_output(output, force, [handle.path])
+    from .selection import check_feasible
 
-    protected_layers(handle.num_layers, True, True, spec.protect)  # fail now, not after the analysis
-    if k >= handle.num_layers:
-        raise RepskipError(f"-k {k} would remove every layer of a {handle.num_layers}-layer model")
+    check_feasible(handle.num_layers, strategy, k, allow_adjacent=allow_adjacent, protect_first=not no_protect_ends,
+                   protect_last=not no_protect_ends, protect=spec.protect)
     with _progress("analysing") as update:
         result = pipeline.analyze(
             handle, calib=calib, calib_field=calib_field, num_samples=num_samples,
@@ -227,7 +237,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         recipe = resolve(unresolved, result)
     except RepskipError as exc:
         # The measurements are still worth keeping: save them, then say how to choose again.
-        with atomic_dir(output, force) as tmp:
+        with atomic_dir(output, force, [handle.path], command="analyze") as tmp:
             _write_analysis_outputs(tmp, result, unresolved, threshold)
         console.print(_analysis_table(result, []))
         kept_flags = "".join([f" --protect {protect}" if protect else "", " --no-protect-ends" if no_protect_ends else "",
@@ -237,7 +247,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
             f"{exc}. The analysis was saved in {output}: choose again without re-running the "
             f"model, e.g. repskip select {output}/analysis.json -o recipe.yaml --strategy {strategy} {hint}"
         ) from None
-    with atomic_dir(output, force) as tmp:
+    with atomic_dir(output, force, [handle.path], command="analyze") as tmp:
         _write_analysis_outputs(tmp, result, recipe, threshold)
     console.print(_analysis_table(result, recipe.resolved.remove))
     cal_info = result.data["calibration"]
@@ -257,17 +267,19 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
 def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protect, no_protect_ends, force):
     """Choose layers from an existing analysis.json without re-running the model."""
     from .analysis import Analysis
-    from .recipe import Recipe, resolve
+    from .recipe import Recipe, is_recipe_file, resolve
 
+    if analysis_file.is_dir() and (analysis_file / "analysis.json").is_file():
+        analysis_file = analysis_file / "analysis.json"  # the run folder of 'repskip analyze'
     if not analysis_file.is_file():
         raise RepskipError(f"analysis file {analysis_file} does not exist")
     try:
-        data = json.loads(analysis_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise RepskipError(f"{analysis_file} is not valid JSON ({exc})") from None
-    result = Analysis.from_dict(data)
-    if output.exists() and not force:
-        raise RepskipError(f"output {output} already exists; pass --force to replace it")
+        data = json.loads(analysis_file.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RepskipError(f"{analysis_file} is not a JSON analysis ({str(exc).splitlines()[0]}); "
+                           "pass the analysis.json that 'repskip analyze' wrote") from None
+    result = Analysis.from_dict(data, str(analysis_file))
+    check_output(output, force, [analysis_file], file=True, owned=is_recipe_file)
     spec = _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, "all")
     recipe = resolve(Recipe(selection=spec), result)  # calibration and positions come from the analysis
     recipe.save(output)
@@ -304,6 +316,7 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
 
     recipe = recipe_mod.load(recipe_path)
     shard = parse_size(max_shard_size)
+    pipeline.check_device_name(device)
     handle = pipeline.open_model(model)
     if output is None:
         k = len(recipe.resolved.remove) if recipe.is_resolved else recipe.selection.k
@@ -319,7 +332,7 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
     else:
         # refuse bad input before the progress bar and the analysis start
         pipeline.check_compress(recipe, output, force=force, format=fmt, opset=opset, export_dtype=export_dtype,
-                                provider=provider)
+                                provider=provider, handle=handle)
         console.print(f"recipe {recipe_path} is unresolved: analysing {handle.path.name} to choose layers")
         with _progress("analysing") as update:
             result, resolved = pipeline.compress(handle, recipe, output, dtype=dtype, device=device, progress=update,
@@ -533,14 +546,20 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="COMPRESSED as an ONNX export: ONNX Runtime execution provider.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--allow-unsafe-code-execution", "allow_unsafe", is_flag=True,
+              help="Where the sandbox's OS isolation is unavailable, run HumanEval / MBPP code without it (only on a "
+                   "machine you can afford to lose; see docs/verify.md).")
 def verify(base, compressed, recipe_path, benches, data, limit, min_retention, output, overrides, bench_opts, presets,
-           sampler, batch_size, chat, dtype, device, device_map, provider, seed):
+           sampler, batch_size, chat, dtype, device, device_map, provider, seed, allow_unsafe):
     """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
     95% confidence interval and a paired test, FLOPs reduction and measured speed. COMPRESSED
     may be a safetensors checkpoint or an ONNX export (run on ONNX Runtime)."""
     from . import verify as verify_mod
 
     names = [b.strip() for b in benches.split(",") if b.strip()]
+    from .pipeline import check_device_name
+
+    check_device_name(device)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=err_console)
     tasks: dict[str, int] = {}
@@ -556,7 +575,7 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
             batch_size=batch_size, chat=chat, seed=seed, sampler=sampler, overrides=_key_values(overrides, "--set"),
             presets=presets, bench_options=_bench_options(bench_opts),
             dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map, provider=provider,
-            progress=update,
+            allow_unsafe_code_execution=allow_unsafe, progress=update,
         )
     if not report:  # a secondary process of a multi-process run: rank 0 reports
         return
@@ -592,9 +611,14 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
               help="More model arguments, e.g. sampler_steps=64 or mc_samples=32 (repeatable).")
 @click.option("--dtype", default=None)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write lm-eval's results JSON here.")
-def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot, model_args, dtype, device, output):
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Write the results as JSON (kind repskip.lm-eval: lm-eval's results under 'results').")
+@click.option("--force", is_flag=True, help="Replace the -o file if an earlier 'repskip lm-eval' wrote it.")
+def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot, model_args, dtype, device, output,
+                    force):
     """Run lm-evaluation-harness tasks on MODEL (needs the lm-eval extra)."""
+    if output is not None:
+        check_output(output, force, [Path(model)], file=True, owned=_is_lm_eval_results)
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -620,8 +644,17 @@ def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot,
                 table.add_row(task, key, f"{value:.4g}")
     console.print(table)
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results["results"], indent=1, default=str) + "\n")
+        doc = {"schema_version": 1, "kind": "repskip.lm-eval", "model": model, "recipe": recipe_path and str(recipe_path),
+               "tasks": names, "results": results["results"]}
+        write_atomic(output, json.dumps(doc, indent=1, default=str) + "\n")
+        console.print(f"wrote {output}")
+
+
+def _is_lm_eval_results(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text("utf-8")).get("kind") == "repskip.lm-eval"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @main.command()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorEntry, read_header
 from .errors import RepskipError
-from .outputs import atomic_dir, check_free
+from .outputs import atomic_dir, check_output
 
 # Weight files of other formats are never copied into the output.
 SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".onnx_data"}
@@ -174,14 +174,12 @@ def write_pruned(
 ) -> CompressResult:
     """Write ``ckpt`` without the removed layers into ``output``, atomically."""
     output = Path(output)
-    if output.resolve() == ckpt.path.resolve():
-        raise RepskipError("the output folder is the input checkpoint; choose another -o")
-    check_free(output, force)
+    check_output(output, force, [ckpt.path])
     planned = plan_tensors(ckpt, prefix, kept, num_layers)
     shards = _shards(planned, max_shard_size)
     first_meta = read_header(ckpt.files[0]).metadata
     metadata = {**first_meta, "format": first_meta.get("format", "pt")}
-    with atomic_dir(output, force) as tmp:
+    with atomic_dir(output, force, [ckpt.path], command="compress") as tmp:
         names = (
             [SINGLE_NAME]
             if len(shards) == 1

@@ -283,7 +283,7 @@ def export_onnx(
     vocab = geo.vocab
     mask_id = fam.mask_token_id(new_config) if kind == MASKED else None
     removed = [i for i in range(handle.num_layers) if i not in set(kept)]
-    with atomic_dir(output, force) as tmp:
+    with atomic_dir(output, force, [handle.path], command="compress --format onnx") as tmp:
         file = tmp / ONNX_FILE
         say(f"exporting opset {opset}, {dtype}")
         _export(module, kind, _example(kind, geo, len(kept), vocab, torch_dtype), len(kept), opset, file, external_data)

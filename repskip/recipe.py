@@ -24,10 +24,12 @@ if TYPE_CHECKING:  # the analysis module needs torch; a recipe does not
     from .analysis import Analysis
 
 SCHEMA_VERSION = 1
+MAX_RECIPE_BYTES = 16 * 1024 * 1024  # resolved recipes hold a few scores per layer: far below this
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a YAML `remove: [true]` or `k: "4"` is an error, not silently an integer
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class CalibrationSpec(_Strict):
@@ -70,7 +72,7 @@ class ModelRef(_Strict):
 
 
 class Resolved(_Strict):
-    remove: list[int] = Field(..., description="indices of the layers to remove (0-based)")
+    remove: list[int] = Field(..., min_length=1, description="indices of the layers to remove (0-based)")
     num_layers: int | None = Field(None, description="layer count of the model it was made for")
     model: ModelRef | None = None
     metric: str | None = None
@@ -101,7 +103,10 @@ class Recipe(_Strict):
         return yaml.safe_dump(data, sort_keys=False, width=100)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        """Write the recipe (beside, then renamed into place)."""
+        from .outputs import write_atomic
+
+        write_atomic(Path(path), self.to_yaml())
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -131,14 +136,29 @@ def parse(data: object, origin: str = "recipe") -> Recipe:
 
 def load(path: str | Path) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise RepskipError(f"recipe {path} is a folder; pass the recipe YAML file")
     if not path.is_file():
         raise RepskipError(f"recipe file {path} does not exist")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RepskipError(f"recipe {path} is {path.stat().st_size:,} bytes, too large for a recipe; pass a recipe YAML")
     try:
         data = yaml.safe_load(path.read_text("utf-8"))
+    except UnicodeDecodeError:
+        raise RepskipError(f"recipe {path} is not UTF-8 text; pass a recipe YAML") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise RepskipError(f"recipe {path} is not valid YAML ({first})") from None
     return parse(data, f"recipe {path}")
+
+
+def is_recipe_file(path: Path) -> bool:
+    """Whether ``path`` holds a repskip recipe (so that --force may replace it)."""
+    try:
+        load(path)
+    except RepskipError:
+        return False
+    return True
 
 
 def resolve(recipe: Recipe, analysis: "Analysis") -> Recipe:

@@ -92,6 +92,9 @@ def angular_block(analysis: "Analysis", k: int, protected: set[int]) -> Selectio
     group = "last_token" if "last_token" in analysis.data["groups"] else analysis.primary
     measured = analysis.data["groups"][group]
     L = analysis.num_layers
+    if "angular_distance_matrix" not in measured and "similarity_matrix" not in measured:
+        raise RepskipError(f"the analysis holds no layer x layer matrix for group {group!r}, which angular-block "
+                           "needs; re-run 'repskip analyze'")
     if "angular_distance_matrix" in measured:  # the mean of per-sequence angles, as Gromov et al.
         angles = measured["angular_distance_matrix"]
         distances = [angles[start][start + k] for start in range(L - k + 1)]
@@ -105,6 +108,42 @@ def angular_block(analysis: "Analysis", k: int, protected: set[int]) -> Selectio
         )
     best = min(allowed, key=lambda s: distances[s])
     return Selection(list(range(best, best + k)), f"angular_distance_block_{k}", group, distances)
+
+
+def check_feasible(num_layers: int, strategy: str, k: int, *, allow_adjacent: bool | None = None,
+                   protect_first: bool = True, protect_last: bool = True, protect: list[int] | None = None) -> None:
+    """Refuse, before any analysis runs, a choice that no analysis could satisfy: k not below
+    the layer count, protected layers out of range, or fewer removable layers than k under
+    the protection and adjacency rules (the paper's threshold needs the analysis to check)."""
+    if k < 1:
+        raise RepskipError(f"k must be at least 1, got {k}")
+    if k >= num_layers:
+        raise RepskipError(f"k={k} would remove every layer of a {num_layers}-layer model; choose k < {num_layers}")
+    guarded = protected_layers(num_layers, protect_first, protect_last, protect or [])
+    free = [i for i in range(num_layers) if i not in guarded]
+    if strategy == "angular-block":
+        runs = _runs(free)
+        if not any(len(run) >= k for run in runs):
+            raise RepskipError(f"no block of {k} contiguous layers avoids the protected layers {sorted(guarded)}: "
+                               "lower -k or protect fewer layers")
+        return
+    adjacent = allow_adjacent if allow_adjacent is not None else strategy != "paper"
+    most = len(free) if adjacent else sum((len(run) + 1) // 2 for run in _runs(free))
+    if most < k:
+        rule = "" if adjacent else " with no two adjacent"
+        raise RepskipError(f"at most {most} of the {num_layers} layers can be removed (protected: {sorted(guarded)}"
+                           f"{rule}) but k={k}: lower -k or protect fewer layers")
+
+
+def _runs(indices: list[int]) -> list[list[int]]:
+    """Maximal runs of consecutive indices."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def select(

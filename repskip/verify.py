@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,12 @@ from typing import Any
 import torch
 import yaml
 
-from . import stats
+from . import sandbox, stats
 from .versions import versions
 from .benchmark import Benchmark, Item, get_benchmark
 from .errors import RepskipError
 from .flops import generation_flops
+from .outputs import ensure_dir, write_atomic
 from .pipeline import ModelHandle, open_model, parse_device
 from .runtime import model_device, model_dtype
 from .sampler import get_sampler
@@ -75,6 +77,28 @@ def onnx_tag(path: Path) -> str:
     return "onnx-" + digest.hexdigest()[:16]
 
 
+def check_made_from(base: ModelHandle, compressed: ModelHandle) -> None:
+    """Warn when the compressed model does not say it was made from ``base``: its recipe
+    records the fingerprint of the model it was cut from."""
+    from .compress import RECIPE_NAME
+    from .recipe import load as load_recipe
+
+    recipe_file = compressed.path / RECIPE_NAME
+    if not recipe_file.is_file():
+        warnings.warn(f"{compressed.path} carries no {RECIPE_NAME}: nothing says it was made from {base.path}; "
+                      "retention compares two models only if one is a compressed copy of the other", stacklevel=2)
+        return
+    try:
+        made = load_recipe(recipe_file).resolved
+    except RepskipError as exc:
+        warnings.warn(f"cannot tell what {compressed.path} was made from ({exc})", stacklevel=2)
+        return
+    origin = made.model if made else None
+    if origin is not None and origin.fingerprint != base.ckpt.fingerprint():
+        warnings.warn(f"{compressed.path} was made from another model ({origin.name_or_path or origin.fingerprint}) "
+                      f"than {base.path}: the retention figures compare unrelated models", stacklevel=2)
+
+
 def check_same_tokenizer(a: Side, b: Side) -> None:
     if a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
         raise RepskipError(
@@ -113,6 +137,8 @@ class ItemCache:
 
     Under several processes each rank appends to its own file (``stem.rankN.jsonl``) and
     reads them all, so an item finished by any rank, in any earlier run, counts as done.
+    A line cut short by a killed run is skipped (its item is recomputed once) and the file
+    is rewritten without it; a file that is not a cache at all is a one-line error.
     """
 
     def __init__(self, folder: Path, stem: str, rank: int = 0, world: int = 1):
@@ -124,23 +150,68 @@ class ItemCache:
     def reload(self) -> None:
         files = sorted(self.folder.glob(f"{self.stem}.jsonl")) + sorted(self.folder.glob(f"{self.stem}.rank*.jsonl"))
         for path in files:
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # the tail of a write cut short: redone
-                    continue
+            kept, torn = self._read(path)
+            for line, record in kept:
                 self.records.setdefault(record["id"], record)
+            if torn and path == self.path:  # only the owner rewrites: other ranks may be appending
+                warnings.warn(f"{path}: skipped {torn} record(s) cut short by an interrupted run; "
+                              "those items are computed again", stacklevel=2)
+                write_atomic(path, "".join(line + "\n" for line, _ in kept))
+
+    @staticmethod
+    def _read(path: Path) -> tuple[list[tuple[str, dict]], int]:
+        """(valid lines with their records, number of torn lines)."""
+        fix = "delete it or choose another --output"
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise RepskipError(f"cannot read the verify cache {path} ({exc.strerror}); {fix}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        if b"\0" in raw or (raw and not text):
+            raise RepskipError(f"{path} is not a repskip verify cache (binary data); {fix}")
+        kept, torn = [], 0
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a write cut short, or two such merged: redone
+                torn += 1
+                continue
+            problem = _record_problem(record)
+            if problem:
+                raise RepskipError(f"{path} line {lineno} is not a verify record ({problem}); {fix}")
+            kept.append((line, record))
+        return kept, torn
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self.records
 
     def add(self, records: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as fh:
-            fh.write("".join(json.dumps(r) + "\n" for r in records))
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in records))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise RepskipError(f"writing the verify cache {self.path} failed ({exc.strerror or exc}); items "
+                               "finished so far are kept: free space and run the same command again") from None
         self.records.update({r["id"]: r for r in records})
+
+
+def _record_problem(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if not isinstance(record.get("id"), str):
+        return "no string 'id'"
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+        return "'metrics' is not a mapping of numbers"
+    return None
 
 
 def _cut(text: str, stops: Sequence[str]) -> str:
@@ -324,11 +395,14 @@ def verify(
     device: str = "cpu",
     device_map: str | None = None,
     provider: str = "auto",
+    allow_unsafe_code_execution: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Run every benchmark on base and compressed and return the report (also written to
     ``output``/report.json and report.md). Give ``compressed`` (a checkpoint) or ``recipe``
-    (a resolved recipe applied to the base in memory)."""
+    (a resolved recipe applied to the base in memory). Benchmarks that run generated code
+    need the sandbox's OS isolation; ``allow_unsafe_code_execution`` runs them without it
+    where the platform has none (see repskip.sandbox)."""
     from . import recipe as recipe_mod
     from .pipeline import removed_layers
 
@@ -341,9 +415,19 @@ def verify(
         device = f"cuda:{local_rank}"  # one GPU per process
     device = parse_device(device)
     base_handle = open_model(base)
+    comp_handle = base_handle if compressed is None else open_model(compressed, allow_onnx=True)
+    out_dir = Path(output)
+    ensure_dir(out_dir, [base_handle.path, comp_handle.path], command="verify")
+    for name, path in (data or {}).items():
+        if name not in benches:
+            raise RepskipError(f"--data names {name!r}, which is not among the benchmarks run ({', '.join(benches)})")
+        if not Path(path).expanduser().exists():
+            raise RepskipError(f"--data {name}={path}: no such file; give the path of {name}'s data file")
     benchmarks = {}
     for name in benches:
         bench = get_benchmark(name, **(bench_options or {}).get(name, {}))
+        if bench.runs_code:  # before any model loads: can its code be run safely here?
+            sandbox.require_isolation(name, allow_unsafe_code_execution)
         items = bench.load((data or {}).get(name))
         if limit is not None:
             if limit > len(items):
@@ -352,41 +436,25 @@ def verify(
         benchmarks[name] = (bench, items)
     if recipe is not None:
         remove = removed_layers(recipe_mod.load(recipe), base_handle)
-        comp_handle, comp_label = base_handle, f"{base_handle.path} with recipe {recipe}"
+        comp_label = f"{base_handle.path} with recipe {recipe}"
     else:
         remove = []
-        comp_handle, comp_label = open_model(compressed, allow_onnx=True), str(compressed)
+        comp_label = str(compressed)
+        if comp_handle.path.resolve() != base_handle.path.resolve():  # a model against itself is a fair check
+            check_made_from(base_handle, comp_handle)
     base_side = load_side("base", base_handle, dtype, device, device_map=device_map)
     comp_side = load_side("compressed", comp_handle, dtype, device, remove, device_map=device_map, provider=provider)
     check_same_tokenizer(base_side, comp_side)
     sampler_name = sampler or base_handle.family.default_sampler
     get_sampler(sampler_name, base_handle.family)  # the right kind for this model, or a clear error
     table = load_presets(presets)
-    out_dir = Path(output)
     runs = {}
-    for name, (bench, items) in benchmarks.items():
-        settings = sampler_settings(sampler_name, name, bench, table, overrides or {}) if bench.kind == "generation" else {}
-        run_key = _settings_key({"settings": settings, "chat": chat, "seed": seed, "batch": batch_size,
-                                 "max_length": max_length, "options": bench.options})
-        caches = {}
-        for side in (base_side, comp_side):
-            cache = caches[side.label] = ItemCache(out_dir / "cache" / side.tag, f"{name}-{run_key}", rank, world)
-            todo = sum(1 for it in items if it.id not in cache)
-            done = [len(items) - todo]
-
-            def tick(n: int, label=f"{name} {side.label}") -> None:
-                done[0] += n
-                if progress:
-                    progress(label, done[0], len(items))
-
-            tick(0)
-            if bench.kind == "perplexity":
-                run_perplexity(side, bench, items, cache=cache, max_length=max_length, seed=seed, rank=rank,
-                               world=world, progress=tick)
-            else:
-                run_generation(side, bench, items, sampler_name=sampler_name, settings=settings, cache=cache,
-                               batch_size=batch_size, chat=chat, seed=seed, rank=rank, world=world, progress=tick)
-        runs[name] = (settings, caches)
+    with sandbox.allow_unsafe_execution(allow_unsafe_code_execution):
+        for name, (bench, items) in benchmarks.items():
+            runs[name] = _run_benchmark(name, bench, items, (base_side, comp_side), out_dir=out_dir, table=table,
+                                        sampler_name=sampler_name, overrides=overrides or {}, chat=chat, seed=seed,
+                                        batch_size=batch_size, max_length=max_length, rank=rank, world=world,
+                                        progress=progress)
     _barrier(world)  # every rank's items are in the caches now
     if rank != 0:
         return {}
@@ -417,15 +485,45 @@ def verify(
         "settings": {"sampler": sampler_name, "chat": chat, "seed": seed, "batch_size": batch_size, "limit": limit,
                      "processes": world,
                      "dtype": str(model_dtype(base_side.model)).replace("torch.", ""), "device": device, "device_map": device_map,
-                     "presets": str(presets or PRESETS), "data": data or {}, "max_length": max_length},
+                     "presets": str(presets or PRESETS), "data": data or {}, "max_length": max_length,
+                     # generated code that ran without the sandbox's isolation, by the user's choice
+                     "unsafe_code_execution": any(b.runs_code for b, _ in benchmarks.values())
+                     and not sandbox.isolation().available},
         "hardware": _hardware(device),
         "versions": versions(),
         "benchmarks": report_benchmarks,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "report.md").write_text(markdown(report))
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    write_atomic(out_dir / "report.md", markdown(report))
     return report
+
+
+def _run_benchmark(name: str, bench: Benchmark, items: list[Item], sides: tuple[Side, Side], *, out_dir: Path,
+                   table: dict, sampler_name: str, overrides: dict, chat: bool, seed: int, batch_size: int,
+                   max_length: int, rank: int, world: int,
+                   progress: Callable[[str, int, int], None] | None) -> tuple[dict, dict[str, ItemCache]]:
+    """Run (or resume) one benchmark on both models: its sampler settings and both caches."""
+    settings = sampler_settings(sampler_name, name, bench, table, overrides) if bench.kind == "generation" else {}
+    run_key = _settings_key({"settings": settings, "chat": chat, "seed": seed, "batch": batch_size,
+                             "max_length": max_length, "options": bench.options})
+    caches = {}
+    for side in sides:
+        cache = caches[side.label] = ItemCache(out_dir / "cache" / side.tag, f"{name}-{run_key}", rank, world)
+        done = [sum(1 for it in items if it.id in cache)]
+
+        def tick(n: int, label=f"{name} {side.label}") -> None:
+            done[0] += n
+            if progress:
+                progress(label, done[0], len(items))
+
+        tick(0)
+        if bench.kind == "perplexity":
+            run_perplexity(side, bench, items, cache=cache, max_length=max_length, seed=seed, rank=rank,
+                           world=world, progress=tick)
+        else:
+            run_generation(side, bench, items, sampler_name=sampler_name, settings=settings, cache=cache,
+                           batch_size=batch_size, chat=chat, seed=seed, rank=rank, world=world, progress=tick)
+    return settings, caches
 
 
 def failing(report: dict, min_retention: float) -> list[str]:

@@ -22,22 +22,22 @@ CHAT_TEMPLATE = (
 FAMILIES = {
     "qwen2": dict(
         model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         tie_word_embeddings=False, use_sliding_window=False, max_window_layers=6, rope_theta=1e6,
     ),
     "llama": dict(
         model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
         tie_word_embeddings=True,
     ),
     "qwen3": dict(
         model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
         tie_word_embeddings=False,
     ),
     "mistral": dict(
         model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         tie_word_embeddings=False, sliding_window=None,
     ),
 }
@@ -195,3 +195,46 @@ def fake_install(site: Path, dist: str, version: str, entry_points: dict[str, di
         lines += [f"{name} = {target}" for name, target in eps.items()]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     return site
+
+
+# --- damaging a checkpoint, for the consistency checks ---------------------------------
+def edit_safetensors(file: Path, edit) -> None:
+    """Rewrite one safetensors file with ``edit(tensors)`` applied to its name -> tensor dict
+    (drop, add or replace tensors), keeping the file's metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    edit(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata=metadata)
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Change keys of a checkpoint's config.json (a value of None removes the key)."""
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes), symlinks as their targets."""
+    import os
+
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = b"-> " + os.readlink(p).encode()
+        elif p.is_file():
+            out[rel] = p.read_bytes()
+        else:
+            out[rel] = b"<dir>"
+    return out

@@ -124,10 +124,14 @@ def test_existing_output_needs_force(tiny, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(RepskipError, match="already exists; pass --force"):
         compress(tiny["llama"], resolved([1]), out)
-    assert (out / "keep.txt").read_text() == "mine"
-    compress(tiny["llama"], resolved([1]), out, force=True)
-    assert not (out / "keep.txt").exists()
-    assert (out / "model.safetensors").is_file()
+    # --force replaces only what repskip wrote: a folder of the user's files stays
+    with pytest.raises(RepskipError, match="repskip did not write"):
+        compress(tiny["llama"], resolved([1]), out, force=True)
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    mine = tmp_path / "mine"
+    compress(tiny["llama"], resolved([1]), mine)
+    compress(tiny["llama"], resolved([1, 2]), mine, force=True)
+    assert json.loads((mine / "config.json").read_text())["num_hidden_layers"] == 4
 
 
 def test_a_write_that_fails_midway_leaves_nothing(tiny_sharded, tmp_path, monkeypatch):

@@ -115,7 +115,9 @@ metric_list:
     res = CliRunner().invoke(main, ["lm-eval", str(tiny["llama"]), "--tasks", "repskip_toy_gen", "--include-path",
                                     str(tmp_path), "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert "exact_match,none" in json.loads(out.read_text())["repskip_toy_gen"]
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "repskip.lm-eval" and doc["schema_version"] == 1
+    assert "exact_match,none" in doc["results"]["repskip_toy_gen"]
     bad = CliRunner().invoke(main, ["lm-eval", str(tiny["llama"]), "--tasks", "no_such_task_xyz"])
     assert bad.exit_code == 1 and "knows no task 'no_such_task_xyz'" in bad.stderr
 

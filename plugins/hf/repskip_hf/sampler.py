@@ -8,10 +8,12 @@ counted over the attention mask, transformers' own logits warpers and stop-strin
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from repskip.errors import RepskipError
 from repskip.runtime import model_device
 from repskip.sampler import Generation, Sampler, count_forwards
 from transformers import (
@@ -53,11 +55,12 @@ class ARSampler(Sampler):
                     special = not (bos and all(p.startswith(bos) for p in chunk))
                     enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=special)
                     enc = {k: v.to(device) for k, v in enc.items()}
+                    new_tokens = _fit_context(model, enc["input_ids"].shape[1], cfg["max_new_tokens"])
                     if hasattr(model, "generate"):
-                        out = model.generate(**enc, **kwargs)
+                        out = model.generate(**enc, **{**kwargs, "max_new_tokens": new_tokens})
                     else:
-                        out = decode(model, enc["input_ids"], enc["attention_mask"], cfg, pad_id,
-                                     _eos_ids(tokenizer, model), tokenizer)
+                        out = decode(model, enc["input_ids"], enc["attention_mask"], {**cfg, "max_new_tokens": new_tokens},
+                                     pad_id, _eos_ids(tokenizer, model), tokenizer)
                     new = out[:, enc["input_ids"].shape[1] :]
                     stops = {pad_id, tokenizer.eos_token_id}
                     for row in new.tolist():
@@ -68,6 +71,27 @@ class ARSampler(Sampler):
         finally:
             tokenizer.padding_side = side
         return Generation(texts, ids_out, calls[0], cfg)
+
+
+def _context_length(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else getattr(
+        config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _fit_context(model: Any, prompt_len: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, capped (with a warning) so that prompt and generation fit the
+    model's context: past it a model degrades, and generation would run on for nothing."""
+    context = _context_length(model)
+    if context is None or prompt_len + max_new_tokens <= context:
+        return max_new_tokens
+    if prompt_len >= context:
+        raise RepskipError(f"the prompt ({prompt_len} tokens) fills the model's context ({context} tokens); "
+                           "shorten the prompt")
+    warnings.warn(f"max_new_tokens {max_new_tokens} capped at {context - prompt_len}: the prompt ({prompt_len} "
+                  f"tokens) and the generation must fit the model's context ({context} tokens)", stacklevel=3)
+    return context - prompt_len
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
