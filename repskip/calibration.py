@@ -14,10 +14,20 @@ from pathlib import Path
 import torch
 
 from .errors import RepskipError
+from .textio import iter_paragraphs, tokenize_prefix
 
 BUILTIN = "builtin"
 TEXT_FIELDS = ("text", "question", "prompt", "problem", "content")
 MIN_CHARS = 20  # shorter paragraphs (headings, stray lines) carry little signal
+# Each text is cut to a number of characters before it is tokenised. This only bounds memory
+# (a calibration file may be one 60 MB line); tokenize_prefix makes the exact cut in tokens.
+MAX_CHARS = 1_000_000  # when the number of tokens wanted is not known
+CHARS_PER_TOKEN = 64  # generous: English averages about 4 characters a token, code about 3
+
+
+def char_cap(max_length: int) -> int:
+    """Characters kept of each text when at most ``max_length`` tokens are wanted from it."""
+    return max(65536, CHARS_PER_TOKEN * max_length)
 
 
 @dataclass(frozen=True)
@@ -58,9 +68,16 @@ def _paragraphs(text: str) -> list[str]:
     return [b for b in blocks if len(b) >= MIN_CHARS]
 
 
-def _jsonl_texts(path: Path, field: str | None) -> list[str]:
-    texts = []
-    for lineno, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+def _jsonl_texts(path: Path, field: str | None, max_chars: int = MAX_CHARS) -> list[str]:
+    """The text of each record, blank ones left out, each cut to ``max_chars`` characters.
+
+    The file is read a line at a time: one record is held whole, never the whole file."""
+    with open(path, encoding="utf-8", newline=None) as f:
+        return [t[:max_chars] for t in _jsonl_records(path, f, field) if t.strip()]
+
+
+def _jsonl_records(path: Path, lines, field: str | None) -> Iterator[str]:
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -68,7 +85,7 @@ def _jsonl_texts(path: Path, field: str | None) -> list[str]:
         except json.JSONDecodeError:
             raise RepskipError(f"{path}:{lineno} is not valid JSON; fix the line") from None
         if isinstance(record, str):
-            texts.append(record)
+            yield record
             continue
         if not isinstance(record, dict):
             raise RepskipError(f"{path}:{lineno} is neither a string nor an object")
@@ -78,35 +95,45 @@ def _jsonl_texts(path: Path, field: str | None) -> list[str]:
             raise RepskipError(
                 f"{path}:{lineno} has no {wanted!r} field; name the field with --calib-field"
             )
-        texts.append(str(record[key]))
-    return texts
+        yield str(record[key])
 
 
-def load_texts(source: str | Path | None = None, field: str | None = None) -> tuple[list[str], str]:
-    """Texts from the built-in set, a .txt file (blank-line paragraphs) or a .jsonl file."""
+def load_texts(
+    source: str | Path | None = None, field: str | None = None, *, max_chars: int = MAX_CHARS
+) -> tuple[list[str], str]:
+    """Texts from the built-in set, a .txt file (blank-line paragraphs) or a .jsonl file,
+    each cut to its first ``max_chars`` characters (files are read in bounded pieces)."""
     if source is None or str(source) == BUILTIN:
-        return builtin_texts(), BUILTIN
+        return [t[:max_chars] for t in builtin_texts()], BUILTIN
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise RepskipError(f"calibration source {path} is a folder; pass a .txt or .jsonl file")
     if not path.is_file():
         raise RepskipError(f"calibration file {path} does not exist")
+    max_chars = max(max_chars, MIN_CHARS)
     try:
         if path.suffix == ".jsonl":
-            texts = _jsonl_texts(path, field)
+            texts = _jsonl_texts(path, field, max_chars)  # blank texts left out before the cut
         else:
-            texts = _paragraphs(path.read_text("utf-8"))
+            texts = list(iter_paragraphs(path, max_chars=max_chars, min_chars=MIN_CHARS))
     except UnicodeDecodeError:
         raise RepskipError(f"calibration file {path} is not UTF-8 text") from None
-    texts = [t for t in texts if t.strip()]
     if not texts:
         raise RepskipError(f"calibration file {path} holds no text")
     return texts, str(path)
 
 
 def pick_texts(
-    source: str | Path | None = None, *, field: str | None = None, num_samples: int = 64, seed: int = 0
+    source: str | Path | None = None,
+    *,
+    field: str | None = None,
+    num_samples: int = 64,
+    seed: int = 0,
+    max_chars: int = MAX_CHARS,
 ) -> tuple[list[str], str]:
-    """Up to ``num_samples`` texts: all of them, or a seeded sample when there are more."""
-    texts, label = load_texts(source, field)
+    """Up to ``num_samples`` texts: all of them, or a seeded sample when there are more.
+    Each is cut to ``max_chars`` characters, which changes neither their number nor the sample."""
+    texts, label = load_texts(source, field, max_chars=max_chars)
     if len(texts) > num_samples:
         texts = random.Random(seed).sample(texts, num_samples)
     return texts, label
@@ -124,12 +151,14 @@ def build(
     """Pick ``num_samples`` texts (a seeded sample when there are more) and tokenise them."""
     if num_samples < 1 or max_length < 2:
         raise RepskipError("calibration needs at least 1 sample of at least 2 tokens")
-    texts, label = pick_texts(source, field=field, num_samples=num_samples, seed=seed)
+    texts, label = pick_texts(
+        source, field=field, num_samples=num_samples, seed=seed, max_chars=char_cap(max_length)
+    )
     sequences = []
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    for text in texts:  # as tokenizer(text, truncation=True, max_length=...), on a bounded prefix
+        ids = tokenize_prefix(tokenizer, text, max_length)
         if len(ids) >= 2:
-            sequences.append(list(ids))
+            sequences.append(ids)
     if not sequences:
         raise RepskipError(f"calibration source {label} gave no sequence of 2 or more tokens")
     return CalibrationSet(label, sequences, max_length)

@@ -13,7 +13,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from safetensors import SafetensorError, safe_open
 
@@ -218,6 +218,48 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def shard_name_problem(name: object) -> str | None:
+    """Why ``name``, a file named in an index's weight_map, may not be followed; None if it
+    may. Lexical only: a name must stay inside the checkpoint folder as written, and symlinks
+    are not resolved (a Hugging Face cache snapshot is a folder of links into blobs/)."""
+    if not isinstance(name, str):
+        return "not a file name"
+    if not name or "\x00" in name or not name.isprintable():
+        return "not a file name"
+    parts = re.split(r"[\\/]", name)  # a backslash is a separator on Windows
+    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in parts:
+        return "outside the checkpoint folder"
+    if os.path.normpath(name.replace("\\", "/")) in (".", ""):
+        return "not a file name"
+    return None
+
+
+def check_weight_map(path: Path, weight_map: object) -> None:
+    """Refuse an index whose weight_map is not tensor name -> file name inside the folder."""
+    fix = "re-download or re-convert the checkpoint"
+    if not isinstance(weight_map, dict):
+        raise RepskipError(
+            f"{path}: the weight_map of {INDEX_NAME} is a JSON {_json_kind(weight_map)}, not an object "
+            f"mapping tensor names to file names; {fix}"
+        )
+    for tensor, file in weight_map.items():
+        problem = shard_name_problem(file)  # JSON object keys, the tensor names, are strings
+        if problem is None:
+            continue
+        shown = file if isinstance(file, str) and file.isprintable() and file else json.dumps(file)
+        if problem == "not a file name":
+            raise RepskipError(
+                f"{path}: {INDEX_NAME} maps tensor {json.dumps(tensor)} to {shown}, which is not a "
+                f"file name; {fix}"
+            )
+        raise RepskipError(f"{path}: {INDEX_NAME} maps tensors to {shown}, {problem}; {fix}")
+
+
+def _json_kind(value: object) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a local checkpoint folder, checking every weight file's header."""
     path = Path(path)
@@ -232,8 +274,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         try:
             index = json.loads(index_file.read_text())
             weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise RepskipError(f"{index_file} is malformed ({exc}); re-download it") from None
+        check_weight_map(path, weight_map)
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

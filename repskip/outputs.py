@@ -53,15 +53,16 @@ def _within(path: Path, root: Path) -> bool:
 
 def _protected(target: Path, inputs: Sequence[Path]) -> str | None:
     """Why ``target`` may never be replaced or written into, or None."""
+    if target == Path(target.anchor):
+        return "it is the file system root"
+    if target == Path.home().resolve():
+        return "it is your home folder"
     for given in inputs:
         src = Path(given).expanduser().resolve()
         if _within(target, src):
             return f"it is the input {given} or inside it" if target != src else f"it is the input {given}"
         if _within(src, target):
             return f"it holds the input {given}"
-    home = Path.home().resolve()
-    if target == home or target == Path(target.anchor):
-        return "it is your home folder" if target == home else "it is the file system root"
     if _within(Path.cwd().resolve(), target):
         return "it is the working directory or holds it"
     return None
@@ -201,6 +202,10 @@ def atomic_dir(path: Path, force: bool, inputs: Sequence[Path] = (), command: st
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_debris(path)
+    except OSError as exc:
+        raise _failed(path, exc) from None
+    check_output(path, force, inputs)  # a previous output put back by the clean-up counts
+    try:
         tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

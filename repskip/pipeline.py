@@ -14,7 +14,7 @@ from typing import Any
 from . import recipe as _recipe
 from .checkpoint import Checkpoint, open_checkpoint, read_config, resolve_model
 from .compress import DEFAULT_SHARD_SIZE, write_pruned
-from .outputs import check_free
+from .outputs import check_output
 from .errors import RepskipError
 from .family import Family, find_family, validate_kept
 from .flops import FlopsComparison, compare
@@ -40,15 +40,31 @@ def parse_dtype(name: str | None) -> Any:
     return getattr(torch, DTYPES[name])
 
 
+DEVICE_HINT = "use cpu, cuda, cuda:N or auto"
+
+
+def check_device_name(name: str) -> str:
+    """Refuse a device name that can never work, without importing torch."""
+    import re
+
+    if name not in ("cpu", "auto") and not re.fullmatch(r"cuda(:\d+)?", str(name)):
+        raise RepskipError(f"unknown device {name!r}; {DEVICE_HINT}")
+    return name
+
+
 def parse_device(name: str) -> str:
-    if name == "cpu":
+    """A device torch can run on here: cpu, auto (CUDA when present), cuda or cuda:N."""
+    if check_device_name(name) == "cpu":
         return name
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise RepskipError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
+    index = int(name.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise RepskipError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return name
 
 
@@ -99,6 +115,7 @@ class ModelHandle:
 def open_model(model: str | Path, family: str | None = None, allow_onnx: bool = False) -> ModelHandle:
     """A model folder (or Hub id) and its family; ``allow_onnx`` also takes an exported ONNX
     folder, for the commands that can run one (generate, verify, flops)."""
+    from .family import check_checkpoint
     from .formats import ONNX_FILE, is_onnx_folder
 
     path = resolve_model(model)
@@ -112,6 +129,7 @@ def open_model(model: str | Path, family: str | None = None, allow_onnx: bool = 
         return ModelHandle(path, Checkpoint(path, config, [path / ONNX_FILE], {}, None), name, fam, onnx=True)
     ckpt = open_checkpoint(path)
     name, fam = find_family(ckpt.config, family)
+    check_checkpoint(ckpt, fam, name)  # config.json and weights agree, before any work
     return ModelHandle(path, ckpt, name, fam)
 
 
@@ -216,6 +234,7 @@ def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_sa
     from . import analysis as _analysis
     from . import calibration
     from .sampler import format_prompt, get_sampler
+    from .textio import tokenize_prefix
 
     fam = handle.family
     name = fam.default_sampler
@@ -226,10 +245,11 @@ def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_sa
     block_length = int(cfg.get("block_length") or gen_length)
     steps_per_block = max(1, steps // max(1, gen_length // block_length))
     mask_id = fam.mask_token_id(handle.ckpt.config)
-    texts, label = calibration.pick_texts(calib, field=calib_field, num_samples=num_samples, seed=seed)
+    texts, label = calibration.pick_texts(calib, field=calib_field, num_samples=num_samples, seed=seed,
+                                          max_chars=calibration.char_cap(max_length))
     prompts = []
-    for text in texts:  # keep each prompt within max_length tokens
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+    for text in texts:  # keep each prompt within max_length tokens, tokenising a bounded prefix only
+        ids = tokenize_prefix(tokenizer, text, max_length, add_special_tokens=False)
         prompts.append(format_prompt(tokenizer, tokenizer.decode(ids), chat))
     calib_set = calibration.CalibrationSet(
         label, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], max_length
@@ -331,12 +351,15 @@ def resolve_recipe(
 
 
 def check_compress(recipe: _recipe.Recipe, output: Path, *, force: bool = False, format: str = "safetensors",
-                   opset: int = 18, export_dtype: str = "fp32", provider: str = "cpu") -> None:
+                   opset: int = 18, export_dtype: str = "fp32", provider: str = "cpu",
+                   handle: ModelHandle | None = None) -> None:
     """Every refusal ``compress`` can make from its arguments alone, made before a long
     analysis or export starts, not after it."""
     if format not in FORMATS:
         raise RepskipError(f"unknown output format {format!r}; choose {' or '.join(FORMATS)}")
-    check_free(output, force)
+    check_output(output, force, [handle.path] if handle else [])
+    if handle is not None:
+        check_recipe_fits(recipe, handle)
     check_calibration(recipe)
     if format == "onnx":
         from .onnx_export import check_options
@@ -370,15 +393,20 @@ def compress(
         recipe = _recipe.load(recipe)
     output = Path(output)
     check_compress(recipe, output, force=force, format=format, opset=opset, export_dtype=export_dtype,
-                   provider=provider)
+                   provider=provider, handle=handle)
     resolved, _ = resolve_recipe(recipe, handle, dtype=dtype, device=device, progress=progress)
     assert resolved.resolved is not None
     kept = validate_kept(handle.num_layers, resolved.resolved.remove)
+    stamp: dict[str, Any] = {}
     if not resolved.resolved.versions:  # a hand-written recipe: record what exported it
         from .versions import versions
 
-        stamped = resolved.resolved.model_copy(update={"versions": versions()})
-        resolved = resolved.model_copy(update={"resolved": stamped})
+        stamp["versions"] = versions()
+    if resolved.resolved.model is None:  # and what it was cut from, so verify can tell
+        stamp["model"] = _recipe.ModelRef(fingerprint=handle.ckpt.fingerprint(), family=handle.family_name,
+                                          model_type=handle.ckpt.config.get("model_type"), name_or_path=str(handle.path))
+    if stamp:
+        resolved = resolved.model_copy(update={"resolved": resolved.resolved.model_copy(update=stamp)})
     new_config = handle.family.rewrite_config(handle.ckpt.config, kept)
     if format == "onnx":
         from .onnx_export import export_onnx
@@ -408,6 +436,24 @@ def flops(
     handle = model if isinstance(model, ModelHandle) else open_model(model)
     validate_kept(handle.num_layers, removed)
     return compare(handle.family.geometry(handle.ckpt.config), len(removed), seq_len)
+
+
+def check_recipe_fits(recipe: _recipe.Recipe, handle: ModelHandle) -> None:
+    """Refuse, before any analysis or write, a recipe that cannot apply to this model: made
+    for another kind or another model, naming layers it does not have, or asking for more
+    layers than an analysis could choose."""
+    check_kind(recipe, handle)
+    if recipe.is_resolved:
+        assert recipe.resolved is not None
+        _recipe.check_applies(recipe, handle.ckpt.fingerprint(), handle.num_layers)
+        validate_kept(handle.num_layers, recipe.resolved.remove)
+        return
+    from .selection import check_feasible
+
+    sel = recipe.selection
+    assert sel is not None
+    check_feasible(handle.num_layers, sel.strategy, sel.k, allow_adjacent=sel.allow_adjacent,
+                   protect_first=sel.protect_first, protect_last=sel.protect_last, protect=sel.protect)
 
 
 def check_kind(recipe: _recipe.Recipe, handle: ModelHandle) -> None:

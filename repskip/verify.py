@@ -33,6 +33,7 @@ from .outputs import ensure_dir, write_atomic
 from .pipeline import ModelHandle, open_model, parse_device
 from .runtime import model_device, model_dtype
 from .sampler import get_sampler
+from .textio import tokenize_prefix
 
 SCHEMA_VERSION = 1
 PRESETS = Path(__file__).resolve().parents[1] / "recipes" / "presets" / "sampling.yaml"
@@ -265,7 +266,8 @@ def run_perplexity(side: Side, bench: Benchmark, items: list[Item], *, cache: It
     for index, it in enumerate(items):
         if index % world != rank or it.id in cache:
             continue
-        ids = side.tokenizer(it.prompt, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+        # only as much of the text as max_length tokens need is tokenized, however long the item
+        ids = torch.tensor([tokenize_prefix(side.tokenizer, it.prompt, max_length)])
         start = time.perf_counter()
         if fam.generative_kind == "diffusion":
             nll, n = masked_diffusion_nll(side.model, fam, ids.to(device), fam.mask_token_id(side.handle.ckpt.config), seed=seed)
@@ -417,7 +419,6 @@ def verify(
     base_handle = open_model(base)
     comp_handle = base_handle if compressed is None else open_model(compressed, allow_onnx=True)
     out_dir = Path(output)
-    ensure_dir(out_dir, [base_handle.path, comp_handle.path], command="verify")
     for name, path in (data or {}).items():
         if name not in benches:
             raise RepskipError(f"--data names {name!r}, which is not among the benchmarks run ({', '.join(benches)})")
@@ -434,6 +435,7 @@ def verify(
                 raise RepskipError(f"--limit {limit} is larger than {name}'s {len(items)} items")
             items = items[:limit]
         benchmarks[name] = (bench, items)
+    ensure_dir(out_dir, [base_handle.path, comp_handle.path], command="verify")  # arguments checked: now write
     if recipe is not None:
         remove = removed_layers(recipe_mod.load(recipe), base_handle)
         comp_label = f"{base_handle.path} with recipe {recipe}"

@@ -4,11 +4,17 @@ text into items)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from repskip.benchmark import Benchmark, Item
 from repskip.errors import RepskipError
+from repskip.textio import iter_paragraphs
+
+# The text file is read in bounded pieces, and a paragraph is cut at this many characters, so
+# that a file of one 60 MB line costs no more than a short one. It is far past what an item
+# can use: verify scores each item's first max_length tokens (1024 by default), and a million
+# characters are about 250,000 tokens of English.
+PARAGRAPH_CHARS = 1_000_000
 
 
 class Perplexity(Benchmark):
@@ -28,19 +34,19 @@ class Perplexity(Benchmark):
         if source is None:
             raise RepskipError(f"perplexity needs a text file: pass --data perplexity=PATH ({self.default_source})")
         path = Path(source)
+        if path.is_dir():
+            raise RepskipError(f"perplexity text source {path} is a folder; pass a text file")
         if not path.is_file():
             raise RepskipError(f"perplexity text file {path} does not exist")
-        try:
-            text = path.read_text("utf-8")
+        items, chunk = [], ""
+        try:  # paragraphs split at blank lines (which may hold spaces), each cut at PARAGRAPH_CHARS
+            for para in iter_paragraphs(path, max_chars=PARAGRAPH_CHARS):
+                chunk = f"{chunk}\n\n{para}" if chunk else para  # whole paragraphs, about chunk_chars per item
+                if len(chunk) >= self.chunk_chars:
+                    items.append(Item(f"ppl/{path.stem}/{len(items)}", chunk, None))
+                    chunk = ""
         except UnicodeDecodeError:
             raise RepskipError(f"perplexity text file {path} is not UTF-8 text") from None
-        paragraphs = [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]  # blank lines may hold spaces
-        items, chunk = [], ""
-        for para in paragraphs:  # whole paragraphs, about chunk_chars characters per item
-            chunk = f"{chunk}\n\n{para}" if chunk else para
-            if len(chunk) >= self.chunk_chars:
-                items.append(Item(f"ppl/{path.stem}/{len(items)}", chunk, None))
-                chunk = ""
         if chunk:
             items.append(Item(f"ppl/{path.stem}/{len(items)}", chunk, None))
         if not items:

@@ -45,6 +45,16 @@ class DreamFamily(DiffusionFamily):
     def rewrite_config(self, config: dict, kept: Sequence[int]) -> dict:
         return slice_layer_config(config, kept, "num_hidden_layers")
 
+    def spec_sources(self, config: dict) -> dict[str, str]:
+        return {
+            "hidden": "hidden_size",
+            "heads": "num_attention_heads",
+            "kv_heads": "num_key_value_heads" if config.get("num_key_value_heads") else "num_attention_heads",
+            "head_dim": "head_dim" if config.get("head_dim") else "(hidden_size/num_attention_heads)",
+            "intermediate": "intermediate_size",
+            "vocab": "vocab_size",
+        }
+
     def spec(self, config: dict) -> DecoderSpec:
         geo = hf_geometry(config)  # Qwen2's keys
         return DecoderSpec(

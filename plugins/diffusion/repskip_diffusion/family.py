@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from repskip.errors import RepskipError
-from repskip.family import Family
+from repskip.family import Dim, Family
 from repskip.flops import DecoderGeometry
 
 from .spec import DecoderSpec
@@ -52,7 +52,41 @@ class DiffusionFamily(Family):
             raise RepskipError(f"mask_token_id {value} is outside the vocabulary (size {vocab})")
         return int(value)
 
+    def spec_sources(self, config: dict) -> dict[str, str]:
+        """DecoderSpec field -> the config.json key(s) it is read from, for error messages."""
+        return {}
+
     # --- shared behaviour ---------------------------------------------------------------
+    def expected_tensors(self, config: dict) -> dict[str, tuple[int, ...]] | None:
+        """Exactly the tensors the loader (model.load_decoder) fills, on-disk names: it uses
+        every one and refuses any other, so none is optional."""
+        s = self.spec(config)
+        src = {"hidden": "hidden", "heads": "heads", "kv_heads": "kv_heads", "head_dim": "head_dim",
+               "intermediate": "intermediate", "vocab": "vocab", **self.spec_sources(config)}
+        hidden, vocab = Dim(s.hidden, src["hidden"]), Dim(s.vocab, src["vocab"])
+        inter = Dim(s.intermediate, src["intermediate"])
+        q = Dim(s.heads * s.head_dim, f"{src['heads']}*{src['head_dim']}")
+        kv = Dim(s.kv_heads * s.head_dim, f"{src['kv_heads']}*{src['head_dim']}")
+        layer = {
+            "attn_norm.weight": (hidden,),
+            "attn.q_proj.weight": (q, hidden),
+            "attn.k_proj.weight": (kv, hidden),
+            "attn.v_proj.weight": (kv, hidden),
+            **({"attn.q_proj.bias": (q,), "attn.k_proj.bias": (kv,), "attn.v_proj.bias": (kv,)} if s.qkv_bias else {}),
+            "attn.o_proj.weight": (hidden, q),
+            "mlp_norm.weight": (hidden,),
+            "mlp.gate_proj.weight": (inter, hidden),
+            "mlp.up_proj.weight": (inter, hidden),
+            "mlp.down_proj.weight": (hidden, inter),
+        }
+        out = {self.disk_name("embed.weight"): (vocab, hidden)}
+        for i in range(s.layers):
+            out.update({self.disk_name(f"blocks.{i}.{name}"): shape for name, shape in layer.items()})
+        out[self.disk_name("norm.weight")] = (hidden,)
+        if not s.tie_embeddings:
+            out[self.disk_name("lm_head.weight")] = (vocab, hidden)
+        return out
+
     def disk_name(self, name: str) -> str:
         if name in self.top_names:
             return self.top_names[name]

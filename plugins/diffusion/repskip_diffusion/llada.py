@@ -53,6 +53,21 @@ class LLaDAFamily(DiffusionFamily):
     def rewrite_config(self, config: dict, kept: Sequence[int]) -> dict:
         return slice_layer_config(config, kept, "n_layers", ())
 
+    def expected_tensors(self, config: dict) -> dict[str, tuple[int, ...]] | None:
+        if config.get("block_type", "llama") != "llama":
+            return None  # another block layout; spec() refuses it when a model is loaded
+        return super().expected_tensors(config)
+
+    def spec_sources(self, config: dict) -> dict[str, str]:
+        return {
+            "hidden": "d_model",
+            "heads": "n_heads",
+            "kv_heads": "n_kv_heads" if config.get("n_kv_heads") else "n_heads",
+            "head_dim": "(d_model/n_heads)",
+            "intermediate": "mlp_hidden_size",
+            "vocab": "embedding_size" if config.get("embedding_size") else "vocab_size",
+        }
+
     def spec(self, config: dict) -> DecoderSpec:
         hidden, heads = int(config["d_model"]), int(config["n_heads"])
         if config.get("block_type", "llama") != "llama":
