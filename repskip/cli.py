@@ -555,11 +555,10 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
     95% confidence interval and a paired test, FLOPs reduction and measured speed. COMPRESSED
     may be a safetensors checkpoint or an ONNX export (run on ONNX Runtime)."""
     from . import verify as verify_mod
-
-    names = [b.strip() for b in benches.split(",") if b.strip()]
     from .pipeline import check_device_name
 
     check_device_name(device)
+    names = [b.strip() for b in benches.split(",") if b.strip()]
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=err_console)
     tasks: dict[str, int] = {}

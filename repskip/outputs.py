@@ -73,7 +73,8 @@ def check_output(path: Path, force: bool, inputs: Sequence[Path] = (), *, file: 
     """Refuse, before any long work, an output that cannot or may not be written.
 
     ``file``: the output is a single file (``owned`` says whether an existing one is
-    repskip's, for ``--force``); otherwise a folder, replaceable only when repskip wrote it.
+    repskip's, for ``--force``); otherwise a folder, replaceable only when repskip wrote it
+    (its marker, or ``owned`` for a command's outputs from before the marker).
     """
     path = Path(path)
     target = path.expanduser().resolve()
@@ -99,7 +100,7 @@ def check_output(path: Path, force: bool, inputs: Sequence[Path] = (), *, file: 
         return
     if path.is_symlink():
         raise RepskipError(f"refusing to replace {path}: it is a symbolic link; choose another output")
-    if any(path.iterdir()) and not written_by_repskip(path):
+    if any(path.iterdir()) and not (written_by_repskip(path) or (owned is not None and owned(path))):
         raise RepskipError(
             f"refusing to replace {path}: it holds files repskip did not write (no {MARKER}); "
             "choose another output or empty it yourself"
@@ -257,17 +258,19 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
-def ensure_dir(path: Path, inputs: Sequence[Path] = (), command: str = "repskip") -> None:
+def ensure_dir(path: Path, inputs: Sequence[Path] = (), command: str = "repskip",
+               owned: Callable[[Path], bool] | None = None) -> None:
     """A folder that a resumable command (verify) writes into over several runs: created with
-    the marker, or reused when repskip made it; a folder of someone else's files is refused."""
+    the marker, or reused when repskip made it (``owned``: recognises the command's folders
+    from before the marker); a folder of someone else's files is refused."""
     path = Path(path)
-    check_output(path, force=True, inputs=inputs)
+    check_output(path, force=True, inputs=inputs, owned=owned)
     try:
         if path.is_dir():
             if not (path / MARKER).is_file():
                 _mark(path, command)  # empty, or a pre-marker output of ours
             return
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)  # ranks of one run may race here
         _mark(path, command)
     except OSError as exc:
         raise _failed(path, exc) from None

@@ -115,7 +115,7 @@ class ModelHandle:
 def open_model(model: str | Path, family: str | None = None, allow_onnx: bool = False) -> ModelHandle:
     """A model folder (or Hub id) and its family; ``allow_onnx`` also takes an exported ONNX
     folder, for the commands that can run one (generate, verify, flops)."""
-    from .family import check_checkpoint
+    from .consistency import check_checkpoint
     from .formats import ONNX_FILE, is_onnx_folder
 
     path = resolve_model(model)

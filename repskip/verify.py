@@ -240,6 +240,7 @@ def run_generation(side: Side, bench: Benchmark, items: list[Item], *, sampler_n
         if not batch:
             continue
         prompts = [bench.prompt(it, side.tokenizer, chat) for it in batch]
+        _check_fits(side, batch, prompts)
         start = time.perf_counter()
         out = sampler.generate(side.model, side.tokenizer, prompts, family=fam, seed=seed + k // batch_size, **settings)
         seconds = time.perf_counter() - start
@@ -255,6 +256,18 @@ def run_generation(side: Side, bench: Benchmark, items: list[Item], *, sampler_n
         cache.add(records)
         if progress:
             progress(len(batch))
+
+
+def _check_fits(side: Side, items: list[Item], prompts: list[str]) -> None:
+    """Refuse an item whose prompt alone fills the model's context, before it is generated
+    from (tokenizing no more of it than the context holds, however long it is)."""
+    context = side.handle.family.context_length(side.handle.ckpt.config)
+    if not context:
+        return
+    for item, prompt in zip(items, prompts):
+        if len(tokenize_prefix(side.tokenizer, prompt, context, add_special_tokens=False)) >= context:
+            raise RepskipError(f"item {item.id}: its prompt fills the model's context ({context} tokens), leaving "
+                               "no room to generate; fix that item in the data, or leave it out with --limit")
 
 
 def run_perplexity(side: Side, bench: Benchmark, items: list[Item], *, cache: ItemCache, max_length: int,
@@ -435,7 +448,8 @@ def verify(
                 raise RepskipError(f"--limit {limit} is larger than {name}'s {len(items)} items")
             items = items[:limit]
         benchmarks[name] = (bench, items)
-    ensure_dir(out_dir, [base_handle.path, comp_handle.path], command="verify")  # arguments checked: now write
+    # arguments checked: now write
+    ensure_dir(out_dir, [base_handle.path, comp_handle.path], command="verify", owned=_earlier_verify_run)
     if recipe is not None:
         remove = removed_layers(recipe_mod.load(recipe), base_handle)
         comp_label = f"{base_handle.path} with recipe {recipe}"
@@ -526,6 +540,11 @@ def _run_benchmark(name: str, bench: Benchmark, items: list[Item], sides: tuple[
             run_generation(side, bench, items, sampler_name=sampler_name, settings=settings, cache=cache,
                            batch_size=batch_size, chat=chat, seed=seed, rank=rank, world=world, progress=tick)
     return settings, caches
+
+
+def _earlier_verify_run(path: Path) -> bool:
+    """A verify folder from before the output marker: a cache and reports, nothing else."""
+    return (path / "cache").is_dir() and {p.name for p in path.iterdir()} <= {"cache", "report.json", "report.md"}
 
 
 def failing(report: dict, min_retention: float) -> list[str]:

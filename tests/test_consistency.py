@@ -25,7 +25,8 @@ from repskip import family as family_mod
 from repskip.checkpoint import INDEX_NAME, open_checkpoint, shard_name_problem
 from repskip.cli import main
 from repskip.errors import RepskipError
-from repskip.family import Dim, Family, check_checkpoint, slice_layer_config
+from repskip.consistency import check_checkpoint
+from repskip.family import Dim, Family, slice_layer_config
 from repskip.flops import hf_geometry
 from repskip.pipeline import open_model
 

@@ -433,3 +433,25 @@ def test_generate_caps_new_tokens_at_the_context(tmp_path):
     said = " ".join(res.stderr.split())
     assert "max_new_tokens 100000 capped at 43" in said and "context (48 tokens)" in said
     one_line_error(run("generate", short, "--prompt", "x" * 60, "--no-chat"), "fills the model's context (48 tokens)")
+
+
+def test_a_benchmark_prompt_longer_than_the_context_is_refused_without_tokenizing_it_whole(model, tmp_path):
+    data = tmp_path / "test.jsonl"
+    huge = "How many apples? " * 2_000_000  # 34 MB of question
+    data.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "4 #### 4"}) + "\n"
+                    + json.dumps({"question": huge, "answer": "1 #### 1"}) + "\n")
+    start = time.monotonic()
+    res = run("verify", model, model, "--bench", "gsm8k", "--data", f"gsm8k={data}", "--bench-option", "gsm8k.shots=0",
+              "--set", "max_new_tokens=4", "-o", tmp_path / "v")
+    one_line_error(res, "item gsm8k/test/1: its prompt fills the model's context (4096 tokens)")
+    assert time.monotonic() - start < 60 and not (tmp_path / "v" / "report.json").exists()
+
+
+def test_a_verify_run_from_before_the_marker_still_resumes(verified):
+    command, out, report = verified
+    (out / MARKER).unlink()
+    (out / "report.json").unlink()  # interrupted before its report, by an older repskip
+    res = run(*command)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "report.json").read_text())["benchmarks"]["perplexity"]["base"] == \
+        report["benchmarks"]["perplexity"]["base"]
