@@ -2,7 +2,7 @@
 
 Each variant runs in its own child process, so that peaks never mix:
 
-  streaming    repskip.analysis.collect(...) with default settings; the per-layer mean
+  streaming    repskip.analyze.analysis.collect(...) with default settings; the per-layer mean
                cosine cos(h_l, h_l+1) over all real tokens is read from its sums
   collect-all  the naive approach: forward hooks keep the hidden states h_0 .. h_L of every
                batch (real tokens only, in the model's dtype) in Python lists, and the same
@@ -35,7 +35,9 @@ DEFAULT_CALIB = _common.REPO.parent / "shared" / "data" / "wikitext2" / "test.tx
 def child(args: argparse.Namespace) -> dict:
     rss_start = _common.rss_mb()
     import torch
-    from repskip import analysis, calibration, pipeline
+    from repskip import pipeline
+    from repskip.analyze import analysis
+    from repskip.analyze import calibration
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

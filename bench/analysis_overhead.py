@@ -1,14 +1,14 @@
 """Time of repskip's streaming statistics pass against plain forward passes.
 
 The model (SmolLM2-135M-Instruct by default) is loaded once through its family and the
-calibration set is built once. On the very same batches (repskip.calibration.batches) three
+calibration set is built once. On the very same batches (repskip.analyze.calibration.batches) three
 things are timed, each a full pass over the calibration set:
 
   full      family.logits(model, ids, mask) under torch.inference_mode (through the LM head)
   stopped   the same forward, stopped by a hook on the last decoder layer that raises, as
-            repskip.analysis does with _StopForward, and no statistics: the like-for-like
+            repskip.analyze.analysis does with _StopForward, and no statistics: the like-for-like
             baseline, since the analysis never runs the final norm and LM head either
-  analysis  repskip.analysis.collect(...) with its default settings
+  analysis  repskip.analyze.analysis.collect(...) with its default settings
 
 Each kind runs batch by batch: for every batch the three kinds run one after the other
 (interleaved, the order rotating from round to round, so that drifting machine load hits all
@@ -54,7 +54,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from repskip import analysis, calibration, pipeline
+    from repskip import pipeline
+    from repskip.analyze import analysis
+    from repskip.analyze import calibration
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

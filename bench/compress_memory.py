@@ -8,7 +8,7 @@
    repskip.pipeline.compress with a resolved recipe removing --remove, max_shard_size = the
    input's shard size. Reported: the absolute peak RSS of the child (ru_maxrss), the peak of
    the call alone (peak reset with /proc/self/clear_refs after the imports), the call's wall
-   time, the time inside repskip.compress.write_pruned (the file work without the call's fixed
+   time, the time inside repskip.compress.files.write_pruned (the file work without the call's fixed
    costs), and the weight-file bytes written, hence MB/s.
 4. Plain copy "after", and the same with an fsync per file (compress fsyncs every shard, so
    that is the like-for-like copy). The page cache cannot be dropped here: the copies before
@@ -83,13 +83,13 @@ def compress_child(args: argparse.Namespace) -> dict:
     rss_start = _common.rss_mb()
     from repskip import pipeline, recipe
     from repskip.checkpoint import open_checkpoint
-    from repskip.compress import parse_size
+    from repskip.compress.files import parse_size
 
     rss_imports = _common.rss_mb()
     peak_imports = _common.peak_rss_mb()
     remove = [int(x) for x in args.remove.split(",")]
     rec = recipe.Recipe(resolved=recipe.Resolved(remove=remove))
-    write_s = []  # time inside repskip.compress.write_pruned, the file work proper
+    write_s = []  # time inside repskip.compress.files.write_pruned, the file work proper
 
     def timed_write(*a, **k):
         t = time.perf_counter()
@@ -154,7 +154,7 @@ def main() -> None:
         done = build_sharded(args) if args.child == "build" else compress_child(args)
         return print(json.dumps(done))
 
-    from repskip.compress import parse_size  # imports no torch
+    from repskip.compress.files import parse_size  # imports no torch
 
     model = Path(args.model) if args.model else _common.default_model()
     shard_bytes = parse_size(args.shard_size)

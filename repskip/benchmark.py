@@ -35,7 +35,7 @@ class Benchmark(abc.ABC):
     #: Generation needs: new tokens to allow, and strings after which the answer is over.
     max_new_tokens: ClassVar[int] = 256
     stop: ClassVar[tuple[str, ...]] = ()
-    #: Whether ``score`` runs the completion as code (through repskip.sandbox): verify then
+    #: Whether ``score`` runs the completion as code (through repskip.verify.sandbox): verify then
     #: checks that the sandbox can be built before it loads any model.
     runs_code: ClassVar[bool] = False
 

@@ -158,7 +158,7 @@ def _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_
 
 
 def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
-    from . import plots
+    from .analyze import plots
 
     (out / "analysis.json").write_text(json.dumps(analysis.data, indent=1) + "\n")
     chosen = recipe.resolved.remove if recipe.is_resolved else []
@@ -220,7 +220,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
     handle = pipeline.open_model(model)
     # every refusal now, not after the analysis
     check_output(output, force, [handle.path])
-    from .selection import check_feasible
+    from .analyze.selection import check_feasible
 
     check_feasible(handle.num_layers, strategy, k, allow_adjacent=allow_adjacent, protect_first=not no_protect_ends,
                    protect_last=not no_protect_ends, protect=spec.protect)
@@ -266,7 +266,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
 @click.option("--force", is_flag=True, help="Replace the recipe file if it exists.")
 def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protect, no_protect_ends, force):
     """Choose layers from an existing analysis.json without re-running the model."""
-    from .analysis import Analysis
+    from .analyze.analysis import Analysis
     from .recipe import Recipe, is_recipe_file, resolve
 
     if analysis_file.is_dir() and (analysis_file / "analysis.json").is_file():
@@ -312,7 +312,7 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
     """Write MODEL without the recipe's layers: a safetensors checkpoint, or an ONNX graph."""
     from . import pipeline
     from . import recipe as recipe_mod
-    from .compress import parse_size
+    from .compress.files import parse_size
 
     recipe = recipe_mod.load(recipe_path)
     shard = parse_size(max_shard_size)
@@ -554,7 +554,7 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
     """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
     95% confidence interval and a paired test, FLOPs reduction and measured speed. COMPRESSED
     may be a safetensors checkpoint or an ONNX export (run on ONNX Runtime)."""
-    from . import verify as verify_mod
+    from .verify import run as verify_mod
     from .pipeline import check_device_name
 
     check_device_name(device)
@@ -623,7 +623,7 @@ def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot,
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise RepskipError("lm-eval is not installed: pip install 'repskip[lm-eval]'") from None
-    from .lmeval import RepskipLM
+    from .verify.lmeval import RepskipLM
 
     lm = RepskipLM(pretrained=model, recipe=str(recipe_path) if recipe_path else None, dtype=dtype, device=device,
                    **_key_values(model_args, "--model-arg"))

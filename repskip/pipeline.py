@@ -13,7 +13,7 @@ from typing import Any
 
 from . import recipe as _recipe
 from .checkpoint import Checkpoint, open_checkpoint, read_config, resolve_model
-from .compress import DEFAULT_SHARD_SIZE, write_pruned
+from .compress.files import DEFAULT_SHARD_SIZE, write_pruned
 from .outputs import check_output
 from .errors import RepskipError
 from .family import Family, find_family, validate_kept
@@ -166,15 +166,15 @@ def analyze(
     family: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> _analysis.Analysis:
-    """Measure every layer of ``model`` on calibration text (see repskip.analysis).
+    """Measure every layer of ``model`` on calibration text (see repskip.analyze.analysis).
 
     ``mode``: ``forward`` runs the text as it is (the default for autoregressive models);
     ``masked`` (the default for diffusion models) masks a fraction of each sequence's
     response for every ratio of ``mask_ratios``; ``sampling`` runs the family's sampler on
     the calibration texts as prompts and measures every denoising step.
     """
-    from . import analysis as _analysis
-    from . import calibration
+    from .analyze import analysis as _analysis
+    from .analyze import calibration
 
     handle = model if isinstance(model, ModelHandle) else open_model(model, family)
     fam = handle.family
@@ -231,8 +231,8 @@ def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_sa
     """Statistics along real denoising trajectories of the family's sampler."""
     import torch
 
-    from . import analysis as _analysis
-    from . import calibration
+    from .analyze import analysis as _analysis
+    from .analyze import calibration
     from .sampler import format_prompt, get_sampler
     from .textio import tokenize_prefix
 
@@ -300,7 +300,7 @@ def check_calibration(recipe: _recipe.Recipe) -> None:
     once, before any model is loaded, when that data cannot be read."""
     if recipe.is_resolved:
         return
-    from . import calibration  # imports torch: only for an analysis that will run anyway
+    from .analyze import calibration  # imports torch: only for an analysis that will run anyway
 
     try:
         calibration.load_texts(recipe.calibration.source, recipe.calibration.field)
@@ -362,7 +362,7 @@ def check_compress(recipe: _recipe.Recipe, output: Path, *, force: bool = False,
         check_recipe_fits(recipe, handle)
     check_calibration(recipe)
     if format == "onnx":
-        from .onnx_export import check_options
+        from .compress.onnx_export import check_options
 
         check_options(opset, export_dtype, provider)
 
@@ -386,7 +386,7 @@ def compress(
 ) -> tuple[Any, _recipe.Recipe]:
     """Write ``model`` without the recipe's layers to ``output``: a safetensors checkpoint
     (a CompressResult) or, with ``format="onnx"``, an ONNX graph checked against PyTorch on
-    ``provider`` (an OnnxExportResult; see repskip.onnx_export)."""
+    ``provider`` (an OnnxExportResult; see repskip.compress.onnx_export)."""
     handle = model if isinstance(model, ModelHandle) else open_model(model)
     handle.require_weights("compress")
     if not isinstance(recipe, _recipe.Recipe):
@@ -409,7 +409,7 @@ def compress(
         resolved = resolved.model_copy(update={"resolved": resolved.resolved.model_copy(update=stamp)})
     new_config = handle.family.rewrite_config(handle.ckpt.config, kept)
     if format == "onnx":
-        from .onnx_export import export_onnx
+        from .compress.onnx_export import export_onnx
 
         onnx_result = export_onnx(handle, kept, new_config, resolved.to_yaml(), output, opset=opset,
                                   dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force,
@@ -448,7 +448,7 @@ def check_recipe_fits(recipe: _recipe.Recipe, handle: ModelHandle) -> None:
         _recipe.check_applies(recipe, handle.ckpt.fingerprint(), handle.num_layers)
         validate_kept(handle.num_layers, recipe.resolved.remove)
         return
-    from .selection import check_feasible
+    from .analyze.selection import check_feasible
 
     sel = recipe.selection
     assert sel is not None

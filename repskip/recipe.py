@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing import TYPE_CHECKING
 
 from .errors import RepskipError
-from .selection import STRATEGIES, select
+from .analyze.selection import STRATEGIES, select
 
 if TYPE_CHECKING:  # the analysis module needs torch; a recipe does not
-    from .analysis import Analysis
+    from .analyze.analysis import Analysis
 
 SCHEMA_VERSION = 1
 MAX_RECIPE_BYTES = 16 * 1024 * 1024  # resolved recipes hold a few scores per layer: far below this

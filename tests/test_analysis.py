@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import load
-from repskip import calibration
-from repskip.analysis import LayerStatsAccumulator, collect
+from repskip.analyze import calibration
+from repskip.analyze.analysis import LayerStatsAccumulator, collect
 from repskip.errors import RepskipError
 from repskip.pipeline import analyze, open_model
 
@@ -182,7 +182,7 @@ def test_calibration_from_jsonl_and_txt(tmp_path, tiny):
 
 
 def test_paragraphs_split_at_blank_lines_that_hold_spaces(tmp_path):
-    from repskip.calibration import load_texts
+    from repskip.analyze.calibration import load_texts
 
     path = tmp_path / "wiki.txt"
     path.write_text(" = Heading = \n \n The first paragraph is here and long enough . \n \n The second one follows it here . \n")

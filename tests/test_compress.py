@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import load, make_checkpoint
-from repskip import compress as compress_mod
+from repskip.compress import files as compress_mod
 from repskip.errors import RepskipError
 from repskip.pipeline import compress, open_model
 from repskip.recipe import Recipe, Resolved

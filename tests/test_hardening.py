@@ -155,7 +155,7 @@ def debris(folder: Path) -> list[str]:
 
 def test_a_compress_killed_midway_leaves_debris_the_next_run_removes(model, recipe, tmp_path):
     out = tmp_path / "exported" / "m"
-    proc = _start_slow("compress", "_write_shard", "compress", model, "--recipe", recipe, "-o", out,
+    proc = _start_slow("compress.files", "_write_shard", "compress", model, "--recipe", recipe, "-o", out,
                        "--max-shard-size", "20KB")
     proc.kill()
     proc.wait()
@@ -166,7 +166,8 @@ def test_a_compress_killed_midway_leaves_debris_the_next_run_removes(model, reci
 
 def test_an_onnx_export_killed_midway_is_cleaned_by_the_next_run(model, recipe, tmp_path):
     out = tmp_path / "exported" / "m-onnx"
-    proc = _start_slow("onnx_export", "_export", "compress", model, "--recipe", recipe, "-o", out, "--format", "onnx")
+    proc = _start_slow("compress.onnx_export", "_export", "compress", model, "--recipe", recipe, "-o", out,
+                       "--format", "onnx")
     proc.kill()
     proc.wait()
     assert debris(out.parent) == [f".m-onnx.partial-{proc.pid}"]
@@ -177,7 +178,7 @@ def test_an_onnx_export_killed_midway_is_cleaned_by_the_next_run(model, recipe, 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_terminated_runs_remove_their_own_partial_output(model, recipe, tmp_path, sig):
     out = tmp_path / "exported" / "m"
-    proc = _start_slow("compress", "_write_shard", "compress", model, "--recipe", recipe, "-o", out,
+    proc = _start_slow("compress.files", "_write_shard", "compress", model, "--recipe", recipe, "-o", out,
                        "--max-shard-size", "20KB")
     proc.send_signal(sig)
     assert proc.wait(timeout=30) in (143, 130)

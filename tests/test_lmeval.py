@@ -10,7 +10,7 @@ import torch.nn.functional as F
 lm_eval = pytest.importorskip("lm_eval")
 
 from helpers import llada_from_llama, load, make_checkpoint  # noqa: E402
-from repskip.lmeval import RepskipLM  # noqa: E402
+from repskip.verify.lmeval import RepskipLM  # noqa: E402
 from repskip.sampler import get_sampler  # noqa: E402
 
 

@@ -177,7 +177,7 @@ def test_fp16_export(models, tmp_path):
 
 def test_external_data(models, tmp_path):
     """Large models (over protobuf's 2 GB) keep weights beside the graph; forced here."""
-    from repskip.onnx_export import export_onnx
+    from repskip.compress.onnx_export import export_onnx
 
     handle = pipeline.open_model(models["mistral"])
     kept = [0, 1, 3, 5]
@@ -209,7 +209,7 @@ def test_parity_failure_writes_nothing(models, tmp_path, monkeypatch):
 
 
 def test_verify_runs_on_ort(models, exports, tmp_path):
-    from repskip.verify import verify
+    from repskip.verify.run import verify
 
     wiki = tmp_path / "wiki.txt"
     wiki.write_text("\n\n".join(f"Paragraph {i} says something about topic {i} and more words." for i in range(6)))

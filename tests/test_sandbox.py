@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from repskip import sandbox
+from repskip.verify import sandbox
 from repskip.errors import RepskipError
-from repskip.sandbox import Limits, run_python
+from repskip.verify.sandbox import Limits, run_python
 
 FAST = Limits(timeout_s=3, memory_mb=512)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from repskip import sandbox
+from repskip.verify import sandbox
 from repskip.benchmark import get_benchmark
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is built on Linux namespaces")

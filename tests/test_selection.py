@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from repskip.analysis import Analysis
+from repskip.analyze.analysis import Analysis
 from repskip.errors import RepskipError
-from repskip.selection import select
+from repskip.analyze.selection import select
 
 
 def fake_analysis(cosines, last_matrix=None):

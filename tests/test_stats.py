@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from repskip.stats import bootstrap_ci, mcnemar_exact, paired_permutation, paired_test, retention
+from repskip.verify.stats import bootstrap_ci, mcnemar_exact, paired_permutation, paired_test, retention
 
 
 def mean_ratio(b, c):
@@ -50,7 +50,7 @@ def test_permutation_test_detects_a_consistent_shift():
 
 
 def test_a_base_that_scores_nothing_is_flagged(tmp_path):
-    from repskip.verify import ItemCache, _summary
+    from repskip.verify.run import ItemCache, _summary
     from repskip.benchmark import Benchmark, Item
 
     class Zero(Benchmark):

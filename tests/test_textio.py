@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from tokenizers import processors
 
 from helpers import make_tokenizer
-from repskip import calibration
+from repskip.analyze import calibration
 from repskip.cli import main
 from repskip.errors import RepskipError
 from repskip.textio import iter_paragraphs, split_paragraphs, tokenize_prefix
@@ -251,7 +251,7 @@ BIG_SCRIPT = textwrap.dedent("""
         items = Perplexity().load({path!r})
         out = [len(items), len(items[0].prompt)]
     else:
-        from repskip import calibration
+        from repskip.analyze import calibration
         cal = calibration.build(tok, {path!r}, num_samples=4, max_length=64)
         out = [len(cal.sequences), len(cal.sequences[0])]
     seconds = time.perf_counter() - start

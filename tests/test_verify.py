@@ -12,7 +12,7 @@ from helpers import fake_install, make_checkpoint
 from repskip import registry
 from repskip.cli import main
 from repskip.errors import RepskipError
-from repskip.verify import verify
+from repskip.verify.run import verify
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "examples" / "repskip-example"

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from repskip.benchmark import Benchmark
 from repskip.errors import RepskipError
 from repskip.sampler import format_prompt
-from repskip.sandbox import Limits, run_python
+from repskip.verify.sandbox import Limits, run_python
 
 
 class BaseBenchmark(Benchmark):

@@ -1,5 +1,5 @@
 """Perplexity on a text file: next-token for autoregressive models, the masked-token
-estimate for diffusion models (computed by repskip.perplexity; this plugin only cuts the
+estimate for diffusion models (computed by repskip.verify.likelihood; this plugin only cuts the
 text into items)."""
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import RepskipError
-from .textio import iter_paragraphs, tokenize_prefix
+from ..errors import RepskipError
+from ..textio import iter_paragraphs, tokenize_prefix
 
 BUILTIN = "builtin"
 TEXT_FIELDS = ("text", "question", "prompt", "problem", "content")

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorEntry, read_header
-from .errors import RepskipError
-from .outputs import atomic_dir, check_output
+from ..checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorEntry, read_header
+from ..errors import RepskipError
+from ..outputs import atomic_dir, check_output
 
 # Weight files of other formats are never copied into the output.
 SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".onnx_data"}

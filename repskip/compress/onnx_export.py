@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from .compress import RECIPE_NAME, copy_side_files
-from .errors import RepskipError
-from .outputs import atomic_dir
-from .formats import CAUSAL, MASKED, META_FILE, ONNX_FILE
-from .runtime import check_provider, load_onnx_model
+from .files import RECIPE_NAME, copy_side_files
+from ..errors import RepskipError
+from ..outputs import atomic_dir
+from ..formats import CAUSAL, MASKED, META_FILE, ONNX_FILE
+from ..runtime import check_provider, load_onnx_model
 
 SCHEMA_VERSION = 1
 MIN_OPSET = 18
@@ -316,7 +316,7 @@ def export_onnx(
 
 
 def metadata(result: OnnxExportResult, fam: Any, handle: Any) -> dict:
-    from .versions import versions
+    from ..versions import versions
 
     doc = asdict(result)
     doc["output"] = str(result.output)

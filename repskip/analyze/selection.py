@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
-from .errors import RepskipError
+from ..errors import RepskipError
 
 if TYPE_CHECKING:  # the analysis module needs torch; choosing layers does not
     from .analysis import Analysis

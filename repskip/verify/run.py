@@ -25,18 +25,18 @@ import torch
 import yaml
 
 from . import sandbox, stats
-from .versions import versions
-from .benchmark import Benchmark, Item, get_benchmark
-from .errors import RepskipError
-from .flops import generation_flops
-from .outputs import ensure_dir, write_atomic
-from .pipeline import ModelHandle, open_model, parse_device
-from .runtime import model_device, model_dtype
-from .sampler import get_sampler
-from .textio import tokenize_prefix
+from ..versions import versions
+from ..benchmark import Benchmark, Item, get_benchmark
+from ..errors import RepskipError
+from ..flops import generation_flops
+from ..outputs import ensure_dir, write_atomic
+from ..pipeline import ModelHandle, open_model, parse_device
+from ..runtime import model_device, model_dtype
+from ..sampler import get_sampler
+from ..textio import tokenize_prefix
 
 SCHEMA_VERSION = 1
-PRESETS = Path(__file__).resolve().parents[1] / "recipes" / "presets" / "sampling.yaml"
+PRESETS = Path(__file__).resolve().parents[2] / "recipes" / "presets" / "sampling.yaml"
 LENGTH_KEYS = {"ar": "max_new_tokens", "dream": "max_new_tokens", "llada": "gen_length"}
 
 
@@ -68,7 +68,7 @@ def load_side(label: str, handle: ModelHandle, dtype: str | None, device: str, r
 
 def onnx_tag(path: Path) -> str:
     """Cache tag of an ONNX export: its export record (recipe, parity, versions) and file size."""
-    from .formats import META_FILE, ONNX_FILE
+    from ..formats import META_FILE, ONNX_FILE
 
     digest = hashlib.sha256()
     for name in (META_FILE, "config.json"):
@@ -81,8 +81,8 @@ def onnx_tag(path: Path) -> str:
 def check_made_from(base: ModelHandle, compressed: ModelHandle) -> None:
     """Warn when the compressed model does not say it was made from ``base``: its recipe
     records the fingerprint of the model it was cut from."""
-    from .compress import RECIPE_NAME
-    from .recipe import load as load_recipe
+    from ..compress.files import RECIPE_NAME
+    from ..recipe import load as load_recipe
 
     recipe_file = compressed.path / RECIPE_NAME
     if not recipe_file.is_file():
@@ -272,7 +272,7 @@ def _check_fits(side: Side, items: list[Item], prompts: list[str]) -> None:
 
 def run_perplexity(side: Side, bench: Benchmark, items: list[Item], *, cache: ItemCache, max_length: int,
                    seed: int, rank: int = 0, world: int = 1, progress: Callable[[int], None] | None = None) -> None:
-    from .perplexity import autoregressive_nll, masked_diffusion_nll
+    from .likelihood import autoregressive_nll, masked_diffusion_nll
 
     fam = side.handle.family
     device = model_device(side.model)
@@ -417,9 +417,9 @@ def verify(
     ``output``/report.json and report.md). Give ``compressed`` (a checkpoint) or ``recipe``
     (a resolved recipe applied to the base in memory). Benchmarks that run generated code
     need the sandbox's OS isolation; ``allow_unsafe_code_execution`` runs them without it
-    where the platform has none (see repskip.sandbox)."""
-    from . import recipe as recipe_mod
-    from .pipeline import removed_layers
+    where the platform has none (see repskip.verify.sandbox)."""
+    from .. import recipe as recipe_mod
+    from ..pipeline import removed_layers
 
     if (compressed is None) == (recipe is None):
         raise RepskipError("give a compressed model or --recipe, not both and not neither")

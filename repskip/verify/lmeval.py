@@ -3,7 +3,7 @@
 Importing this module registers the model name ``repskip`` with lm-eval (an optional extra:
 ``pip install repskip[lm-eval]``)::
 
-    import lm_eval, repskip.lmeval
+    import lm_eval, repskip.verify.lmeval
     lm_eval.simple_evaluate(model="repskip", model_args="pretrained=PATH,recipe=R.yaml", tasks=[...])
 
 or ``repskip lm-eval PATH --recipe R.yaml --tasks TASK``. The model is loaded by its family
@@ -24,14 +24,14 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as exc:  # pragma: no cover - depends on the optional extra
-    from .errors import RepskipError
+    from ..errors import RepskipError
 
     raise RepskipError("the lm-eval adapter needs lm-evaluation-harness: pip install 'repskip[lm-eval]'") from exc
 
-from .perplexity import autoregressive_nll, masked_diffusion_nll
-from .pipeline import open_model, removed_layers
-from .runtime import model_device
-from .sampler import get_sampler
+from .likelihood import autoregressive_nll, masked_diffusion_nll
+from ..pipeline import open_model, removed_layers
+from ..runtime import model_device
+from ..sampler import get_sampler
 
 LENGTH_KEYS = {"ar": "max_new_tokens", "dream": "max_new_tokens", "llada": "gen_length"}
 
@@ -54,7 +54,7 @@ class RepskipLM(LM):
                  device: str = "cpu", batch_size: int | str = 8, mc_samples: int = 16, seed: int = 0,
                  provider: str = "auto", **kwargs: Any):
         super().__init__()
-        from . import recipe as recipe_mod
+        from .. import recipe as recipe_mod
 
         self.handle = open_model(pretrained, allow_onnx=True)
         self.family = self.handle.family
@@ -72,7 +72,7 @@ class RepskipLM(LM):
         self.sampler_settings = {k[len("sampler_"):]: _value(v) for k, v in kwargs.items() if k.startswith("sampler_")}
         unknown = sorted(k for k in kwargs if not k.startswith("sampler_"))
         if unknown:
-            from .errors import RepskipError
+            from ..errors import RepskipError
 
             raise RepskipError(f"repskip lm-eval model has no argument {unknown[0]!r}")
         self.sampler.settings(self.sampler_settings)

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import RepskipError
+from ..errors import RepskipError
 
 UNSAFE_FLAG = "--allow-unsafe-code-execution"
 SCRATCH = "/tmp"  # the sample's only writable place, inside the sandbox

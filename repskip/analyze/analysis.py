@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from . import calibration
-from .versions import versions
-from .errors import RepskipError
+from ..versions import versions
+from ..errors import RepskipError
 
 SCHEMA_VERSION = 1
 POSITIONS = ("all", "last")

@@ -1,0 +1,1 @@
+"""Writing the compressed model: safetensors checkpoints at file level, ONNX graphs."""
