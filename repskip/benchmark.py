@@ -1,8 +1,17 @@
 """What a benchmark plugin must do: load items, build prompts, and score completions.
 
-Registered under ``repskip.benchmarks``. A benchmark is either a *generation* benchmark (the
-model continues a prompt; ``score`` grades the text) or a *perplexity* benchmark (the model
-scores text; ``verify`` computes the negative log-likelihood itself).
+Registered under ``repskip.benchmarks``. A benchmark is of one of three kinds:
+
+- *generation*: the model continues a prompt; ``score`` grades the text.
+- *perplexity*: the model scores text; ``verify`` computes the negative log-likelihood itself.
+- *multiple_choice* (lm-evaluation-harness's ``multiple_choice`` output type): ``item.prompt``
+  is the context, ``item.meta["choices"]`` the answer texts and ``item.reference`` the index of
+  the right one. ``verify`` computes log p(``target_delimiter`` + choice | context) for every
+  choice (repskip.verify.likelihood.continuation_logprobs: exact for autoregressive models, the
+  masked Monte Carlo estimate with ``options["mc_samples"]`` draws for diffusion models) and
+  ``score_choices`` turns them into metrics: by default ``acc`` (the most likely choice is
+  right) and ``acc_norm`` (the same with each log-probability divided by the choice text's
+  length in characters), as lm-eval does. The context is used as it is: no chat template.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ class Item:
 class Benchmark(abc.ABC):
     #: Where ``load(None)`` reads from, described for error messages and reports.
     default_source: ClassVar[str] = ""
-    kind: ClassVar[Literal["generation", "perplexity"]] = "generation"
+    kind: ClassVar[Literal["generation", "perplexity", "multiple_choice"]] = "generation"
     #: The metric retention is computed on; ``score`` returns it among others.
     primary_metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
@@ -38,6 +47,8 @@ class Benchmark(abc.ABC):
     #: Whether ``score`` runs the completion as code (through repskip.verify.sandbox): verify then
     #: checks that the sandbox can be built before it loads any model.
     runs_code: ClassVar[bool] = False
+    #: Multiple choice: what goes between the context and each choice (lm-eval's default).
+    target_delimiter: ClassVar[str] = " "
 
     def __init__(self, **options: Any):
         """``options`` are benchmark-specific (number of shots, say); unknown ones are errors."""
@@ -57,6 +68,21 @@ class Benchmark(abc.ABC):
     def score(self, item: Item, completion: str) -> dict[str, float]:
         """Metrics for one completion, ``primary_metric`` among them (1.0 right, 0.0 wrong)."""
         raise NotImplementedError
+
+    def continuations(self, item: Item) -> list[str]:
+        """Multiple choice: the strings scored after ``item.prompt``, one per choice."""
+        return [self.target_delimiter + choice for choice in item.meta["choices"]]
+
+    def score_choices(self, item: Item, logprobs: list[float]) -> dict[str, float]:
+        """Multiple choice: metrics from each choice's log-probability (in ``continuations``
+        order), ``primary_metric`` among them. The default is lm-eval's: ``acc`` is 1.0 when the
+        highest log-probability is the reference index's, ``acc_norm`` the same after dividing
+        each by the length in characters of the choice text (without the delimiter; an empty
+        text counts as 1). Ties go to the first choice, as numpy's argmax."""
+        lengths = [max(1, len(choice)) for choice in item.meta["choices"]]
+        best = max(range(len(logprobs)), key=lambda i: logprobs[i])
+        best_norm = max(range(len(logprobs)), key=lambda i: logprobs[i] / lengths[i])
+        return {"acc": float(best == item.reference), "acc_norm": float(best_norm == item.reference)}
 
 
 def get_benchmark(name: str, **options: Any) -> Benchmark:

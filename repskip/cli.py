@@ -64,10 +64,10 @@ def main() -> None:
 
 
 @contextmanager
-def _progress(description: str):
+def _progress(description: str, unit: str = "sequences"):
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("sequences"), TimeElapsedColumn(), console=err_console, transient=False,
+        TextColumn(unit), TimeElapsedColumn(), console=err_console, transient=False,
     )
     task = bar.add_task(description, total=None)
 
@@ -131,13 +131,16 @@ def _cosine(ctx, param, value):
 
 def _selection_options(f):
     opts = [
-        click.option("--strategy", type=click.Choice(["paper", "block-influence", "angular-block"]),
-                     default="paper", show_default=True, help="How layers are chosen."),
+        click.option("--strategy", type=click.Choice(["paper", "block-influence", "angular-block", "loss", "greedy-loss"]),
+                     default="paper", show_default=True,
+                     help="How layers are chosen: by similarity (paper, block-influence, angular-block) or by the "
+                          "calibration loss a removal costs (loss: each layer alone; greedy-loss: one at a time, "
+                          "SLEB). The loss strategies run the model; select reads the search analyze recorded."),
         click.option("-k", "k", type=click.IntRange(min=1), default=4, show_default=True, help="Layers to remove."),
         click.option("--threshold", type=float, default=0.95, show_default=True, callback=_cosine,
                      help="paper: a layer qualifies when its mean cos(in, out) is above this (-1 to 1)."),
         click.option("--allow-adjacent/--no-adjacent", default=None,
-                     help="Allow two neighbouring layers [default: no for paper, yes for block-influence; "
+                     help="Allow two neighbouring layers [default: no for paper, yes for the others; "
                           "angular-block removes a contiguous block by definition]."),
         click.option("--protect", default=None, help="More protected layers, e.g. 2,-2."),
         click.option("--no-protect-ends", is_flag=True, help="Allow removing the first and last layer."),
@@ -157,10 +160,13 @@ def _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_
     )
 
 
-def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
+def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: bytes | None = None) -> None:
     from .analyze import plots
+    from .repair.store import DEFAULT_NAME
 
     (out / "analysis.json").write_text(json.dumps(analysis.data, indent=1) + "\n")
+    if repair is not None:
+        (out / DEFAULT_NAME).write_bytes(repair)
     chosen = recipe.resolved.remove if recipe.is_resolved else []
     if recipe.is_resolved:
         recipe.save(out / "recipe.yaml")
@@ -198,13 +204,24 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold) -> None:
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="sampling mode: format prompts with the chat template if there is one.")
 @_selection_options
+@click.option("--repair", type=click.Choice(["none", "linear"]), default="none", show_default=True,
+              help="linear: fit a least-squares map per removed run on the calibration text and fold it into the "
+                   "MLP output projection of the layer in front (same architecture, no extra parameter); with a "
+                   "loss strategy, candidates are scored repaired.")
+@click.option("--objective", type=click.Choice(["nll", "kl"]), default="nll", show_default=True,
+              help="loss strategies: the calibration loss (nll: the model's own; kl: to the full model's predictions).")
+@click.option("--ridge", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="repair: ridge towards no repair, relative to the mean diagonal of M^T M.")
+@click.option("--search-samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="loss strategies: calibration sequences each trial is scored on (the first of --num-samples); "
+                   "the search costs about k x layers forward passes over them.")
 @click.option("--dtype", default="auto", show_default=True, help="auto (as saved), float32, bfloat16, float16.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def analyze(model, output, calib, calib_field, num_samples, max_length, batch_size, positions, matrix_tokens, mode,
             mask_ratios, prompt_fraction, sampler_set, chat, strategy, k, threshold, allow_adjacent, protect,
-            no_protect_ends, dtype, device, seed, force):
+            no_protect_ends, repair, objective, ridge, search_samples, dtype, device, seed, force):
     """Measure each layer of MODEL and write analysis.json, plots and a resolved recipe.yaml."""
     from . import pipeline
     from .recipe import CalibrationSpec, Recipe, resolve
@@ -213,7 +230,8 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
     sampler_settings = _key_values(sampler_set)
     spec = _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_ends, positions)
     spec = spec.model_copy(update=dict(mode=mode, mask_ratios=ratios, prompt_fraction=prompt_fraction,
-                                       sampler=sampler_settings, chat=chat))
+                                       sampler=sampler_settings, chat=chat, repair=repair, objective=objective,
+                                       ridge=ridge, search_samples=search_samples))
     cal = CalibrationSpec(source=calib or "builtin", field=calib_field, num_samples=num_samples,
                           max_length=max_length, batch_size=batch_size, seed=seed)
     pipeline.check_device_name(device)
@@ -224,14 +242,24 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
 
     check_feasible(handle.num_layers, strategy, k, allow_adjacent=allow_adjacent, protect_first=not no_protect_ends,
                    protect_last=not no_protect_ends, protect=spec.protect)
+    if repair != "none":
+        from .repair.fit import check_supported
+
+        check_supported(handle.family, handle.ckpt.config)
+    torch_model = handle.load(dtype, device)
     with _progress("analysing") as update:
         result = pipeline.analyze(
             handle, calib=calib, calib_field=calib_field, num_samples=num_samples,
             max_length=max_length, batch_size=batch_size, seed=seed, positions=positions, mode=mode,
             matrix_tokens=matrix_tokens,
             mask_ratios=ratios, prompt_fraction=prompt_fraction, sampler_settings=sampler_settings, chat=chat,
-            dtype=dtype, device=device, progress=update,
+            dtype=dtype, device=device, progress=update, torch_model=torch_model,
         )
+    from .analyze.selection import LOSS_STRATEGIES
+
+    if strategy in LOSS_STRATEGIES:
+        with _progress("searching", "batches") as update:
+            result.data["search"] = pipeline.loss_search(handle, torch_model, spec, cal, progress=update)
     unresolved = Recipe(selection=spec, calibration=cal)
     try:
         recipe = resolve(unresolved, result)
@@ -247,16 +275,31 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
             f"{exc}. The analysis was saved in {output}: choose again without re-running the "
             f"model, e.g. repskip select {output}/analysis.json -o recipe.yaml --strategy {strategy} {hint}"
         ) from None
+    maps_file = None
+    if repair == "linear":
+        from .repair.store import DEFAULT_NAME
+
+        with _progress("fitting repair", "runs") as update:
+            fit = pipeline.fit_repair(handle, torch_model, recipe.resolved.remove, spec, cal, progress=update)
+        recipe, maps_file = pipeline.with_repair(recipe, fit, DEFAULT_NAME)
     with atomic_dir(output, force, [handle.path], command="analyze") as tmp:
-        _write_analysis_outputs(tmp, result, recipe, threshold)
+        _write_analysis_outputs(tmp, result, recipe, threshold, maps_file)
     console.print(_analysis_table(result, recipe.resolved.remove))
     cal_info = result.data["calibration"]
     console.print(
         f"calibration: {cal_info['sequences']} sequences, {cal_info['tokens']} tokens from {cal_info['source']}"
     )
+    search = result.data.get("search")
+    if search:
+        console.print(f"loss search ({search['objective']}{', repaired' if search['repair'] else ''}): full model "
+                      f"{search['base_loss']:.4f}, {len(search['rounds'])} round(s) in {search['seconds']:.1f} s")
     console.print(f"[bold]{strategy}[/] k={k}: remove layers [bold red]{recipe.resolved.remove}[/]")
-    console.print(f"wrote {output}/analysis.json, recipe.yaml, similarity.png, "
-                  "similarity_matrix.png, token_distance.png")
+    if recipe.resolved.repair:
+        fits = ", ".join(f"layer {m.layer} <- {m.run[0]}..{m.run[1]}: {m.residual:.3f}" for m in recipe.resolved.repair.maps)
+        console.print(f"linear repair, residual / plain removal: {fits}")
+    console.print(f"wrote {output}/analysis.json, recipe.yaml, "
+                  + ("repair.safetensors, " if maps_file else "")
+                  + "similarity.png, similarity_matrix.png, token_distance.png")
 
 
 @main.command()

@@ -123,6 +123,19 @@ class Family(abc.ABC):
         value = config.get("max_position_embeddings")
         return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
+    # --- linear repair (optional) -------------------------------------------------------
+    def mlp_output_projection(self, layer: Any) -> Any | None:
+        """The ``torch.nn.Linear`` whose output a decoder layer adds to its residual stream
+        after the MLP (SwiGLU's down projection): linear repair folds its maps into this
+        weight. ``None``, the default, means the family does not support repair."""
+        return None
+
+    def mlp_output_tensor(self, config: dict, index: int) -> str | None:
+        """The on-disk name of the weight of layer ``index``'s MLP output projection, shaped
+        [hidden, intermediate]; a bias, where the checkpoint has one, is the same name ending
+        in ``.bias``. ``None``, the default, means the family does not support repair."""
+        return None
+
     # --- consistency of config.json and weights (optional) ------------------------------
     def expected_tensors(self, config: dict) -> dict[str, tuple[int, ...]] | None:
         """Every tensor a checkpoint with this config.json must hold, name -> shape, computed

@@ -18,6 +18,7 @@ from .outputs import check_output
 from .errors import RepskipError
 from .family import Family, find_family, validate_kept
 from .flops import FlopsComparison, compare
+from .analyze.selection import LOSS_STRATEGIES
 
 # torch is imported only where a model runs: compressing files never needs it.
 DTYPES = {
@@ -165,6 +166,7 @@ def analyze(
     device: str = "cpu",
     family: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    torch_model: Any = None,
 ) -> _analysis.Analysis:
     """Measure every layer of ``model`` on calibration text (see repskip.analyze.analysis).
 
@@ -192,7 +194,8 @@ def analyze(
         raise RepskipError(f"mask ratios must lie in (0, 1], got {list(mask_ratios)}")
     mask_id = fam.mask_token_id(handle.ckpt.config) if diffusion else None
     device = parse_device(device)
-    torch_model = fam.load(handle.path, parse_dtype(dtype), device)
+    if torch_model is None:
+        torch_model = fam.load(handle.path, parse_dtype(dtype), device)
     tokenizer = fam.load_tokenizer(handle.path)
     settings = {
         "mode": mode,
@@ -318,17 +321,20 @@ def resolve_recipe(
     dtype: str | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[_recipe.Recipe, _analysis.Analysis | None]:
-    """The recipe with its layers chosen for ``model`` (running the analysis if needed)."""
+) -> tuple[_recipe.Recipe, _analysis.Analysis | None, dict]:
+    """The recipe with its layers chosen for ``model`` (running the analysis, the loss search
+    and the repair fit as the recipe asks), the analysis if one ran, and the repair maps
+    (anchor layer -> T; from the recipe's file for a resolved recipe, {} without repair)."""
     handle = model if isinstance(model, ModelHandle) else open_model(model)
     check_kind(recipe, handle)
     if recipe.is_resolved:
         _recipe.check_applies(recipe, handle.ckpt.fingerprint(), handle.num_layers)
-        return recipe, None
+        return recipe, None, recipe.repair_maps(handle.family.geometry(handle.ckpt.config).hidden)
     check_calibration(recipe)
     sel = recipe.selection
     assert sel is not None
     cal = recipe.calibration
+    torch_model = handle.load(dtype, device)
     result = analyze(
         handle,
         calib=cal.source,
@@ -346,8 +352,104 @@ def resolve_recipe(
         dtype=dtype,
         device=device,
         progress=progress,
+        torch_model=torch_model,
     )
-    return _recipe.resolve(recipe, result), result
+    if sel.strategy in LOSS_STRATEGIES:
+        result.data["search"] = loss_search(handle, torch_model, sel, cal)
+    resolved = _recipe.resolve(recipe, result)
+    maps: dict = {}
+    if sel.repair == "linear":
+        assert resolved.resolved is not None
+        fit = fit_repair(handle, torch_model, resolved.resolved.remove, sel, cal)
+        resolved, _ = with_repair(resolved, fit, file=None)
+        maps = fit.maps
+    return resolved, result, maps
+
+
+def _calibration_batches(handle: ModelHandle, cal: _recipe.CalibrationSpec,
+                         limit: int | None = None) -> tuple[Any, Any]:
+    """The calibration set of ``cal`` for this model (its first ``limit`` sequences), and a
+    maker of its batches."""
+    from .analyze import calibration
+    from .repair.fit import calibration_batches
+
+    tokenizer = handle.family.load_tokenizer(handle.path)
+    calib = calibration.build(tokenizer, cal.source, field=cal.field, num_samples=cal.num_samples,
+                              max_length=cal.max_length, seed=cal.seed)
+    if limit is not None:
+        calib = calibration.CalibrationSet(calib.source, calib.sequences[:limit], calib.max_length)
+    return calib, calibration_batches(calib.sequences, cal.batch_size, _pad_id(tokenizer))
+
+
+def _objective(handle: ModelHandle, sel: _recipe.SelectionSpec, seed: int) -> Any:
+    from .analyze.objective import Objective
+
+    fam = handle.family
+    mask_id = fam.mask_token_id(handle.ckpt.config) if fam.generative_kind == "diffusion" else None
+    return Objective(fam, sel.objective, mask_id, seed=seed)
+
+
+def loss_search(handle: ModelHandle, torch_model: Any, sel: _recipe.SelectionSpec, cal: _recipe.CalibrationSpec,
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """Loss-aware selection (repskip.analyze.search) on the calibration text: the record
+    that ``analysis.json`` keeps under ``search`` and the selection reads."""
+    from .analyze.search import search
+    from .analyze.selection import protected_layers
+    from .repair.fit import calibration_batches
+
+    if sel.repair == "linear":
+        from .repair.fit import check_supported
+
+        check_supported(handle.family, handle.ckpt.config)
+    calib, _ = _calibration_batches(handle, cal)
+    scored, rest = calib.sequences[: sel.search_samples], calib.sequences[sel.search_samples :]
+    pad = _pad_id(handle.family.load_tokenizer(handle.path))
+    batches = calibration_batches(scored, cal.batch_size, pad)
+    # a candidate's map is fitted on the calibration sequences its loss is not measured on
+    fit_batches = calibration_batches(rest, cal.batch_size, pad) if rest else None
+    protected = protected_layers(handle.num_layers, sel.protect_first, sel.protect_last, sel.protect)
+    result = search(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), strategy=sel.strategy,
+                    k=sel.k, protected=protected, allow_adjacent=True if sel.allow_adjacent is None else sel.allow_adjacent,
+                    repair=sel.repair == "linear", ridge=sel.ridge, fit_batches=fit_batches, progress=progress)
+    return {**result.to_dict(), "calibration_hash": calib.hash, "sequences": len(scored),
+            "fit_sequences": len(rest) if sel.repair == "linear" and rest else (len(scored) if sel.repair == "linear" else 0)}
+
+
+def fit_repair(handle: ModelHandle, torch_model: Any, removed: Sequence[int], sel: _recipe.SelectionSpec,
+               cal: _recipe.CalibrationSpec, progress: Callable[[int, int], None] | None = None) -> Any:
+    """The linear repair of ``removed`` on the calibration text (repskip.repair.fit)."""
+    from .repair.fit import check_supported, fit_linear
+
+    check_supported(handle.family, handle.ckpt.config)
+    _, batches = _calibration_batches(handle, cal)
+    return fit_linear(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), removed,
+                      handle.num_layers, sel.ridge, progress)
+
+
+def with_repair(recipe: _recipe.Recipe, fit: Any, file: str | None) -> tuple[_recipe.Recipe, bytes]:
+    """The resolved recipe recording ``fit`` (its maps in ``file``, beside the recipe, or in
+    no file), and the bytes of that file."""
+    from .repair import store
+
+    raw, digest = store.serialize(fit.maps)
+    ref = _recipe.RepairRef(file=file, sha256=digest, ridge=fit.ridge, tokens=fit.tokens, maps=[
+        _recipe.RepairMap(layer=run.anchor, run=[run.first, run.last], residual=round(fit.residual[run.anchor], 6))
+        for run in fit.runs])
+    assert recipe.resolved is not None
+    return recipe.model_copy(update={"resolved": recipe.resolved.model_copy(update={"repair": ref})}), raw
+
+
+def repair_folds(handle: ModelHandle, maps: dict) -> dict[str, Any]:
+    """Tensor name -> map, for the file-level fold in compress (weights, and biases if any)."""
+    fam, config = handle.family, handle.ckpt.config
+    folds = {}
+    for anchor, t in maps.items():
+        name = fam.mlp_output_tensor(config, anchor)
+        folds[name] = t
+        bias = name[: -len(".weight")] + ".bias" if name.endswith(".weight") else None
+        if bias and bias in handle.ckpt.tensors:
+            folds[bias] = t
+    return folds
 
 
 def check_compress(recipe: _recipe.Recipe, output: Path, *, force: bool = False, format: str = "safetensors",
@@ -394,7 +496,7 @@ def compress(
     output = Path(output)
     check_compress(recipe, output, force=force, format=format, opset=opset, export_dtype=export_dtype,
                    provider=provider, handle=handle)
-    resolved, _ = resolve_recipe(recipe, handle, dtype=dtype, device=device, progress=progress)
+    resolved, _, maps = resolve_recipe(recipe, handle, dtype=dtype, device=device, progress=progress)
     assert resolved.resolved is not None
     kept = validate_kept(handle.num_layers, resolved.resolved.remove)
     stamp: dict[str, Any] = {}
@@ -405,6 +507,8 @@ def compress(
     if resolved.resolved.model is None:  # and what it was cut from, so verify can tell
         stamp["model"] = _recipe.ModelRef(fingerprint=handle.ckpt.fingerprint(), family=handle.family_name,
                                           model_type=handle.ckpt.config.get("model_type"), name_or_path=str(handle.path))
+    if resolved.resolved.repair is not None:  # the export keeps the record; its maps are folded in
+        stamp["repair"] = resolved.resolved.repair.model_copy(update={"file": None})
     if stamp:
         resolved = resolved.model_copy(update={"resolved": resolved.resolved.model_copy(update=stamp)})
     new_config = handle.family.rewrite_config(handle.ckpt.config, kept)
@@ -413,7 +517,7 @@ def compress(
 
         onnx_result = export_onnx(handle, kept, new_config, resolved.to_yaml(), output, opset=opset,
                                   dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force,
-                                  status=status)
+                                  status=status, maps=maps)
         return onnx_result, resolved
     result = write_pruned(
         handle.ckpt,
@@ -425,6 +529,7 @@ def compress(
         recipe_yaml=resolved.to_yaml(),
         max_shard_size=max_shard_size,
         force=force,
+        folds=repair_folds(handle, maps),
     )
     return result, resolved
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,8 @@ from .errors import RepskipError
 from .analyze.selection import STRATEGIES, select
 
 if TYPE_CHECKING:  # the analysis module needs torch; a recipe does not
+    import numpy as np
+
     from .analyze.analysis import Analysis
 
 SCHEMA_VERSION = 1
@@ -42,7 +44,7 @@ class CalibrationSpec(_Strict):
 
 
 class SelectionSpec(_Strict):
-    strategy: Literal["paper", "block-influence", "angular-block"] = "paper"
+    strategy: Literal["paper", "block-influence", "angular-block", "loss", "greedy-loss"] = "paper"
     k: int = Field(..., ge=1, description="number of layers to remove")
     threshold: float = Field(0.95, ge=-1.0, le=1.0, description="paper: min cosine to qualify")
     allow_adjacent: bool | None = Field(
@@ -62,6 +64,31 @@ class SelectionSpec(_Strict):
     prompt_fraction: float = Field(0.5, ge=0.0, lt=1.0)
     sampler: dict = Field(default_factory=dict, description="sampler settings for mode sampling")
     chat: bool = Field(True, description="sampling mode: prompts through the chat template")
+    objective: Literal["nll", "kl"] = Field(
+        "nll", description="loss, greedy-loss: calibration loss to minimise (nll: the model's own loss; kl: to the full model)"
+    )
+    repair: Literal["none", "linear"] = Field(
+        "none", description="linear: fit a least-squares map per removed run and fold it into the layer in front"
+    )
+    ridge: float = Field(1e-3, gt=0, description="repair: ridge, relative to the mean diagonal of M^T M")
+    search_samples: int = Field(
+        16, ge=1, description="loss, greedy-loss: calibration sequences each trial is scored on (the first ones)"
+    )
+
+
+class RepairMap(_Strict):
+    layer: int = Field(..., description="the kept layer whose MLP output projection takes the map (original index)")
+    run: list[int] = Field(..., min_length=2, max_length=2, description="first and last removed layer of the run")
+    residual: float | None = Field(None, description="|MT - D|^2 / |M - D|^2 on the calibration tokens (1 = no repair)")
+
+
+class RepairRef(_Strict):
+    method: Literal["linear"] = "linear"
+    file: str | None = Field(None, description="the maps (safetensors), relative to the recipe's folder")
+    sha256: str = Field(..., description="hash of the maps file")
+    ridge: float
+    tokens: int | None = None
+    maps: list[RepairMap]
 
 
 class ModelRef(_Strict):
@@ -77,11 +104,12 @@ class Resolved(_Strict):
     model: ModelRef | None = None
     metric: str | None = None
     group: str | None = None
-    scores: list[float] | None = None
+    scores: list[float | None] | None = None
     calibration_hash: str | None = None
     sampler: dict | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     created: str | None = None
+    repair: RepairRef | None = Field(None, description="the linear repair folded in by compress, if any")
 
 
 class Recipe(_Strict):
@@ -91,10 +119,28 @@ class Recipe(_Strict):
     selection: SelectionSpec | None = None
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     resolved: Resolved | None = None
+    _origin: Path | None = PrivateAttr(None)  # the file it was loaded from, for files it names
+
+    def __eq__(self, other: object) -> bool:  # where a recipe was read from is not part of it
+        return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
 
     @property
     def is_resolved(self) -> bool:
         return self.resolved is not None
+
+    def repair_maps(self, hidden: int) -> dict[int, "np.ndarray"]:
+        """The linear repair maps a resolved recipe names (anchor layer -> T), read from the
+        file beside it and checked against its hash; {} when it has no repair."""
+        repair = self.resolved.repair if self.resolved else None
+        if repair is None:
+            return {}
+        from .repair import store
+
+        if repair.file is None:
+            raise RepskipError("this recipe records a repair but not its maps file (a recipe copied into an exported "
+                               "model keeps only the record): use the recipe and repair file 'repskip analyze' wrote")
+        base = self._origin.parent if self._origin else Path.cwd()
+        return store.load(base / repair.file, repair.sha256, [m.layer for m in repair.maps], hidden)
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)
@@ -149,7 +195,9 @@ def load(path: str | Path) -> Recipe:
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise RepskipError(f"recipe {path} is not valid YAML ({first})") from None
-    return parse(data, f"recipe {path}")
+    recipe = parse(data, f"recipe {path}")
+    recipe._origin = path.resolve()
+    return recipe
 
 
 def is_recipe_file(path: Path) -> bool:
@@ -205,7 +253,7 @@ def resolve(recipe: Recipe, analysis: "Analysis") -> Recipe:
         ),
         metric=choice.metric,
         group=choice.group,
-        scores=[round(s, 6) for s in choice.scores],
+        scores=[None if s is None else round(s, 6) for s in choice.scores],
         calibration_hash=analysis.data["calibration"]["hash"],
         sampler=analysis.data["settings"].get("sampler"),
         versions=analysis.data["versions"],

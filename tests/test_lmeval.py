@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -138,3 +139,26 @@ def test_an_onnx_export_is_an_lm_eval_model(tiny, tmp_path):
     assert on_ort.generate_until([gen]) == on_pt.generate_until([gen])
     with pytest.raises(Exception, match="needs the original safetensors checkpoint"):
         RepskipLM(pretrained=str(tmp_path / "onnx"), recipe=str(recipe))
+
+
+def test_a_repaired_recipe_scores_as_its_compressed_checkpoint(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from repskip.cli import main
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for args in (["analyze", str(tiny["llama"]), "-o", str(runs), "--strategy", "block-influence", "-k", "2",
+                  "--repair", "linear", "--num-samples", "4", "--max-length", "16"],
+                 ["compress", str(tiny["llama"]), "--recipe", str(runs / "recipe.yaml"), "-o", str(out)]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+    request = [Req("The cat sat on", " the mat")]
+    in_memory = RepskipLM(pretrained=str(tiny["llama"]), recipe=str(runs / "recipe.yaml")).loglikelihood(request)
+    written = RepskipLM(pretrained=str(out)).loglikelihood(request)
+    assert RepskipLM(pretrained=str(out)).model.config.num_hidden_layers == 4
+    layers = yaml.safe_load((runs / "recipe.yaml").read_text())["resolved"]["remove"]
+    plain_recipe = tmp_path / "plain.yaml"
+    plain_recipe.write_text(f"schema_version: 1\nresolved: {{remove: {layers}}}\n")
+    plain = RepskipLM(pretrained=str(tiny["llama"]), recipe=str(plain_recipe)).loglikelihood(request)
+    assert in_memory[0][0] == pytest.approx(written[0][0], abs=1e-4)
+    assert abs(in_memory[0][0] - plain[0][0]) > 1e-4  # the maps were applied, not only the removal

@@ -20,7 +20,8 @@ from ..errors import RepskipError
 if TYPE_CHECKING:  # the analysis module needs torch; choosing layers does not
     from .analysis import Analysis
 
-STRATEGIES = ("paper", "block-influence", "angular-block")
+STRATEGIES = ("paper", "block-influence", "angular-block", "loss", "greedy-loss")
+LOSS_STRATEGIES = ("loss", "greedy-loss")  # they run the model: repskip.analyze.search
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Selection:
     remove: list[int]
     metric: str  # what the scores are
     group: str  # which position group they were measured on
-    scores: list[float]  # one per layer (per block start for angular-block)
+    scores: list[float | None]  # one per layer (per block start for angular-block); None: not scored
 
 
 def protected_layers(num_layers: int, protect_first: bool, protect_last: bool, protect: list[int]) -> set[int]:
@@ -110,6 +111,21 @@ def angular_block(analysis: "Analysis", k: int, protected: set[int]) -> Selectio
     return Selection(list(range(best, best + k)), f"angular_distance_block_{k}", group, distances)
 
 
+def by_loss(analysis: "Analysis", strategy: str, k: int, allow_adjacent: bool, protected: set[int]) -> Selection:
+    """The layers a recorded loss search chose (see repskip.analyze.search); scores are each
+    layer's calibration loss with it removed alone (first round), None where not scored."""
+    from .search import chosen_layers
+
+    data = analysis.data.get("search")
+    if not data:
+        raise RepskipError(f"the analysis holds no loss search, which {strategy} needs: run 'repskip analyze "
+                           f"--strategy {strategy}' (it runs the model on the calibration text)")
+    chosen = chosen_layers(data, strategy, k, protected, allow_adjacent)
+    first = {int(c): v for c, v in data["rounds"][0]["losses"].items()}
+    scores = [first.get(i) for i in range(analysis.num_layers)]
+    return Selection(chosen, f"{data['objective']}_with_layer_removed", "calibration", scores)
+
+
 def check_feasible(num_layers: int, strategy: str, k: int, *, allow_adjacent: bool | None = None,
                    protect_first: bool = True, protect_last: bool = True, protect: list[int] | None = None) -> None:
     """Refuse, before any analysis runs, a choice that no analysis could satisfy: k not below
@@ -169,4 +185,6 @@ def select(
         return block_influence(analysis, k, True if allow_adjacent is None else allow_adjacent, guarded)
     if strategy == "angular-block":
         return angular_block(analysis, k, guarded)
+    if strategy in LOSS_STRATEGIES:
+        return by_loss(analysis, strategy, k, True if allow_adjacent is None else allow_adjacent, guarded)
     raise RepskipError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

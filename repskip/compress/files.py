@@ -15,8 +15,9 @@ import re
 import shutil
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorEntry, read_header
 from ..errors import RepskipError
@@ -49,6 +50,7 @@ def parse_size(text: str | int) -> int:
 class Planned:
     source: TensorEntry
     name: str  # name in the output
+    fold: Any = None  # a linear repair map T: the output holds T^T @ tensor (repskip.repair.linear)
 
 
 def plan_tensors(ckpt: Checkpoint, prefix: str, kept: Sequence[int], num_layers: int) -> list[Planned]:
@@ -71,6 +73,15 @@ def plan_tensors(ckpt: Checkpoint, prefix: str, kept: Sequence[int], num_layers:
         if old in renumber:
             planned.append(Planned(entry, f"{prefix}{renumber[old]}.{m.group(2)}"))
     return planned
+
+
+def attach_folds(planned: list[Planned], folds: dict[str, Any]) -> list[Planned]:
+    """Mark the tensors (by source name) that take a repair map; every one must exist."""
+    names = {item.source.name for item in planned}
+    missing = sorted(set(folds) - names)
+    if missing:
+        raise RepskipError(f"the repair folds into {missing[0]}, which this checkpoint does not have (or removes)")
+    return [replace(item, fold=folds[item.source.name]) if item.source.name in folds else item for item in planned]
 
 
 def _shards(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
@@ -129,7 +140,13 @@ def _write_shard(path: Path, items: list[Planned], metadata: dict[str, str]) -> 
                 src = handles.get(item.source.file)
                 if src is None:
                     src = handles[item.source.file] = open(item.source.file, "rb")
-                _copy_range(src, dst, item.source.start, item.source.nbytes)
+                if item.fold is None:
+                    _copy_range(src, dst, item.source.start, item.source.nbytes)
+                    continue
+                from ..repair.linear import fold_bytes  # numpy only: still no torch
+
+                src.seek(item.source.start)
+                dst.write(fold_bytes(src.read(item.source.nbytes), item.source.dtype, item.source.shape, item.fold))
             dst.flush()
             os.fsync(dst.fileno())
     finally:
@@ -171,11 +188,13 @@ def write_pruned(
     recipe_yaml: str,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     force: bool = False,
+    folds: dict[str, Any] | None = None,
 ) -> CompressResult:
-    """Write ``ckpt`` without the removed layers into ``output``, atomically."""
+    """Write ``ckpt`` without the removed layers into ``output``, atomically; ``folds`` maps
+    source tensor names to linear repair maps folded in on the way (T^T @ tensor)."""
     output = Path(output)
     check_output(output, force, [ckpt.path])
-    planned = plan_tensors(ckpt, prefix, kept, num_layers)
+    planned = attach_folds(plan_tensors(ckpt, prefix, kept, num_layers), folds or {})
     shards = _shards(planned, max_shard_size)
     first_meta = read_header(ckpt.files[0]).metadata
     metadata = {**first_meta, "format": first_meta.get("format", "pt")}

@@ -269,14 +269,20 @@ def export_onnx(
     external_data: bool | None = None,
     force: bool = False,
     status: Callable[[str], None] | None = None,
+    maps: dict | None = None,
 ) -> OnnxExportResult:
-    """Export ``handle``'s model keeping ``kept`` layers into the folder ``output``."""
+    """Export ``handle``'s model keeping ``kept`` layers into the folder ``output``, with the
+    linear repair ``maps`` (anchor layer -> T) folded in first."""
     torch_dtype = check_options(opset, dtype, provider)
     say = status or (lambda _msg: None)
     fam = handle.family
     kind = CAUSAL if fam.generative_kind == "autoregressive" else MASKED
     say("loading the model and removing layers")
     model = fam.load(handle.path, torch_dtype, "cpu")
+    if maps:
+        from ..repair.fit import fold_in_memory
+
+        fold_in_memory(model, fam, maps)
     fam.remove_layers(model, kept)
     module = fam.onnx_module(model).eval()
     geo = fam.geometry(new_config)

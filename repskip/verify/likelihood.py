@@ -1,8 +1,11 @@
 """Negative log-likelihood of a text under a model: next-token for autoregressive models, the
-masked-token estimate for masked-diffusion models."""
+masked-token estimate for masked-diffusion models. And the log-likelihood of a continuation
+after a context (``continuation_logprobs``), which both the multiple-choice benchmarks of
+``verify`` and the lm-eval adapter use."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,3 +41,173 @@ def masked_diffusion_nll(
         nll = F.cross_entropy(logits[0, masked.to(ids.device)], ids[0, masked.to(ids.device)], reduction="sum")
         total += float(nll) / t
     return total / samples, T
+
+
+# --- log-likelihoods of continuations (multiple-choice benchmarks, lm-eval's loglikelihood) -----
+def _prefix_token_id(tokenizer: Any) -> int:
+    """What stands for an empty context (lm-eval's ``prefix_token_id``): BOS, else EOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None else tokenizer.eos_token_id
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The tokens of ``context`` and of ``continuation`` after it, as lm-evaluation-harness's
+    Hugging Face model makes them (``HFLM.tok_encode`` and ``TemplateLM._encode_pair``, 0.4.x).
+
+    - Whitespace at the end of the context moves to the start of the continuation.
+    - Context and continuation are encoded as a whole; the continuation's tokens are the
+      whole's tokens past the length of the context's own encoding. A token that spans the
+      boundary is thus scored with the continuation, and nothing is scored twice.
+    - Special tokens: both encodings use the tokenizer's default (``add_special_tokens=True``),
+      so a BOS is prepended exactly when the tokenizer itself prepends one (Llama, LLaDA: yes;
+      SmolLM2, Qwen2: no), except that a text already starting with the BOS text (EOS when the
+      tokenizer has no BOS) gets none added. This is what lm-eval's ``hf`` model does when
+      ``add_bos_token`` is not given, the setting its published numbers use; it makes the
+      figures comparable with lm-eval's, and no model is scored on a context its tokenizer
+      would never produce.
+    - An empty context is the prefix token alone (BOS, else EOS), as in lm-eval; so is a
+      context that encodes to no token at all.
+    """
+    prefix = _prefix_token_id(tokenizer)
+    if context == "":
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        if cont and cont[0] == prefix:
+            return cont[:1], cont[1:]
+        return [prefix], cont
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    prefix_text = tokenizer.decode([prefix]) if prefix is not None else ""
+    special = not (prefix_text and context.startswith(prefix_text))
+    whole = tokenizer.encode(context + continuation, add_special_tokens=special)
+    ctx = tokenizer.encode(context, add_special_tokens=special)
+    if not ctx:  # a context of whitespace only
+        return [prefix], whole
+    return ctx, whole[len(ctx):]
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: Any,
+    family: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    mask_id: int | None = None,
+    mc_samples: int = 16,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_length: int | None = None,
+) -> list[tuple[float, bool]]:
+    """log p(continuation | context) for each ``(context, continuation)`` pair, and whether
+    the continuation is the model's greedy choice, in the order given (lm-eval's
+    ``loglikelihood``). Tokens as :func:`encode_pair` makes them.
+
+    Autoregressive families: the exact sum of next-token log-probabilities of the
+    continuation's tokens; greedy when every one of them is the argmax. Pairs run
+    ``batch_size`` at a time in one forward pass, longest first, right-padded (positions
+    unchanged; the attention mask hides the padding), equal to one at a time up to float
+    rounding. A sequence longer than ``max_length`` + 1 tokens loses tokens on the left, as in
+    lm-eval.
+
+    Diffusion families (``family.generative_kind == "diffusion"``; ``mask_id`` required): the
+    masked-diffusion Monte Carlo estimate of LLaDA's evaluation. For ``mc_samples`` draws with
+    stratified ratios t = (k + 0.5) / mc_samples, each continuation token is replaced by
+    ``mask_id`` with probability t (at least one), and the estimate of -log p is the mean of
+    (1/t) x the masked tokens' negative log-likelihood given the rest. The draws of a pair come
+    from a generator seeded with ``seed`` alone, so a pair gets the same masks in any batch and
+    on any model: deterministic, and paired between a model and its compressed copy. Greedy
+    means that with the whole continuation masked, every token is the argmax. One forward pass
+    per draw (plus one for greedy) per ``batch_size`` pairs; sequences are cut on the left to
+    ``max_length`` tokens.
+    """
+    from ..runtime import model_device
+
+    diffusion = family.generative_kind == "diffusion"
+    if diffusion and mask_id is None:
+        raise ValueError("a diffusion model's log-likelihood needs the mask token id")
+    encoded = []
+    for context, continuation in pairs:
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        if not cont:
+            raise ValueError(f"the continuation {continuation!r} of {context[-40:]!r} has no token to score")
+        whole = ctx + cont
+        keep = (max_length + (0 if diffusion else 1)) if max_length else len(whole)
+        if len(cont) > keep - (0 if diffusion else 1):
+            raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's {max_length}")
+        encoded.append((whole[-keep:], len(cont)))
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # longest first: least padding
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+    for start in range(0, len(order), max(1, batch_size)):
+        chunk = order[start : start + max(1, batch_size)]
+        batch = [encoded[i] for i in chunk]
+        run = _masked_batch if diffusion else _autoregressive_batch
+        for i, result in zip(chunk, run(model, family, batch, device, pad, mask_id, mc_samples, seed)):
+            out[i] = result
+    return out
+
+
+def _padded(rows: list[list[int]], device: Any, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+        attention[r, : len(row)] = 1
+    return ids.to(device), attention.to(device)
+
+
+def _autoregressive_batch(model, family, batch, device, pad, mask_id, mc_samples, seed) -> list[tuple[float, bool]]:
+    rows = [whole[:-1] for whole, _ in batch]  # the last token is predicted, never fed
+    ids, attention = _padded(rows, device, pad)
+    logits = family.logits(model, ids, attention)
+    results = []
+    for r, (whole, n) in enumerate(batch):
+        end = len(whole) - 1
+        scores = logits[r, end - n : end].float()  # position i predicts token i + 1
+        target = torch.tensor(whole[-n:], device=scores.device)
+        logprob = F.log_softmax(scores, -1).gather(-1, target[:, None]).sum()
+        results.append((float(logprob), bool((scores.argmax(-1) == target).all())))
+    return results
+
+
+def _masked_batch(model, family, batch, device, pad, mask_id, mc_samples, seed) -> list[tuple[float, bool]]:
+    masks = []  # per pair, per draw: which continuation tokens are masked
+    for _, n in batch:
+        generator = torch.Generator().manual_seed(seed)
+        draws = []
+        for k in range(mc_samples):
+            masked = torch.rand(n, generator=generator) < (k + 0.5) / mc_samples
+            if not masked.any():
+                masked[torch.randint(n, (1,), generator=generator)] = True
+            draws.append(masked)
+        masks.append(draws)
+    starts = [len(whole) - n for whole, n in batch]
+    window = (min(starts), max(len(whole) for whole, _ in batch))  # the LM head runs on these positions only
+
+    def forward(chosen: list[torch.Tensor]) -> torch.Tensor:
+        rows = []
+        for (whole, n), at, masked in zip(batch, starts, chosen):
+            cont = torch.tensor(whole[at:])
+            rows.append(whole[:at] + torch.where(masked, mask_id, cont).tolist())
+        ids, attention = _padded(rows, device, pad)
+        return family.token_logits(model, ids, attention, window=window).float()
+
+    nll = [0.0] * len(batch)
+    for k in range(mc_samples):
+        t = (k + 0.5) / mc_samples
+        logits = forward([draws[k] for draws in masks])
+        for r, ((whole, n), at) in enumerate(zip(batch, starts)):
+            masked = masks[r][k].to(logits.device)
+            scores = logits[r, at - window[0] : at - window[0] + n][masked]
+            target = torch.tensor(whole[at:], device=logits.device)[masked]
+            nll[r] += float(F.cross_entropy(scores, target, reduction="sum")) / t
+    logits = forward([torch.ones(n, dtype=torch.bool) for _, n in batch])
+    results = []
+    for r, ((whole, n), at) in enumerate(zip(batch, starts)):
+        greedy = logits[r, at - window[0] : at - window[0] + n].argmax(-1)
+        target = torch.tensor(whole[at:], device=logits.device)
+        results.append((-nll[r] / mc_samples, bool((greedy == target).all())))
+    return results

@@ -7,10 +7,11 @@ Importing this module registers the model name ``repskip`` with lm-eval (an opti
     lm_eval.simple_evaluate(model="repskip", model_args="pretrained=PATH,recipe=R.yaml", tasks=[...])
 
 or ``repskip lm-eval PATH --recipe R.yaml --tasks TASK``. The model is loaded by its family
-plugin, the recipe's layers are removed in memory, and generation uses the family's sampler
+plugin, the recipe's repair maps (if any) are folded in and its layers removed in memory, and generation uses the family's sampler
 (``sampler_*`` model args set its settings, e.g. ``sampler_steps=64``). Log-likelihoods are
 exact next-token sums for autoregressive models and the masked-token Monte Carlo estimate
-for diffusion models (``mc_samples`` draws), as their authors evaluate them.
+for diffusion models (``mc_samples`` draws), as their authors evaluate them, on tokens made as
+lm-eval's own Hugging Face model makes them (repskip.verify.likelihood.encode_pair).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 try:
     from lm_eval.api.model import LM
@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
 
     raise RepskipError("the lm-eval adapter needs lm-evaluation-harness: pip install 'repskip[lm-eval]'") from exc
 
-from .likelihood import autoregressive_nll, masked_diffusion_nll
+from .likelihood import autoregressive_nll, continuation_logprobs, masked_diffusion_nll
 from ..pipeline import open_model, removed_layers
 from ..runtime import model_device
 from ..sampler import get_sampler
@@ -63,7 +63,13 @@ class RepskipLM(LM):
         self.model = self.handle.load(_value(dtype), device, provider=provider)
         self.removed: list[int] = []
         if recipe:
-            self.removed = removed_layers(recipe_mod.load(recipe), self.handle)
+            loaded = recipe_mod.load(recipe)
+            self.removed = removed_layers(loaded, self.handle)
+            maps = loaded.repair_maps(self.family.geometry(self.handle.ckpt.config).hidden)
+            if maps:  # a repaired recipe: its maps fold in before the layers go
+                from ..repair.fit import fold_in_memory
+
+                fold_in_memory(self.model, self.family, maps)
             kept = [i for i in range(self.handle.num_layers) if i not in set(self.removed)]
             self.family.remove_layers(self.model, kept)
         self.tok = self.family.load_tokenizer(self.handle.path)
@@ -86,39 +92,13 @@ class RepskipLM(LM):
     def _encode(self, text: str, special: bool) -> list[int]:
         return self.tok(text, add_special_tokens=special)["input_ids"]
 
-    @torch.inference_mode()
-    def _continuation_logprob(self, context: str, continuation: str) -> tuple[float, bool]:
-        ctx = self._encode(context, True)
-        cont = self._encode(continuation, False)
-        ids = torch.tensor([ctx + cont], device=self.device_)
-        n = len(cont)
-        if not self.diffusion:
-            logits = self.family.logits(self.model, ids, torch.ones_like(ids))[0, len(ctx) - 1 : -1].float()
-            logprobs = F.log_softmax(logits, -1)
-            target = ids[0, len(ctx):]
-            total = float(logprobs.gather(-1, target[:, None]).sum())
-            return total, bool((logits.argmax(-1) == target).all())
-        # Diffusion: mask the continuation at stratified ratios; (1/t) x masked NLL, averaged.
-        mask_id = self.family.mask_token_id(self.handle.ckpt.config)
-        generator = torch.Generator().manual_seed(self.seed)
-        nll = 0.0
-        for k in range(self.mc_samples):
-            t = (k + 0.5) / self.mc_samples
-            masked = torch.rand(n, generator=generator) < t
-            if not masked.any():
-                masked[torch.randint(n, (1,), generator=generator)] = True
-            where = torch.zeros(ids.shape[1], dtype=torch.bool)
-            where[len(ctx):] = masked
-            where = where.to(self.device_)
-            noisy = torch.where(where[None], torch.full_like(ids, mask_id), ids)
-            logits = self.family.token_logits(self.model, noisy, torch.ones_like(ids))[0].float()
-            nll += float(F.cross_entropy(logits[where], ids[0, where], reduction="sum")) / t
-        full = torch.where(torch.arange(ids.shape[1], device=self.device_)[None] >= len(ctx), mask_id, ids)
-        greedy = self.family.token_logits(self.model, full, torch.ones_like(ids))[0, len(ctx):].argmax(-1)
-        return -nll / self.mc_samples, bool((greedy == ids[0, len(ctx):]).all())
-
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        return [self._continuation_logprob(*req.args) for req in requests]
+        """lm-eval's tokenization (repskip.verify.likelihood.encode_pair), ``batch_size``
+        requests per forward pass."""
+        mask_id = self.family.mask_token_id(self.handle.ckpt.config) if self.diffusion else None
+        return continuation_logprobs(self.model, self.family, self.tok, [req.args for req in requests], mask_id=mask_id,
+                                     mc_samples=self.mc_samples, seed=self.seed, batch_size=self.batch_size,
+                                     max_length=self.family.context_length(self.handle.ckpt.config))
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         out = []

@@ -38,6 +38,7 @@ from ..textio import tokenize_prefix
 SCHEMA_VERSION = 1
 PRESETS = Path(__file__).resolve().parents[2] / "recipes" / "presets" / "sampling.yaml"
 LENGTH_KEYS = {"ar": "max_new_tokens", "dream": "max_new_tokens", "llada": "gen_length"}
+MC_SAMPLES = 32  # Monte Carlo draws per choice of a multiple-choice benchmark on a diffusion model
 
 
 # --- the two models -----------------------------------------------------------------------
@@ -53,11 +54,19 @@ class Side:
 
 
 def load_side(label: str, handle: ModelHandle, dtype: str | None, device: str, remove: Sequence[int] = (),
-              device_map: str | None = None, provider: str = "auto") -> Side:
+              device_map: str | None = None, provider: str = "auto", maps: dict | None = None) -> Side:
+    """One model of the comparison; ``remove`` and the repair ``maps`` (anchor layer -> T)
+    apply a recipe in memory."""
     fam = handle.family
     model = handle.load(dtype, device, device_map=device_map, provider=provider)
     layers = handle.num_layers
     tag = (onnx_tag(handle.path) if handle.onnx else handle.ckpt.fingerprint().replace("sha256:", "")[:16])
+    if maps:
+        from ..repair.fit import fold_in_memory
+        from ..repair.store import serialize
+
+        fold_in_memory(model, fam, maps)
+        tag += "-repair" + serialize(maps)[1].replace("sha256:", "")[:8]
     if remove:
         kept = [i for i in range(layers) if i not in set(remove)]
         fam.remove_layers(model, kept)
@@ -291,6 +300,52 @@ def run_perplexity(side: Side, bench: Benchmark, items: list[Item], *, cache: It
             progress(1)
 
 
+def run_multiple_choice(side: Side, bench: Benchmark, items: list[Item], *, cache: ItemCache, batch_size: int,
+                        seed: int, rank: int = 0, world: int = 1,
+                        progress: Callable[[int], None] | None = None) -> None:
+    """Log-probabilities of every choice's continuation after the item's context (no chat
+    template), the choices of ``batch_size`` items in one padded forward pass (per Monte Carlo
+    draw for diffusion models, every pair drawn from ``seed``), then ``bench.score_choices``.
+    Items run in the fixed batches of run_generation, each appended to the cache as it ends."""
+    from .likelihood import continuation_logprobs, encode_pair
+
+    fam = side.handle.family
+    config = side.handle.ckpt.config
+    mask_id = fam.mask_token_id(config) if fam.generative_kind == "diffusion" else None
+    for k in range(0, len(items), batch_size):
+        if (k // batch_size) % world != rank:  # batch k belongs to one rank, always the same
+            continue
+        batch = [it for it in items[k : k + batch_size] if it.id not in cache]
+        if not batch:
+            continue
+        pairs = [(it.prompt, cont) for it in batch for cont in bench.continuations(it)]
+        start = time.perf_counter()
+        scored = continuation_logprobs(side.model, fam, side.tokenizer, pairs, mask_id=mask_id,
+                                       mc_samples=mc_samples(bench), seed=seed, batch_size=len(pairs),
+                                       max_length=fam.context_length(config))
+        seconds = time.perf_counter() - start
+        records, at = [], 0
+        for it in batch:
+            n = len(bench.continuations(it))
+            logprobs = [lp for lp, _ in scored[at : at + n]]
+            tokens = [encode_pair(side.tokenizer, *pair) for pair in pairs[at : at + n]]
+            at += n
+            records.append({
+                "id": it.id, "logprobs": logprobs, "metrics": bench.score_choices(it, logprobs),
+                "scored_tokens": sum(len(cont) for _, cont in tokens),
+                "input_tokens": sum(len(ctx) + len(cont) for ctx, cont in tokens),
+                "seconds": seconds / len(batch),
+            })
+        cache.add(records)
+        if progress:
+            progress(len(batch))
+
+
+def mc_samples(bench: Benchmark) -> int:
+    """Monte Carlo draws of a multiple-choice benchmark on a diffusion model (its option)."""
+    return int(bench.options.get("mc_samples") or MC_SAMPLES)
+
+
 # --- the comparison -----------------------------------------------------------------------------
 def _summary(bench: Benchmark, items: list[Item], base: ItemCache, comp: ItemCache) -> dict:
     ids = [it.id for it in items]
@@ -332,7 +387,8 @@ def _summary(bench: Benchmark, items: list[Item], base: ItemCache, comp: ItemCac
 def _speed(cache: ItemCache, ids: list[str]) -> dict:
     recs = [cache.records[i] for i in ids]
     seconds = sum(r.get("seconds", 0.0) for r in recs)
-    tokens = sum(r.get("new_tokens", r.get("metrics", {}).get("tokens", 0)) for r in recs)
+    # generated tokens; for multiple choice the continuation tokens scored; for perplexity the text's
+    tokens = sum(r.get("new_tokens", r.get("scored_tokens", r.get("metrics", {}).get("tokens", 0))) for r in recs)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else None}
 
 
@@ -450,8 +506,11 @@ def verify(
         benchmarks[name] = (bench, items)
     # arguments checked: now write
     ensure_dir(out_dir, [base_handle.path, comp_handle.path], command="verify", owned=_earlier_verify_run)
+    maps: dict = {}
     if recipe is not None:
-        remove = removed_layers(recipe_mod.load(recipe), base_handle)
+        loaded = recipe_mod.load(recipe)
+        remove = removed_layers(loaded, base_handle)
+        maps = loaded.repair_maps(base_handle.family.geometry(base_handle.ckpt.config).hidden)
         comp_label = f"{base_handle.path} with recipe {recipe}"
     else:
         remove = []
@@ -459,7 +518,8 @@ def verify(
         if comp_handle.path.resolve() != base_handle.path.resolve():  # a model against itself is a fair check
             check_made_from(base_handle, comp_handle)
     base_side = load_side("base", base_handle, dtype, device, device_map=device_map)
-    comp_side = load_side("compressed", comp_handle, dtype, device, remove, device_map=device_map, provider=provider)
+    comp_side = load_side("compressed", comp_handle, dtype, device, remove, device_map=device_map, provider=provider,
+                          maps=maps)
     check_same_tokenizer(base_side, comp_side)
     sampler_name = sampler or base_handle.family.default_sampler
     get_sampler(sampler_name, base_handle.family)  # the right kind for this model, or a clear error
@@ -485,6 +545,10 @@ def verify(
         entry["speed"] = {label: _speed(c, ids) for label, c in caches.items()}
         b, c = entry["speed"]["base"]["tokens_per_s"], entry["speed"]["compressed"]["tokens_per_s"]
         entry["speed"]["speedup"] = c / b if b and c else None
+        if bench.kind == "multiple_choice":  # every metric's mean (acc beside acc_norm)
+            entry["metrics"] = {m: {label: sum(c.records[i]["metrics"][m] for i in ids) / len(ids)
+                                    for label, c in caches.items()}
+                                for m in caches["base"].records[ids[0]]["metrics"]}
         if bench.kind == "generation":
             entry["flops"] = _flops(base_side, comp_side, caches["base"], ids, {**settings, "_sampler": sampler_name})
         report_benchmarks[name] = entry
@@ -520,8 +584,12 @@ def _run_benchmark(name: str, bench: Benchmark, items: list[Item], sides: tuple[
                    progress: Callable[[str, int, int], None] | None) -> tuple[dict, dict[str, ItemCache]]:
     """Run (or resume) one benchmark on both models: its sampler settings and both caches."""
     settings = sampler_settings(sampler_name, name, bench, table, overrides) if bench.kind == "generation" else {}
-    run_key = _settings_key({"settings": settings, "chat": chat, "seed": seed, "batch": batch_size,
-                             "max_length": max_length, "options": bench.options})
+    if bench.kind == "multiple_choice":  # how the log-likelihoods are computed, for the report
+        diffusion = sides[0].handle.family.generative_kind == "diffusion"
+        settings = ({"loglikelihood": "masked Monte Carlo estimate", "mc_samples": mc_samples(bench)} if diffusion
+                    else {"loglikelihood": "exact next-token"})
+    run_key = _settings_key({"settings": settings, "chat": chat and bench.kind != "multiple_choice",  # MC: no template
+                             "seed": seed, "batch": batch_size, "max_length": max_length, "options": bench.options})
     caches = {}
     for side in sides:
         cache = caches[side.label] = ItemCache(out_dir / "cache" / side.tag, f"{name}-{run_key}", rank, world)
@@ -536,6 +604,9 @@ def _run_benchmark(name: str, bench: Benchmark, items: list[Item], sides: tuple[
         if bench.kind == "perplexity":
             run_perplexity(side, bench, items, cache=cache, max_length=max_length, seed=seed, rank=rank,
                            world=world, progress=tick)
+        elif bench.kind == "multiple_choice":
+            run_multiple_choice(side, bench, items, cache=cache, batch_size=batch_size, seed=seed, rank=rank,
+                                world=world, progress=tick)
         else:
             run_generation(side, bench, items, sampler_name=sampler_name, settings=settings, cache=cache,
                            batch_size=batch_size, chat=chat, seed=seed, rank=rank, world=world, progress=tick)

@@ -95,6 +95,12 @@ class DiffusionFamily(Family):
             raise KeyError(name)
         return self.layer_names[m.group(2)].format(i=m.group(1))
 
+    def mlp_output_projection(self, layer: Any) -> Any:
+        return layer.mlp.down_proj
+
+    def mlp_output_tensor(self, config: dict, index: int) -> str:
+        return self.layer_names["mlp.down_proj.weight"].format(i=index)
+
     def geometry(self, config: dict) -> DecoderGeometry:
         s = self.spec(config)
         return DecoderGeometry(s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab, s.layers)

@@ -115,6 +115,12 @@ class HFDecoderFamily(Family):
             out["lm_head.weight"] = (Dim(config["vocab_size"], "vocab_size"), Dim(config["hidden_size"], "hidden_size"))
         return out
 
+    def mlp_output_projection(self, layer: Any) -> Any:
+        return layer.mlp.down_proj
+
+    def mlp_output_tensor(self, config: dict, index: int) -> str:
+        return f"model.layers.{index}.mlp.down_proj.weight"
+
     def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
         from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,306 @@
+"""Quality per layer removed: which layers to remove, with or without a linear repair.
+
+For SmolLM2-135M-Instruct (or --model), every combination of k (--ks), strategy
+(--strategies) and repair (--repairs) is chosen and fitted exactly as ``repskip analyze``
+does it (one similarity analysis shared by the similarity strategies, a loss search per
+repair setting for the loss strategies, then ``fit_linear`` on the full calibration set),
+applied in memory (maps folded into the MLP output projections, layers removed) and
+measured against the full model on the same items:
+
+- WikiText-2 test perplexity on --ppl-windows non-overlapping windows of --ppl-length
+  tokens; retention = base PPL / compressed PPL, 95% paired bootstrap interval over windows;
+- ARC-Easy / ARC-Challenge acc_norm (lm-eval's definition, repskip's ``arc_*`` benchmarks)
+  on --arc-items items (0: the whole test set), for the configurations --arc-for names;
+  retention = compressed / base, paired bootstrap interval over items.
+
+Calibration (analysis, search and fit) is WikiText-2 *validation* text, the evaluation its
+*test* text. Every finished step is appended to a cache (--cache, JSON lines), so a killed or
+extended run redoes nothing; the results, with the command, commit and machine, go to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+DATA = _common.REPO.parent / "shared" / "data"
+SIMILARITY = ("paper", "block-influence", "angular-block")
+LOSS = ("loss", "greedy-loss")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint folder [default: SmolLM2-135M-Instruct]")
+    p.add_argument("--ks", default="2,4,6,8")
+    p.add_argument("--strategies", default="paper,block-influence,angular-block,greedy-loss")
+    p.add_argument("--repairs", default="none,linear")
+    p.add_argument("--calib", default=str(DATA / "wikitext2" / "valid.txt"))
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--search-samples", type=int, default=16)
+    p.add_argument("--search-depth", type=int, default=0, help="greedy rounds [default: the largest k]")
+    p.add_argument("--ppl-text", default=str(DATA / "wikitext2" / "test.txt"))
+    p.add_argument("--ppl-windows", type=int, default=32)
+    p.add_argument("--ppl-length", type=int, default=256)
+    p.add_argument("--arc", default="arc_easy,arc_challenge", help="multiple-choice benchmarks ('' for none)")
+    p.add_argument("--arc-items", type=int, default=0, help="first N items of each (0: all)")
+    p.add_argument("--arc-for", default="base,6/paper/none,6/best",
+                   help="configurations measured on ARC: 'base', K/STRATEGY/REPAIR, K/best (best PPL at K), all")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "repskip" / "bench-quality.jsonl"))
+    p.add_argument("--json", default=_common.default_json("quality"))
+    return p.parse_args()
+
+
+class Cache:
+    """Finished steps by key, appended as JSON lines."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a kill
+                    continue
+                self.data[record["key"]] = record
+
+    def get(self, key: str) -> dict | None:
+        return self.data.get(key)
+
+    def put(self, key: str, **value) -> dict:
+        record = {"key": key, **value}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.data[key] = record
+        return record
+
+
+def ppl_windows(tokenizer, path: str, count: int, length: int) -> list[list[int]]:
+    ids = tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"]
+    if len(ids) < count * length:
+        raise SystemExit(f"{path} has {len(ids)} tokens, fewer than {count} x {length}")
+    return [ids[i * length : (i + 1) * length] for i in range(count)]
+
+
+def main() -> None:
+    args = parse()
+    import numpy as np
+    import torch
+
+    from repskip import pipeline
+    from repskip import recipe as R
+    from repskip.benchmark import get_benchmark
+    from repskip.repair import store
+    from repskip.verify import stats
+    from repskip.verify.likelihood import autoregressive_nll, continuation_logprobs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_path = Path(args.model) if args.model else _common.default_model()
+    handle = pipeline.open_model(model_path)
+    fam = handle.family
+    fingerprint = handle.ckpt.fingerprint()
+    cache = Cache(args.cache)
+    ks = [int(k) for k in args.ks.split(",")]
+    strategies = args.strategies.split(",")
+    repairs = args.repairs.split(",")
+    cal = R.CalibrationSpec(source=args.calib, num_samples=args.num_samples, max_length=args.max_length)
+    prefix = f"{fingerprint[:23]}|{Path(args.calib).name}|{args.num_samples}x{args.max_length}"
+    maps_dir = Path(args.cache).with_suffix("")
+    maps_dir.mkdir(parents=True, exist_ok=True)
+
+    base = handle.load("float32", "cpu")
+    base.eval()
+    tokenizer = fam.load_tokenizer(handle.path)
+    say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
+
+    # --- choosing: one analysis, the loss searches, the fits --------------------------
+    analysis = None
+
+    def get_analysis():
+        nonlocal analysis
+        if analysis is None:
+            t = time.perf_counter()
+            analysis = pipeline.analyze(handle, calib=cal.source, num_samples=cal.num_samples,
+                                        max_length=cal.max_length, torch_model=base)
+            say(f"analysis: {time.perf_counter() - t:.0f} s")
+            analysis.seconds = time.perf_counter() - t
+        return analysis
+
+    def search_record(strategy: str, repair: str) -> dict:
+        depth = (args.search_depth or max(ks)) if strategy == "greedy-loss" else 1
+        key = f"{prefix}|search|{strategy}|{repair}|{args.search_samples}"
+        hit = cache.get(key)
+        if hit and (strategy != "greedy-loss" or len(hit["search"]["rounds"]) >= depth):
+            return hit["search"]
+        say(f"search {strategy} repair={repair} k={depth} ...")
+        sel = R.SelectionSpec(strategy=strategy, k=depth, repair=repair, search_samples=args.search_samples)
+        record = pipeline.loss_search(handle, base, sel, cal)
+        say(f"search {strategy} repair={repair}: {record['seconds']:.0f} s")
+        return cache.put(key, search=record)["search"]
+
+    def choose(k: int, strategy: str, repair: str) -> dict:
+        key = f"{prefix}|choose|{k}|{strategy}|{repair}|{args.search_samples}"
+        hit = cache.get(key)
+        if hit:
+            return hit
+        sel = R.SelectionSpec(strategy=strategy, k=k, repair=repair, search_samples=args.search_samples)
+        result = get_analysis()
+        seconds = result.seconds
+        if strategy in LOSS:
+            record = search_record(strategy, repair)
+            result.data["search"] = record
+            seconds += record["seconds"]
+        resolved = R.resolve(R.Recipe(selection=sel, calibration=cal), result)
+        layers = list(resolved.resolved.remove)
+        maps_file, fit_seconds, residual, anchors, sha = None, 0.0, None, [], None
+        if repair == "linear":
+            t = time.perf_counter()
+            fit = pipeline.fit_repair(handle, base, layers, sel, cal)
+            fit_seconds = time.perf_counter() - t
+            raw, digest = store.serialize(fit.maps)
+            maps_file = maps_dir / f"{digest.replace('sha256:', '')[:16]}.safetensors"
+            maps_file.write_bytes(raw)
+            residual = {str(a): round(v, 4) for a, v in fit.residual.items()}
+            anchors, sha = sorted(fit.maps), digest
+        say(f"k={k} {strategy} repair={repair}: {layers} (fit {fit_seconds:.0f} s)")
+        return cache.put(key, layers=layers, maps=str(maps_file) if maps_file else None,
+                         select_seconds=round(seconds, 1), fit_seconds=round(fit_seconds, 1), residual=residual,
+                         anchors=anchors, sha256=sha)
+
+    def build(config: dict | None):
+        if config is None:
+            return base
+        model = copy.deepcopy(base)
+        if config["maps"]:
+            from repskip.repair.fit import fold_in_memory
+
+            maps = store.load(Path(config["maps"]), config["sha256"], config["anchors"],
+                              fam.geometry(handle.ckpt.config).hidden)
+            fold_in_memory(model, fam, maps)
+        kept = [i for i in range(handle.num_layers) if i not in set(config["layers"])]
+        fam.remove_layers(model, kept)
+        return model
+
+    # --- measuring ----------------------------------------------------------------------
+    windows = ppl_windows(tokenizer, args.ppl_text, args.ppl_windows, args.ppl_length)
+    benches = {}
+    for name in filter(None, args.arc.split(",")):
+        bench = get_benchmark(name)
+        file = {"arc_easy": "ARC-Easy-Test.jsonl", "arc_challenge": "ARC-Challenge-Test.jsonl"}[name]
+        items = bench.load(DATA / "arc" / file)
+        benches[name] = (bench, items[: args.arc_items] if args.arc_items else items)
+
+    def perplexity(tag: str, model) -> list[float]:
+        key = f"{prefix}|ppl|{tag}|{Path(args.ppl_text).name}|{args.ppl_windows}x{args.ppl_length}"
+        hit = cache.get(key)
+        if hit:
+            return hit["nll"]
+        t = time.perf_counter()
+        with torch.inference_mode():
+            nll = [autoregressive_nll(model, fam, torch.tensor([w]))[0] / (len(w) - 1) for w in windows]
+        say(f"ppl {tag}: {math.exp(sum(nll) / len(nll)):.3f} ({time.perf_counter() - t:.0f} s)")
+        return cache.put(key, nll=nll)["nll"]
+
+    def choices(tag: str, model, name: str) -> list[float]:
+        bench, items = benches[name]
+        key = f"{prefix}|{name}|{tag}|{len(items)}"
+        hit = cache.get(key)
+        if hit:
+            return hit["acc_norm"]
+        t = time.perf_counter()
+        norm = []
+        with torch.inference_mode():
+            for at in range(0, len(items), 8):
+                batch = items[at : at + 8]
+                pairs = [(it.prompt, c) for it in batch for c in bench.continuations(it)]
+                scored = continuation_logprobs(model, fam, tokenizer, pairs, batch_size=len(pairs),
+                                               max_length=fam.context_length(handle.ckpt.config))
+                i = 0
+                for it in batch:
+                    n = len(bench.continuations(it))
+                    norm.append(bench.score_choices(it, [lp for lp, _ in scored[i : i + n]])["acc_norm"])
+                    i += n
+        say(f"{name} {tag}: acc_norm {sum(norm) / len(norm):.4f} on {len(norm)} ({time.perf_counter() - t:.0f} s)")
+        return cache.put(key, acc_norm=norm)["acc_norm"]
+
+    base_nll = perplexity("base", base)
+    rows = []
+    for k in ks:
+        for strategy in strategies:
+            for repair in repairs:
+                config = choose(k, strategy, repair)
+                tag = "skip" + "_".join(map(str, config["layers"])) + (
+                    "-repair" + Path(config["maps"]).stem if config["maps"] else "")
+                model = build(config)
+                nll = perplexity(tag, model)
+                del model
+                rows.append({"k": k, "strategy": strategy, "repair": repair, "tag": tag, **config, "nll": nll})
+
+    def ppl(nll: list[float]) -> float:
+        return math.exp(sum(nll) / len(nll))
+
+    for row in rows:
+        row["ppl"] = ppl(row["nll"])
+        row["ppl_retention"] = ppl(base_nll) / row["ppl"]
+        row["ppl_ci"] = stats.bootstrap_ci(base_nll, row["nll"], lambda b, c: ppl(b) / ppl(c))
+
+    wanted = set(filter(None, args.arc_for.split(",")))
+    for k in ks:
+        if f"{k}/best" in wanted:
+            best = max((r for r in rows if r["k"] == k), key=lambda r: r["ppl_retention"])
+            wanted.add(f"{k}/{best['strategy']}/{best['repair']}")
+    arc: dict[str, dict] = {}
+    if benches and ("base" in wanted or "all" in wanted):
+        arc["base"] = {name: choices("base", base, name) for name in benches}
+    for row in rows:
+        if "all" in wanted or f"{row['k']}/{row['strategy']}/{row['repair']}" in wanted:
+            model = build(row)
+            row["arc"] = {}
+            for name in benches:
+                scores = choices(row["tag"], model, name)
+                b = arc["base"][name]
+                mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+                row["arc"][name] = {
+                    "acc_norm": mean(scores), "retention": mean(scores) / mean(b), "items": len(scores),
+                    "ci": stats.bootstrap_ci(b, scores, lambda x, y: mean(y) / mean(x) if mean(x) else math.nan),
+                }
+            del model
+
+    # --- report ----------------------------------------------------------------------------
+    headers = ["k", "strategy", "repair", "removed", "PPL", "PPL ret. [95% CI]", *[
+        f"{n} acc_norm ret. [95% CI]" for n in benches], "select s", "fit s"]
+    table = []
+    for r in rows:
+        cells = [r["k"], r["strategy"], r["repair"], ",".join(map(str, r["layers"])), f"{r['ppl']:.2f}",
+                 f"{r['ppl_retention']:.3f} [{r['ppl_ci'][0]:.3f}, {r['ppl_ci'][1]:.3f}]"]
+        for n in benches:
+            a = r.get("arc", {}).get(n)
+            cells.append(f"{a['acc_norm']:.3f} -> {a['retention']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]"
+                         if a else "")
+        cells += [f"{r['select_seconds']:.0f}", f"{r['fit_seconds']:.0f}"]
+        table.append(cells)
+    print(f"base: PPL {ppl(base_nll):.3f}" + "".join(
+        f", {n} acc_norm {np.mean(v):.4f} ({len(v)} items)" for n, v in arc.get("base", {}).items()))
+    print(_common.table(headers, table))
+    for r in rows:
+        r.pop("nll")
+    settings = {k: v for k, v in vars(args).items() if k not in ("cache", "json")}
+    results = {"model": str(model_path), "fingerprint": fingerprint, "base_ppl": ppl(base_nll),
+               "base_arc": {n: float(np.mean(v)) for n, v in arc.get("base", {}).items()}, "rows": rows}
+    print(f"written {_common.write_json(args.json, _common.report('quality', settings, results))}")
+
+
+if __name__ == "__main__":
+    main()
