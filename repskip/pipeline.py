@@ -6,6 +6,7 @@ results; nothing here prints.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,6 +416,14 @@ def loss_search(handle: ModelHandle, torch_model: Any, sel: _recipe.SelectionSpe
             "fit_sequences": len(rest) if sel.repair == "linear" and rest else (len(scored) if sel.repair == "linear" else 0)}
 
 
+# Fewer calibration tokens than this many per hidden unit leave a linear repair map
+# (hidden x hidden parameters) loose enough to fit the calibration text instead of the model:
+# on SmolLM2-135M (hidden 576), maps fitted on about 500 WikiText-2 tokens made perplexity
+# worse than no repair, maps fitted on 8k tokens made it much better (docs/benchmarks.md).
+# A warning threshold, not a rule.
+TOKENS_PER_HIDDEN = 8
+
+
 def fit_repair(handle: ModelHandle, torch_model: Any, removed: Sequence[int], sel: _recipe.SelectionSpec,
                cal: _recipe.CalibrationSpec, progress: Callable[[int, int], None] | None = None) -> Any:
     """The linear repair of ``removed`` on the calibration text (repskip.repair.fit)."""
@@ -422,8 +431,15 @@ def fit_repair(handle: ModelHandle, torch_model: Any, removed: Sequence[int], se
 
     check_supported(handle.family, handle.ckpt.config)
     _, batches = _calibration_batches(handle, cal)
-    return fit_linear(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), removed,
-                      handle.num_layers, sel.ridge, progress)
+    fit = fit_linear(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), removed,
+                     handle.num_layers, sel.ridge, progress)
+    hidden = handle.family.geometry(handle.ckpt.config).hidden
+    if fit.tokens < TOKENS_PER_HIDDEN * hidden:
+        warnings.warn(f"the linear repair was fitted on {fit.tokens} calibration tokens, few for maps of "
+                      f"{hidden} x {hidden}: below about {TOKENS_PER_HIDDEN * hidden} tokens a map can fit the "
+                      "calibration text rather than the model and raise the loss; give more text (--calib, "
+                      "--num-samples, --max-length) and check the result with repskip verify", stacklevel=2)
+    return fit
 
 
 def with_repair(recipe: _recipe.Recipe, fit: Any, file: str | None) -> tuple[_recipe.Recipe, bytes]:

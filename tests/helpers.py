@@ -238,3 +238,18 @@ def folder_snapshot(folder: Path) -> dict[str, bytes]:
         else:
             out[rel] = b"<dir>"
     return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Rows as a JSON-lines file."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def one_line(excinfo) -> str:
+    """The message of a raised error, checked to be one line."""
+    message = str(excinfo.value)
+    assert message and "\n" not in message, message
+    return message

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_tokenizer
+from helpers import make_tokenizer, one_line, write_jsonl
 from repskip import registry
 from repskip.benchmark import get_benchmark
 from repskip.errors import RepskipError
@@ -33,17 +33,6 @@ def jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def one_line(excinfo) -> str:
-    message = str(excinfo.value)
-    assert message and "\n" not in message, message
-    return message
 
 
 @pytest.fixture(scope="module")

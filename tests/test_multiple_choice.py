@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import llada_from_llama, load, make_checkpoint, make_tokenizer
+from helpers import llada_from_llama, load, make_checkpoint, make_tokenizer, one_line, write_jsonl
 from repskip.benchmark import Item, get_benchmark
 from repskip.errors import RepskipError
 from repskip.pipeline import open_model
@@ -30,17 +30,6 @@ needs_data = pytest.mark.skipif(not (EASY.is_file() and CHALLENGE.is_file()), re
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def one_line(excinfo) -> str:
-    message = str(excinfo.value)
-    assert message and "\n" not in message, message
-    return message
 
 
 # --- the benchmarks -------------------------------------------------------------------------

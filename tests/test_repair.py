@@ -4,6 +4,8 @@ bad inputs around the maps file."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -272,3 +274,17 @@ def test_repair_cannot_anchor_a_run_at_layer_zero(tiny, tmp_path):
     one_line_error(run("analyze", tiny["llama"], "-o", tmp_path / "r", "--repair", "linear", "-k", "2",
                        "--strategy", "angular-block", "--no-protect-ends", "--protect", "2,3,4,5",
                        "--num-samples", "4", "--max-length", "16"), "layer 0 has none")
+
+
+def test_a_fit_on_few_tokens_is_flagged(tiny, repaired, tmp_path, monkeypatch):
+    # 4 x 16 tokens for maps of the tiny model's hidden size: warned, on one line (every time:
+    # Python shows a warning once per place unless told otherwise, and the fixture warned first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        res = run("analyze", tiny["llama"], "-o", tmp_path / "a", "--strategy", "block-influence", "-k", "2",
+                  "--repair", "linear", "--num-samples", "4", "--max-length", "16")
+        assert res.exit_code == 0 and "warning: the linear repair was fitted on" in res.stderr, res.stderr
+        monkeypatch.setattr(pipeline, "TOKENS_PER_HIDDEN", 0)
+        res = run("analyze", tiny["llama"], "-o", tmp_path / "b", "--strategy", "block-influence", "-k", "2",
+                  "--repair", "linear", "--num-samples", "4", "--max-length", "16")
+    assert res.exit_code == 0 and "linear repair was fitted on" not in res.stderr, res.stderr

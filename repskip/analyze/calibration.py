@@ -174,11 +174,15 @@ def batches(
     """
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for start in range(0, len(order), batch_size):
-        chunk = [sequences[i] for i in order[start : start + batch_size]]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        yield ids, mask
+        yield pad_right([sequences[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one right-padded batch: (input_ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, seq in enumerate(rows):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask

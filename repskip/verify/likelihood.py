@@ -150,12 +150,9 @@ def continuation_logprobs(
 
 
 def _padded(rows: list[list[int]], device: Any, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row)
-        attention[r, : len(row)] = 1
+    from ..analyze.calibration import pad_right
+
+    ids, attention = pad_right(rows, pad)
     return ids.to(device), attention.to(device)
 
 

@@ -234,6 +234,18 @@ def _settings_key(data: dict) -> str:
 
 
 # --- running one benchmark on one model ------------------------------------------------------
+def _batches_to_run(items: list[Item], batch_size: int, cache: "ItemCache", rank: int, world: int):
+    """(number, batch) for this rank's fixed batches of ``batch_size`` items (batch number b
+    belongs to rank b mod world, always the same), less the items the cache already holds;
+    empty batches are skipped."""
+    for k in range(0, len(items), batch_size):
+        if (k // batch_size) % world != rank:
+            continue
+        batch = [it for it in items[k : k + batch_size] if it.id not in cache]
+        if batch:
+            yield k // batch_size, batch
+
+
 def run_generation(side: Side, bench: Benchmark, items: list[Item], *, sampler_name: str, settings: dict,
                    cache: ItemCache, batch_size: int, chat: bool, seed: int, rank: int = 0, world: int = 1,
                    progress: Callable[[int], None] | None = None) -> None:
@@ -242,16 +254,11 @@ def run_generation(side: Side, bench: Benchmark, items: list[Item], *, sampler_n
         settings = {**settings, "stop": list(bench.stop)}  # stop generating where scoring would cut
     sampler.settings(settings)
     fam = side.handle.family
-    for k in range(0, len(items), batch_size):
-        if (k // batch_size) % world != rank:  # batch k belongs to one rank, always the same
-            continue
-        batch = [it for it in items[k : k + batch_size] if it.id not in cache]
-        if not batch:
-            continue
+    for number, batch in _batches_to_run(items, batch_size, cache, rank, world):
         prompts = [bench.prompt(it, side.tokenizer, chat) for it in batch]
         _check_fits(side, batch, prompts)
         start = time.perf_counter()
-        out = sampler.generate(side.model, side.tokenizer, prompts, family=fam, seed=seed + k // batch_size, **settings)
+        out = sampler.generate(side.model, side.tokenizer, prompts, family=fam, seed=seed + number, **settings)
         seconds = time.perf_counter() - start
         records = []
         for it, prompt, text, ids in zip(batch, prompts, out.texts, out.token_ids):
@@ -312,12 +319,7 @@ def run_multiple_choice(side: Side, bench: Benchmark, items: list[Item], *, cach
     fam = side.handle.family
     config = side.handle.ckpt.config
     mask_id = fam.mask_token_id(config) if fam.generative_kind == "diffusion" else None
-    for k in range(0, len(items), batch_size):
-        if (k // batch_size) % world != rank:  # batch k belongs to one rank, always the same
-            continue
-        batch = [it for it in items[k : k + batch_size] if it.id not in cache]
-        if not batch:
-            continue
+    for _, batch in _batches_to_run(items, batch_size, cache, rank, world):
         pairs = [(it.prompt, cont) for it in batch for cont in bench.continuations(it)]
         start = time.perf_counter()
         scored = continuation_logprobs(side.model, fam, side.tokenizer, pairs, mask_id=mask_id,
