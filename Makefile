@@ -22,7 +22,7 @@ setup: $(STAMP)
 demo: setup
 	@set -e; MODEL=$$($(BIN)/repskip fetch-default); \
 	echo "== analyze $$MODEL"; \
-	$(BIN)/repskip analyze "$$MODEL" -o runs/smollm2 --strategy paper -k 4 --force; \
+	$(BIN)/repskip analyze "$$MODEL" -o runs/smollm2 -k 4 --force; \
 	echo "== compress"; \
 	$(BIN)/repskip compress "$$MODEL" --recipe runs/smollm2/recipe.yaml -o exported/smollm2-skip4 --force; \
 	echo "== flops"; \
@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/repskip compress "$$MODEL" --recipe runs/smollm2/recipe.yaml --format onnx -o exported/smollm2-skip4-onnx --force; \
 	$(BIN)/repskip generate exported/smollm2-skip4-onnx --prompt "$(DEMO_PROMPT)" --max-new-tokens 48 --provider auto; \
 	echo; \
-	echo "analysis report and plots: runs/smollm2/ (analysis.json, recipe.yaml, *.png)"; \
+	echo "analysis report and plots: runs/smollm2/ (analysis.json, recipe.yaml, repair.safetensors, *.png)"; \
 	echo "compressed model:          exported/smollm2-skip4/ (safetensors), exported/smollm2-skip4-onnx/ (ONNX)"
 
 test: setup

@@ -46,7 +46,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--search-samples", type=int, default=16)
-    p.add_argument("--search-depth", type=int, default=0, help="greedy rounds [default: the largest k]")
+    p.add_argument("--search-depth", type=int, default=0,
+                   help="greedy rounds [default: the largest k]; greedy rows with a larger k are left out")
     p.add_argument("--ppl-text", default=str(DATA / "wikitext2" / "test.txt"))
     p.add_argument("--ppl-windows", type=int, default=32)
     p.add_argument("--ppl-length", type=int, default=256)
@@ -232,6 +233,8 @@ def main() -> None:
                     n = len(bench.continuations(it))
                     norm.append(bench.score_choices(it, [lp for lp, _ in scored[i : i + n]])["acc_norm"])
                     i += n
+                if (at // 8 + 1) % max(1, len(items) // 80) == 0:  # a line per tenth
+                    say(f"{name} {tag}: {len(norm)}/{len(items)} items, {time.perf_counter() - t:.0f} s")
         say(f"{name} {tag}: acc_norm {sum(norm) / len(norm):.4f} on {len(norm)} ({time.perf_counter() - t:.0f} s)")
         return cache.put(key, acc_norm=norm)["acc_norm"]
 
@@ -239,6 +242,8 @@ def main() -> None:
     rows = []
     for k in ks:
         for strategy in strategies:
+            if strategy == "greedy-loss" and args.search_depth and k > args.search_depth:
+                continue  # the rows a shallower search cannot give
             for repair in repairs:
                 config = choose(k, strategy, repair)
                 tag = "skip" + "_".join(map(str, config["layers"])) + (

@@ -129,13 +129,21 @@ def _cosine(ctx, param, value):
     return value
 
 
+# What `analyze` does unless told otherwise: what kept the most perplexity and ARC-Easy per
+# layer removed on SmolLM2-135M (docs/benchmarks.md, "Quality per layer removed"). A recipe
+# file that names no strategy still means paper, so that old recipes keep their meaning.
+DEFAULT_STRATEGY = "angular-block"
+DEFAULT_REPAIR = "linear"
+
+
 def _selection_options(f):
     opts = [
         click.option("--strategy", type=click.Choice(["paper", "block-influence", "angular-block", "loss", "greedy-loss"]),
-                     default="paper", show_default=True,
+                     default=DEFAULT_STRATEGY, show_default=True,
                      help="How layers are chosen: by similarity (paper, block-influence, angular-block) or by the "
                           "calibration loss a removal costs (loss: each layer alone; greedy-loss: one at a time, "
-                          "SLEB). The loss strategies run the model; select reads the search analyze recorded."),
+                          "SLEB). The loss strategies run the model; select reads the search analyze recorded. "
+                          "The default kept the most in docs/benchmarks.md (with --repair linear)."),
         click.option("-k", "k", type=click.IntRange(min=1), default=4, show_default=True, help="Layers to remove."),
         click.option("--threshold", type=float, default=0.95, show_default=True, callback=_cosine,
                      help="paper: a layer qualifies when its mean cos(in, out) is above this (-1 to 1)."),
@@ -204,7 +212,7 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: byte
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="sampling mode: format prompts with the chat template if there is one.")
 @_selection_options
-@click.option("--repair", type=click.Choice(["none", "linear"]), default="none", show_default=True,
+@click.option("--repair", type=click.Choice(["none", "linear"]), default=DEFAULT_REPAIR, show_default=True,
               help="linear: fit a least-squares map per removed run on the calibration text and fold it into the "
                    "MLP output projection of the layer in front (same architecture, no extra parameter); with a "
                    "loss strategy, candidates are scored repaired.")
@@ -327,6 +335,8 @@ def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protec
     recipe = resolve(Recipe(selection=spec), result)  # calibration and positions come from the analysis
     recipe.save(output)
     console.print(f"[bold]{strategy}[/] k={k}: remove layers [bold red]{recipe.resolved.remove}[/]; wrote {output}")
+    console.print("no repair: select does not run the model, so it cannot fit one; for a repaired recipe run "
+                  f"repskip analyze MODEL --strategy {strategy} -k {k} --repair linear")
 
 
 @main.command()

@@ -66,7 +66,7 @@ def test_analyze_compress_flops_end_to_end(tiny, tmp_path):
 
 def test_analysis_is_kept_when_too_few_layers_qualify(tiny, tmp_path):
     runs = tmp_path / "runs"
-    res = run("analyze", tiny["llama"], "-o", runs, "-k", "2", "--threshold", "0.99999",
+    res = run("analyze", tiny["llama"], "-o", runs, "--strategy", "paper", "-k", "2", "--threshold", "0.99999",
               "--num-samples", "3", "--max-length", "16")
     assert_clean_error(res, "only 0 layer(s) qualify")
     assert "repskip select" in res.stderr

@@ -288,3 +288,11 @@ def test_a_fit_on_few_tokens_is_flagged(tiny, repaired, tmp_path, monkeypatch):
         res = run("analyze", tiny["llama"], "-o", tmp_path / "b", "--strategy", "block-influence", "-k", "2",
                   "--repair", "linear", "--num-samples", "4", "--max-length", "16")
     assert res.exit_code == 0 and "linear repair was fitted on" not in res.stderr, res.stderr
+
+
+def test_the_same_maps_give_the_same_file():
+    from repskip.repair import store
+
+    maps = {3: np.random.default_rng(0).normal(size=(8, 8)), 7: np.eye(8)}
+    digests = {store.serialize(dict(maps))[1] for _ in range(20)}
+    assert len(digests) == 1  # byte for byte, whatever order the metadata would come in

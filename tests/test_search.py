@@ -113,9 +113,10 @@ def test_analyze_records_the_search_and_select_rereads_it(tiny, tmp_path):
     res = run("analyze", tiny["qwen2"], "-o", runs, "--strategy", "greedy-loss", "-k", "3", "--num-samples", "6",
               "--max-length", "24", "--search-samples", "4")
     assert res.exit_code == 0, res.output
-    assert "loss search (nll): full model" in res.output
+    assert "loss search (nll, repaired): full model" in res.output  # analyze repairs by default
     data = json.loads((runs / "analysis.json").read_text())["search"]
     assert data["strategy"] == "greedy-loss" and len(data["rounds"]) == 3 and data["sequences"] == 4
+    assert data["repair"] and data["fit_sequences"] == 2  # trial maps fitted on the sequences not scored
     path = sorted(r["chosen"][0] for r in data["rounds"])
     assert yaml.safe_load((runs / "recipe.yaml").read_text())["resolved"]["remove"] == path
     res = run("select", runs, "-o", tmp_path / "k2.yaml", "--strategy", "greedy-loss", "-k", "2")

@@ -9,6 +9,7 @@ not made together never meet.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,10 @@ def serialize(maps: dict[int, np.ndarray], method: str = "linear") -> tuple[byte
     from safetensors.numpy import save as to_bytes
 
     tensors = {_key(a): np.ascontiguousarray(t, dtype=np.float32) for a, t in sorted(maps.items())}
-    raw = to_bytes(tensors, metadata={"format": FORMAT, "method": method, "schema_version": "1"})
+    # one metadata key: safetensors writes several in no fixed order, and the same maps must
+    # give the same bytes (the hash names them in recipes and verify caches)
+    about = json.dumps({"format": FORMAT, "method": method, "schema_version": 1}, sort_keys=True)
+    raw = to_bytes(tensors, metadata={"repskip": about})
     return raw, "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
