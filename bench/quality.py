@@ -267,6 +267,7 @@ def main() -> None:
             best = max((r for r in rows if r["k"] == k), key=lambda r: r["ppl_retention"])
             wanted.add(f"{k}/{best['strategy']}/{best['repair']}")
     arc: dict[str, dict] = {}
+    cache_scores: dict[tuple[str, str], list[float]] = {}
     if benches and ("base" in wanted or "all" in wanted):
         arc["base"] = {name: choices("base", base, name) for name in benches}
     for row in rows:
@@ -275,6 +276,7 @@ def main() -> None:
             row["arc"] = {}
             for name in benches:
                 scores = choices(row["tag"], model, name)
+                cache_scores[(row["tag"], name)] = scores
                 b = arc["base"][name]
                 mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
                 row["arc"][name] = {
@@ -282,6 +284,28 @@ def main() -> None:
                     "ci": stats.bootstrap_ci(b, scores, lambda x, y: mean(y) / mean(x) if mean(x) else math.nan),
                 }
             del model
+
+    # the best configuration at each k against plain paper-criterion removal, paired
+    comparisons = []
+    for k in ks:
+        plain = next((r for r in rows if (r["k"], r["strategy"], r["repair"]) == (k, "paper", "none")), None)
+        best = max((r for r in rows if r["k"] == k), key=lambda r: r["ppl_retention"])
+        if plain is None or best is plain:
+            continue
+        entry = {"k": k, "best": f"{best['strategy']}/{best['repair']}", "ppl_retention_gain":
+                 best["ppl_retention"] - plain["ppl_retention"],
+                 "ppl_retention_gain_ci": stats.bootstrap_ci(plain["nll"], best["nll"], lambda a, b, base=base_nll: (
+                     ppl(base) / ppl(b) - ppl(base) / ppl(a)))}
+        for name in benches:
+            if name in plain.get("arc", {}) and name in best.get("arc", {}):
+                a, b = cache_scores[(plain["tag"], name)], cache_scores[(best["tag"], name)]
+                mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+                entry[f"{name}_acc_norm_gain"] = mean(b) - mean(a)
+                entry[f"{name}_acc_norm_gain_ci"] = stats.bootstrap_ci(a, b, lambda x, y: mean(y) - mean(x))
+        comparisons.append(entry)
+        print(f"k={k}: {entry['best']} against paper/none: " + ", ".join(
+            f"{key} {value:+.3f}" if isinstance(value, float) else f"{key} [{value[0]:+.3f}, {value[1]:+.3f}]"
+            for key, value in entry.items() if key not in ("k", "best")))
 
     # --- report ----------------------------------------------------------------------------
     headers = ["k", "strategy", "repair", "removed", "PPL", "PPL ret. [95% CI]", *[
@@ -299,11 +323,16 @@ def main() -> None:
     print(f"base: PPL {ppl(base_nll):.3f}" + "".join(
         f", {n} acc_norm {np.mean(v):.4f} ({len(v)} items)" for n, v in arc.get("base", {}).items()))
     print(_common.table(headers, table))
+    print("\n| " + " | ".join(headers) + " |\n|" + " --- |" * len(headers))  # the same, for docs
+    for cells in table:
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     for r in rows:
         r.pop("nll")
+    results_comparisons = comparisons
     settings = {k: v for k, v in vars(args).items() if k not in ("cache", "json")}
     results = {"model": str(model_path), "fingerprint": fingerprint, "base_ppl": ppl(base_nll),
-               "base_arc": {n: float(np.mean(v)) for n, v in arc.get("base", {}).items()}, "rows": rows}
+               "base_arc": {n: float(np.mean(v)) for n, v in arc.get("base", {}).items()}, "rows": rows,
+               "best_against_paper": results_comparisons}
     print(f"written {_common.write_json(args.json, _common.report('quality', settings, results))}")
 
 

@@ -439,18 +439,27 @@ def fit_repair(handle: ModelHandle, torch_model: Any, removed: Sequence[int], se
                       f"{hidden} x {hidden}: below about {TOKENS_PER_HIDDEN * hidden} tokens a map can fit the "
                       "calibration text rather than the model and raise the loss; give more text (--calib, "
                       "--num-samples, --max-length) and check the result with repskip verify", stacklevel=2)
+    for run in fit.dropped:
+        detail = next(d for d in fit.details if d["anchor"] == run.anchor)
+        tried = ", ".join(f"{k} {v:.3f}" for k, v in detail["check_loss"].items())
+        warnings.warn(f"no linear map for removed layers {run.first}..{run.last} brought the predictions closer "
+                      f"to the full model's (KL on calibration text: {tried}); that run is left unrepaired",
+                      stacklevel=2)
     return fit
 
 
-def with_repair(recipe: _recipe.Recipe, fit: Any, file: str | None) -> tuple[_recipe.Recipe, bytes]:
+def with_repair(recipe: _recipe.Recipe, fit: Any, file: str | None) -> tuple[_recipe.Recipe, bytes | None]:
     """The resolved recipe recording ``fit`` (its maps in ``file``, beside the recipe, or in
-    no file), and the bytes of that file."""
+    no file), and the bytes of that file; the recipe as it was and None when the fit kept no
+    map (every run's map raised the calibration loss)."""
     from .repair import store
 
+    if not fit.maps:
+        return recipe, None
     raw, digest = store.serialize(fit.maps)
     ref = _recipe.RepairRef(file=file, sha256=digest, ridge=fit.ridge, tokens=fit.tokens, maps=[
         _recipe.RepairMap(layer=run.anchor, run=[run.first, run.last], residual=round(fit.residual[run.anchor], 6))
-        for run in fit.runs])
+        for run in fit.runs if run.anchor in fit.maps])
     assert recipe.resolved is not None
     return recipe.model_copy(update={"resolved": recipe.resolved.model_copy(update={"repair": ref})}), raw
 

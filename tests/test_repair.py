@@ -296,3 +296,23 @@ def test_the_same_maps_give_the_same_file():
     maps = {3: np.random.default_rng(0).normal(size=(8, 8)), 7: np.eye(8)}
     digests = {store.serialize(dict(maps))[1] for _ in range(20)}
     assert len(digests) == 1  # byte for byte, whatever order the metadata would come in
+
+
+def test_a_map_that_raises_the_loss_is_not_kept(tiny, tmp_path, monkeypatch):
+    from repskip.repair.linear import LeastSquares
+
+    good = run("analyze", tiny["llama"], "-o", tmp_path / "good", "--strategy", "block-influence", "-k", "2",
+               "--repair", "linear", "--num-samples", "4", "--max-length", "16")
+    assert good.exit_code == 0 and (tmp_path / "good" / "repair.safetensors").exists()
+    # a "fit" that blows the state up, whatever the ridge: every trial raises the loss
+    monkeypatch.setattr(LeastSquares, "solve", lambda self, ridge: 50.0 * np.eye(self.mtm.shape[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        res = run("analyze", tiny["llama"], "-o", tmp_path / "bad", "--strategy", "block-influence", "-k", "2",
+                  "--repair", "linear", "--num-samples", "4", "--max-length", "16")
+    assert res.exit_code == 0, res.output
+    assert "brought the predictions closer" in res.stderr and "left unrepaired" in res.stderr
+    assert not (tmp_path / "bad" / "repair.safetensors").exists()
+    recipe = load_recipe(tmp_path / "bad" / "recipe.yaml")
+    assert recipe.resolved.repair is None and recipe.resolved.remove == load_recipe(
+        tmp_path / "good" / "recipe.yaml").resolved.remove
