@@ -165,20 +165,22 @@ def main() -> None:
             seconds += record["seconds"]
         resolved = R.resolve(R.Recipe(selection=sel, calibration=cal), result)
         layers = list(resolved.resolved.remove)
-        maps_file, fit_seconds, residual, anchors, sha = None, 0.0, None, [], None
+        maps_file, fit_seconds, residual, anchors, sha, checks = None, 0.0, None, [], None, None
         if repair == "linear":
             t = time.perf_counter()
             fit = pipeline.fit_repair(handle, base, layers, sel, cal)
             fit_seconds = time.perf_counter() - t
-            raw, digest = store.serialize(fit.maps)
-            maps_file = maps_dir / f"{digest.replace('sha256:', '')[:16]}.safetensors"
-            maps_file.write_bytes(raw)
-            residual = {str(a): round(v, 4) for a, v in fit.residual.items()}
-            anchors, sha = sorted(fit.maps), digest
+            checks = fit.details
+            if fit.maps:  # else every run's map was dropped: the row is plain removal
+                raw, digest = store.serialize(fit.maps)
+                maps_file = maps_dir / f"{digest.replace('sha256:', '')[:16]}.safetensors"
+                maps_file.write_bytes(raw)
+                residual = {str(a): round(v, 4) for a, v in fit.residual.items()}
+                anchors, sha = sorted(fit.maps), digest
         say(f"k={k} {strategy} repair={repair}: {layers} (fit {fit_seconds:.0f} s)")
         return cache.put(key, layers=layers, maps=str(maps_file) if maps_file else None,
                          select_seconds=round(seconds, 1), fit_seconds=round(fit_seconds, 1), residual=residual,
-                         anchors=anchors, sha256=sha)
+                         anchors=anchors, sha256=sha, fit_details=checks)
 
     def build(config: dict | None):
         if config is None:

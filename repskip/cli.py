@@ -129,10 +129,12 @@ def _cosine(ctx, param, value):
     return value
 
 
-# What `analyze` does unless told otherwise: what kept the most perplexity and ARC-Easy per
-# layer removed on SmolLM2-135M (docs/benchmarks.md, "Quality per layer removed"). A recipe
-# file that names no strategy still means paper, so that old recipes keep their meaning.
-DEFAULT_STRATEGY = "angular-block"
+# What `analyze` does unless told otherwise: on SmolLM2-135M at k = 2, 4, 6, 8
+# (docs/benchmarks.md, "Quality per layer removed") block-influence with a linear repair was
+# the best or close to it at every k, while angular-block + repair, ahead at k = 4 and 6,
+# collapsed at k = 8. A recipe file that names no strategy still means paper, so that old
+# recipes keep their meaning.
+DEFAULT_STRATEGY = "block-influence"
 DEFAULT_REPAIR = "linear"
 
 
@@ -143,7 +145,7 @@ def _selection_options(f):
                      help="How layers are chosen: by similarity (paper, block-influence, angular-block) or by the "
                           "calibration loss a removal costs (loss: each layer alone; greedy-loss: one at a time, "
                           "SLEB). The loss strategies run the model; select reads the search analyze recorded. "
-                          "The default kept the most in docs/benchmarks.md (with --repair linear)."),
+                          "The default (with --repair linear) was the most robust in docs/benchmarks.md."),
         click.option("-k", "k", type=click.IntRange(min=1), default=4, show_default=True, help="Layers to remove."),
         click.option("--threshold", type=float, default=0.95, show_default=True, callback=_cosine,
                      help="paper: a layer qualifies when its mean cos(in, out) is above this (-1 to 1)."),
