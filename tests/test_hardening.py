@@ -143,8 +143,11 @@ main(sys.argv[1:])
 def _start_slow(module: str, function: str, *args) -> subprocess.Popen:
     """The CLI with ``module.function`` stalling after it ran: a run caught midway."""
     code = SLOW.format(module=module, function=function)
+    # SIGHUP as a terminal would leave it, even when the tests themselves run under nohup
+    # (which the CLI honours by design: an ignored SIGHUP stays ignored)
     proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "written", proc.stderr.read()
     return proc
 
