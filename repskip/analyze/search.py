@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import RepskipError
-from ..repair.fit import Batches, torch_maps
+from ..repair.fit import Batches, scored_states as _states, torch_maps
 from ..repair.linear import LeastSquares, Run, removed_runs, token_weights
 from .objective import Objective
 from .surgery import Surgery
@@ -61,10 +61,6 @@ class SearchResult:
 
 def _run_of(layer: int, removed: Sequence[int], num_layers: int) -> Run:
     return next(r for r in removed_runs([*removed, layer], num_layers) if r.first <= layer <= r.last)
-
-
-def _states(p: Any, hidden: torch.Tensor) -> np.ndarray:
-    return hidden[p.states.to(hidden.device)].double().cpu().numpy()
 
 
 class _Trials:

@@ -63,8 +63,10 @@ def torch_maps(maps: dict[int, np.ndarray], like: torch.Tensor) -> dict[int, tor
     return {a: torch.as_tensor(t, dtype=torch.float32, device=like.device) for a, t in maps.items()}
 
 
-def _states(p: Any, hidden: torch.Tensor) -> np.ndarray:
+def scored_states(p: Any, hidden: torch.Tensor) -> np.ndarray:
+    """The hidden states of a pass's real tokens [tokens, hidden], float64, for the sums."""
     return hidden[p.states.to(hidden.device)].double().cpu().numpy()
+
 
 
 @torch.inference_mode()
@@ -94,8 +96,8 @@ def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, 
                     rest = s.outputs[run.anchor] - m  # the residual stream the MLP output joins
                     if ls is None:
                         ls = LeastSquares(m.shape[-1])
-                    y = _states(p, target)
-                    ls.add(_states(p, m), y - _states(p, rest), token_weights(y))
+                    y = scored_states(p, target)
+                    ls.add(scored_states(p, m), y - scored_states(p, rest), token_weights(y))
             assert ls is not None
             tokens = ls.tokens
             chosen, losses = _checked(s, model, batches, objective, removed, maps, run.anchor, ls, ridge, like)
