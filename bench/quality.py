@@ -34,6 +34,9 @@ import _common  # noqa: E402
 DATA = _common.REPO.parent / "shared" / "data"
 SIMILARITY = ("paper", "block-influence", "angular-block")
 LOSS = ("loss", "greedy-loss")
+# Part of a repaired row's cache key: bump it when the fit changes what it returns, so that a
+# cache never serves maps the current code would not make (2: the KL check of 721a59c).
+FIT_VERSION = 2
 
 
 def parse() -> argparse.Namespace:
@@ -54,7 +57,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--arc", default="arc_easy,arc_challenge", help="multiple-choice benchmarks ('' for none)")
     p.add_argument("--arc-items", type=int, default=0, help="first N items of each (0: all)")
     p.add_argument("--arc-for", default="base,6/paper/none,6/best",
-                   help="configurations measured on ARC: 'base', K/STRATEGY/REPAIR, K/best (best PPL at K), all")
+                   help="configurations measured on ARC: 'base', K/STRATEGY/REPAIR, K/best (best PPL at K), "
+                        "K/all (every row at K), all")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "repskip" / "bench-quality.jsonl"))
     p.add_argument("--json", default=_common.default_json("quality"))
@@ -153,6 +157,8 @@ def main() -> None:
 
     def choose(k: int, strategy: str, repair: str) -> dict:
         key = f"{prefix}|choose|{k}|{strategy}|{repair}|{args.search_samples}"
+        if repair != "none":
+            key += f"|fit{FIT_VERSION}"
         hit = cache.get(key)
         if hit:
             return hit
@@ -273,7 +279,7 @@ def main() -> None:
     if benches and ("base" in wanted or "all" in wanted):
         arc["base"] = {name: choices("base", base, name) for name in benches}
     for row in rows:
-        if "all" in wanted or f"{row['k']}/{row['strategy']}/{row['repair']}" in wanted:
+        if wanted & {"all", f"{row['k']}/all", f"{row['k']}/{row['strategy']}/{row['repair']}"}:
             model = build(row)
             row["arc"] = {}
             for name in benches:

@@ -216,6 +216,28 @@ def test_autoregressive_logprobs_are_exact_and_batching_changes_nothing(tiny):
     assert all(lp < 0 for lp, _ in batched)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_shared_contexts_give_what_whole_sequences_give(tiny, family, monkeypatch):
+    """Choices sharing a context run it once, on a KV cache; a model with layers removed
+    too. The result must equal running every pair whole (the path ONNX models take)."""
+    import repskip.verify.likelihood as likelihood
+
+    handle = open_model(tiny[family])
+    model, tok = handle.load(None, "cpu"), handle.family.load_tokenizer(handle.path)
+    pairs = PAIRS + [("Question: Why is the sky blue?\nAnswer:", " because"), ("x", " y z w v u t")]
+    for kept in (None, [0, 2, 3]):
+        if kept:
+            handle.family.remove_layers(model, kept)
+        assert likelihood._caches(model)
+        shared = continuation_logprobs(model, handle.family, tok, pairs, batch_size=len(pairs))
+        monkeypatch.setattr(likelihood, "_caches", lambda m: False)
+        whole = continuation_logprobs(model, handle.family, tok, pairs, batch_size=len(pairs))
+        monkeypatch.undo()
+        for (a, ga), (b, gb) in zip(shared, whole):
+            assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    assert not likelihood._caches(torch.nn.Linear(2, 2))
+
+
 @pytest.fixture(scope="module")
 def llada(tmp_path_factory):
     root = tmp_path_factory.mktemp("mc-llada")

@@ -105,10 +105,12 @@ def continuation_logprobs(
 
     Autoregressive families: the exact sum of next-token log-probabilities of the
     continuation's tokens; greedy when every one of them is the argmax. Pairs run
-    ``batch_size`` at a time in one forward pass, longest first, right-padded (positions
-    unchanged; the attention mask hides the padding), equal to one at a time up to float
-    rounding. A sequence longer than ``max_length`` + 1 tokens loses tokens on the left, as in
-    lm-eval.
+    ``batch_size`` at a time, longest first, equal to one at a time up to float rounding. On a
+    transformers model, pairs that share their context (a multiple-choice item's choices) run
+    it once: one pass over the distinct contexts, left-padded, fills a KV cache and predicts
+    each continuation's first token; a second pass runs the continuations on that cache (about
+    2.5x faster on ARC). Other models (ONNX Runtime) run each pair whole, right-padded. A
+    sequence longer than ``max_length`` + 1 tokens loses tokens on the left, as in lm-eval.
 
     Diffusion families (``family.generative_kind == "diffusion"``; ``mask_id`` required): the
     masked-diffusion Monte Carlo estimate of LLaDA's evaluation. For ``mc_samples`` draws with
@@ -143,7 +145,7 @@ def continuation_logprobs(
     for start in range(0, len(order), max(1, batch_size)):
         chunk = order[start : start + max(1, batch_size)]
         batch = [encoded[i] for i in chunk]
-        run = _masked_batch if diffusion else _autoregressive_batch
+        run = _masked_batch if diffusion else (_shared_prefix_batch if _caches(model) else _autoregressive_batch)
         for i, result in zip(chunk, run(model, family, batch, device, pad, mask_id, mc_samples, seed)):
             out[i] = result
     return out
@@ -168,6 +170,67 @@ def _autoregressive_batch(model, family, batch, device, pad, mask_id, mc_samples
         logprob = F.log_softmax(scores, -1).gather(-1, target[:, None]).sum()
         results.append((float(logprob), bool((scores.argmax(-1) == target).all())))
     return results
+
+
+def _caches(model: Any) -> bool:
+    """Whether ``model`` is a transformers model whose forward takes a KV cache and
+    ``logits_to_keep`` (what the shared-prefix path needs)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    params = _forward_params(model)
+    return "logits_to_keep" in params and ("cache" in params or "past_key_values" in params)
+
+
+def _shared_prefix_batch(model, family, batch, device, pad, mask_id, mc_samples, seed) -> list[tuple[float, bool]]:
+    """_autoregressive_batch's results with each distinct context run once (see
+    continuation_logprobs). The contexts are left-padded so that every one ends at the last
+    position, with explicit positions so that padding shifts nothing."""
+    from transformers import DynamicCache
+
+    params = _forward_params(model)
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    prefixes: dict[tuple[int, ...], int] = {}
+    for whole, n in batch:
+        prefixes.setdefault(tuple(whole[:-n]), len(prefixes))
+    rows = list(prefixes)
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    first = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                  logits_to_keep=1, **{cache_arg: cache}).logits[:, -1].float()
+    first = F.log_softmax(first, -1)
+
+    row = torch.tensor([prefixes[tuple(whole[:-n])] for whole, n in batch], device=device)
+    longest = max(n for _, n in batch) - 1
+    rest = None
+    if longest > 0:  # the continuations' tokens after the first, on the contexts' cache
+        cache.batch_select_indices(row)
+        tail = torch.tensor([whole[-n:-1] + [pad] * (longest - n + 1) for whole, n in batch], device=device)
+        tail_mask = torch.tensor([[1] * (n - 1) + [0] * (longest - n + 1) for _, n in batch], device=device)
+        start = torch.tensor([len(whole) - n for whole, n in batch], device=device)
+        tail_positions = start[:, None] + torch.arange(longest, device=device)[None]
+        rest = model(input_ids=tail, attention_mask=torch.cat([attention[row], tail_mask], 1),
+                     position_ids=tail_positions, use_cache=True, **{cache_arg: cache}).logits.float()
+        rest = F.log_softmax(rest, -1)
+    results = []
+    for r, (whole, n) in enumerate(batch):
+        target = torch.tensor(whole[-n:], device=device)
+        scores = first[row[r]][None]
+        if n > 1:
+            scores = torch.cat([scores, rest[r, : n - 1]])
+        logprob = scores.gather(-1, target[:, None]).sum()
+        results.append((float(logprob), bool((scores.argmax(-1) == target).all())))
+    return results
+
+
+def _forward_params(model: Any) -> Any:
+    import inspect
+
+    return inspect.signature(model.forward).parameters
 
 
 def _masked_batch(model, family, batch, device, pad, mask_id, mc_samples, seed) -> list[tuple[float, bool]]:
