@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
 from .errors import RepskipError
 from .outputs import Terminated, atomic_dir, check_output, exit_cleanly_on_signals, write_atomic
+from .progress import STATUS_NAME, Reporter
 
 # Logs and pipes get a wide console, so tables are not cut to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -61,21 +60,6 @@ def main() -> None:
 
     MODEL is a local checkpoint folder or a Hugging Face Hub id.
     """
-
-
-@contextmanager
-def _progress(description: str, unit: str = "sequences"):
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn(unit), TimeElapsedColumn(), console=err_console, transient=False,
-    )
-    task = bar.add_task(description, total=None)
-
-    def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-
-    with bar:
-        yield update
 
 
 def _float_list(text: str, option: str) -> list[float]:
@@ -172,6 +156,7 @@ def _selection_spec(strategy, k, threshold, allow_adjacent, protect, no_protect_
 
 def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: bytes | None = None) -> None:
     from .analyze import plots
+    from .analyze.selection import protected_layers
     from .repair.store import DEFAULT_NAME
 
     (out / "analysis.json").write_text(json.dumps(analysis.data, indent=1) + "\n")
@@ -181,8 +166,11 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: byte
     if recipe.is_resolved:
         recipe.save(out / "recipe.yaml")
     show_threshold = threshold if recipe.selection and recipe.selection.strategy == "paper" else None
-    plots.consecutive_similarity(analysis, out / "similarity.png", show_threshold, chosen)
-    plots.similarity_heatmap(analysis, out / "similarity_matrix.png")
+    sel = recipe.selection
+    protected = (sorted(protected_layers(analysis.num_layers, sel.protect_first, sel.protect_last, sel.protect))
+                 if sel else None)
+    plots.consecutive_similarity(analysis, out / "similarity.png", show_threshold, chosen, protected=protected)
+    plots.similarity_heatmap(analysis, out / "similarity_matrix.png", chosen)
     plots.token_distance_profile(analysis, out / "token_distance.png")
 
 
@@ -228,10 +216,13 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: byte
 @click.option("--dtype", default="auto", show_default=True, help="auto (as saved), float32, bfloat16, float16.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--reuse/--no-reuse", default=True, show_default=True,
+              help="When -o holds a finished analysis of the same model, calibration and settings, choose again "
+                   "from it instead of measuring again.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists (measuring afresh).")
 def analyze(model, output, calib, calib_field, num_samples, max_length, batch_size, positions, matrix_tokens, mode,
             mask_ratios, prompt_fraction, sampler_set, chat, strategy, k, threshold, allow_adjacent, protect,
-            no_protect_ends, repair, objective, ridge, search_samples, dtype, device, seed, force):
+            no_protect_ends, repair, objective, ridge, search_samples, dtype, device, seed, reuse, force):
     """Measure each layer of MODEL and write analysis.json, plots and a resolved recipe.yaml."""
     from . import pipeline
     from .recipe import CalibrationSpec, Recipe, resolve
@@ -245,10 +236,11 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
     cal = CalibrationSpec(source=calib or "builtin", field=calib_field, num_samples=num_samples,
                           max_length=max_length, batch_size=batch_size, seed=seed)
     pipeline.check_device_name(device)
+    reporter = Reporter("analyze", console=err_console)
+    reporter.say(f"opening {model}")
     handle = pipeline.open_model(model)
     # every refusal now, not after the analysis
-    check_output(output, force, [handle.path])
-    from .analyze.selection import check_feasible
+    from .analyze.selection import LOSS_STRATEGIES, check_feasible
 
     check_feasible(handle.num_layers, strategy, k, allow_adjacent=allow_adjacent, protect_first=not no_protect_ends,
                    protect_last=not no_protect_ends, protect=spec.protect)
@@ -256,44 +248,69 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         from .repair.fit import check_supported
 
         check_supported(handle.family, handle.ckpt.config)
-    torch_model = handle.load(dtype, device)
-    with _progress("analysing") as update:
-        result = pipeline.analyze(
-            handle, calib=calib, calib_field=calib_field, num_samples=num_samples,
-            max_length=max_length, batch_size=batch_size, seed=seed, positions=positions, mode=mode,
-            matrix_tokens=matrix_tokens,
-            mask_ratios=ratios, prompt_fraction=prompt_fraction, sampler_settings=sampler_settings, chat=chat,
-            dtype=dtype, device=device, progress=update, torch_model=torch_model,
-        )
-    from .analyze.selection import LOSS_STRATEGIES
+    reused = None
+    if reuse and not force and output.is_dir():
+        reused = _reusable(output, handle, cal, mode, ratios, prompt_fraction, positions, matrix_tokens, dtype)
+    if reused is None:
+        check_output(output, force, [handle.path])
+    saved_only = None  # the error to raise once the measurements are saved
+    with atomic_dir(output, force or reused is not None, [handle.path], command="analyze") as tmp:
+        reporter.move_status(tmp / STATUS_NAME)
+        reporter.say(f"working in {tmp} ({output} appears when it is done)")
+        torch_model = None
+        if reused is None or strategy in LOSS_STRATEGIES or repair != "none":
+            reporter.say(f"loading {handle.path.name} ({dtype}, {device})")
+            torch_model = handle.load(dtype, device)
+        if reused is not None:
+            result = reused
+        else:
+            with reporter.stage("analysing", "sequences") as update:
+                result = pipeline.analyze(
+                    handle, calib=calib, calib_field=calib_field, num_samples=num_samples,
+                    max_length=max_length, batch_size=batch_size, seed=seed, positions=positions, mode=mode,
+                    matrix_tokens=matrix_tokens,
+                    mask_ratios=ratios, prompt_fraction=prompt_fraction, sampler_settings=sampler_settings, chat=chat,
+                    dtype=dtype, device=device, progress=update, torch_model=torch_model,
+                )
+        if strategy in LOSS_STRATEGIES:
+            from .analyze.reuse import search_matches
 
-    if strategy in LOSS_STRATEGIES:
-        with _progress("searching", "batches") as update:
-            result.data["search"] = pipeline.loss_search(handle, torch_model, spec, cal, progress=update)
-    unresolved = Recipe(selection=spec, calibration=cal)
-    try:
-        recipe = resolve(unresolved, result)
-    except RepskipError as exc:
-        # The measurements are still worth keeping: save them, then say how to choose again.
-        with atomic_dir(output, force, [handle.path], command="analyze") as tmp:
+            request = {"strategy": strategy, "objective": objective, "repair": repair == "linear",
+                       "sequences": min(search_samples, num_samples), "k": k,
+                       **pipeline.search_request(handle, spec)}
+            if search_matches(result.data.get("search"), request):
+                reporter.say("reusing the loss search recorded in the analysis")
+            else:
+                with reporter.stage("searching", "batches") as update:
+                    result.data["search"] = pipeline.loss_search(handle, torch_model, spec, cal, progress=update)
+        unresolved = Recipe(selection=spec, calibration=cal)
+        try:
+            recipe = resolve(unresolved, result)
+        except RepskipError as exc:
+            # The measurements are still worth keeping: save them, then say how to choose again.
             _write_analysis_outputs(tmp, result, unresolved, threshold)
+            recipe, saved_only = unresolved, exc
+        maps_file = None
+        if saved_only is None and repair == "linear":
+            from .repair.store import DEFAULT_NAME
+
+            with reporter.stage("fitting repair", "runs") as update:
+                fit = pipeline.fit_repair(handle, torch_model, recipe.resolved.remove, spec, cal, progress=update)
+            recipe, maps_file = pipeline.with_repair(recipe, fit, DEFAULT_NAME)
+        if saved_only is None:
+            _write_analysis_outputs(tmp, result, recipe, threshold, maps_file)
+        reporter.finish("done" if saved_only is None else "saved the analysis; no recipe")
+    reporter.move_status(None)
+    if saved_only is not None:
         console.print(_analysis_table(result, []))
         kept_flags = "".join([f" --protect {protect}" if protect else "", " --no-protect-ends" if no_protect_ends else "",
                               {True: " --allow-adjacent", False: " --no-adjacent", None: ""}[allow_adjacent]])
         hint = (f"--threshold {threshold - 0.05:.2f} -k {k}" if strategy == "paper" else f"-k {max(1, k - 1)}") + kept_flags
         raise RepskipError(
-            f"{exc}. The analysis was saved in {output}: choose again without re-running the "
-            f"model, e.g. repskip select {output}/analysis.json -o recipe.yaml --strategy {strategy} {hint}"
+            f"{saved_only}. The analysis was saved in {output}: choose again without re-running the "
+            f"model, e.g. repskip select {output}/analysis.json -o recipe.yaml --strategy {strategy} {hint}, or "
+            f"this analyze command with those choices (it reuses the analysis)"
         ) from None
-    maps_file = None
-    if repair == "linear":
-        from .repair.store import DEFAULT_NAME
-
-        with _progress("fitting repair", "runs") as update:
-            fit = pipeline.fit_repair(handle, torch_model, recipe.resolved.remove, spec, cal, progress=update)
-        recipe, maps_file = pipeline.with_repair(recipe, fit, DEFAULT_NAME)
-    with atomic_dir(output, force, [handle.path], command="analyze") as tmp:
-        _write_analysis_outputs(tmp, result, recipe, threshold, maps_file)
     console.print(_analysis_table(result, recipe.resolved.remove))
     cal_info = result.data["calibration"]
     console.print(
@@ -309,7 +326,39 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         console.print(f"linear repair, residual / plain removal: {fits}")
     console.print(f"wrote {output}/analysis.json, recipe.yaml, "
                   + ("repair.safetensors, " if maps_file else "")
-                  + "similarity.png, similarity_matrix.png, token_distance.png")
+                  + f"similarity.png, similarity_matrix.png, token_distance.png, {STATUS_NAME}")
+
+
+def _reusable(output: Path, handle, cal, mode, ratios, prompt_fraction, positions, matrix_tokens, dtype):
+    """The finished analysis in ``output`` when it measured what this run would (said on
+    stderr either way), else None; a folder holding none is left to check_output."""
+    from .analyze import reuse
+
+    previous = reuse.previous(output)
+    if previous is None:
+        return None
+    mode = mode or ("masked" if handle.family.generative_kind == "diffusion" else "forward")
+    settings = {"mode": mode, "num_samples": cal.num_samples, "calib_field": cal.field, "positions": positions,
+                "batch_size": cal.batch_size, "seed": cal.seed, "matrix_tokens": matrix_tokens}
+    if mode == "masked":
+        settings.update(mask_ratios=ratios, prompt_fraction=prompt_fraction)
+    why = reuse.mismatch(
+        previous, fingerprint=handle.ckpt.fingerprint(), settings=settings,
+        calibration_hash=reuse.calibration_hash(handle, None if cal.source == "builtin" else cal.source, cal.field,
+                                                cal.num_samples, cal.max_length, cal.seed),
+        dtype=None if dtype == "auto" else _dtype_name(dtype))
+    if why:
+        err_console.print(f"{output} holds an analysis that cannot be reused ({why})", highlight=False)
+        return None
+    err_console.print(f"reusing the analysis in {output} ({reuse.describe(previous)}); choosing again from it. "
+                      "--no-reuse measures afresh", highlight=False)
+    return previous
+
+
+def _dtype_name(name: str) -> str:
+    from .pipeline import parse_dtype
+
+    return str(parse_dtype(name)).replace("torch.", "")
 
 
 @main.command()
@@ -389,7 +438,7 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
         pipeline.check_compress(recipe, output, force=force, format=fmt, opset=opset, export_dtype=export_dtype,
                                 provider=provider, handle=handle)
         console.print(f"recipe {recipe_path} is unresolved: analysing {handle.path.name} to choose layers")
-        with _progress("analysing") as update:
+        with Reporter("compress", console=err_console).stage("analysing", "sequences") as update:
             result, resolved = pipeline.compress(handle, recipe, output, dtype=dtype, device=device, progress=update,
                                                  **kwargs)
     if fmt == "onnx":
@@ -614,23 +663,19 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
 
     check_device_name(device)
     names = [b.strip() for b in benches.split(",") if b.strip()]
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=err_console)
-    tasks: dict[str, int] = {}
-
-    def update(label: str, done: int, total: int) -> None:
-        if label not in tasks:
-            tasks[label] = bar.add_task(label, total=total)
-        bar.update(tasks[label], completed=done)
-
-    with bar:
+    reporter = Reporter("verify", console=err_console, status=output / STATUS_NAME)
+    update, close = reporter.tracker("items")
+    try:
         report = verify_mod.verify(
             base, compressed, recipe=recipe_path, benches=names, data=_data_map(data), limit=limit, output=output,
             batch_size=batch_size, chat=chat, seed=seed, sampler=sampler, overrides=_key_values(overrides, "--set"),
             presets=presets, bench_options=_bench_options(bench_opts),
             dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map, provider=provider,
-            allow_unsafe_code_execution=allow_unsafe, progress=update,
+            allow_unsafe_code_execution=allow_unsafe, progress=update, say=reporter.say,
         )
+    finally:
+        close()
+    reporter.finish("done")
     if not report:  # a secondary process of a multi-process run: rank 0 reports
         return
     table = Table(title=f"verify: {report['compressed']['layers']} of {report['base']['layers']} layers kept")

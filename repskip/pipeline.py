@@ -413,7 +413,18 @@ def loss_search(handle: ModelHandle, torch_model: Any, sel: _recipe.SelectionSpe
                     k=sel.k, protected=protected, allow_adjacent=True if sel.allow_adjacent is None else sel.allow_adjacent,
                     repair=sel.repair == "linear", ridge=sel.ridge, fit_batches=fit_batches, progress=progress)
     return {**result.to_dict(), "calibration_hash": calib.hash, "sequences": len(scored),
-            "fit_sequences": len(rest) if sel.repair == "linear" and rest else (len(scored) if sel.repair == "linear" else 0)}
+            "fit_sequences": len(rest) if sel.repair == "linear" and rest else (len(scored) if sel.repair == "linear" else 0),
+            **search_request(handle, sel)}
+
+
+def search_request(handle: ModelHandle, sel: _recipe.SelectionSpec) -> dict:
+    """What a loss search's result depends on beyond the calibration text (recorded with it,
+    so that a later ``analyze`` can tell whether the record answers its own search)."""
+    from .analyze.selection import protected_layers
+
+    return {"protected": sorted(protected_layers(handle.num_layers, sel.protect_first, sel.protect_last, sel.protect)),
+            "allow_adjacent": True if sel.allow_adjacent is None else sel.allow_adjacent,
+            "ridge": sel.ridge if sel.repair == "linear" else None}
 
 
 # Fewer calibration tokens than this many per hidden unit leave a linear repair map

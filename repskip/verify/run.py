@@ -470,12 +470,14 @@ def verify(
     provider: str = "auto",
     allow_unsafe_code_execution: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> dict:
     """Run every benchmark on base and compressed and return the report (also written to
     ``output``/report.json and report.md). Give ``compressed`` (a checkpoint) or ``recipe``
     (a resolved recipe applied to the base in memory). Benchmarks that run generated code
     need the sandbox's OS isolation; ``allow_unsafe_code_execution`` runs them without it
-    where the platform has none (see repskip.verify.sandbox)."""
+    where the platform has none (see repskip.verify.sandbox). ``progress(label, done, total)``
+    follows each benchmark and side; ``say`` gets a line at each step before them (loading)."""
     from .. import recipe as recipe_mod
     from ..pipeline import removed_layers
 
@@ -508,6 +510,8 @@ def verify(
         benchmarks[name] = (bench, items)
     # arguments checked: now write
     ensure_dir(out_dir, [base_handle.path, comp_handle.path], command="verify", owned=_earlier_verify_run)
+    say = say or (lambda text: None)
+    say(f"writing to {out_dir}")
     maps: dict = {}
     if recipe is not None:
         loaded = recipe_mod.load(recipe)
@@ -519,7 +523,9 @@ def verify(
         comp_label = str(compressed)
         if comp_handle.path.resolve() != base_handle.path.resolve():  # a model against itself is a fair check
             check_made_from(base_handle, comp_handle)
+    say(f"loading the base model {base_handle.path.name}")
     base_side = load_side("base", base_handle, dtype, device, device_map=device_map)
+    say(f"loading the compressed model {comp_label}")
     comp_side = load_side("compressed", comp_handle, dtype, device, remove, device_map=device_map, provider=provider,
                           maps=maps)
     check_same_tokenizer(base_side, comp_side)
