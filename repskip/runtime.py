@@ -113,11 +113,13 @@ class OrtSession:
                 "CUDAExecutionProvider is installed but could not start (no usable GPU or CUDA libraries); "
                 "use --provider cpu"
             )
-        if provider == "auto" and used != PROVIDERS["cuda"]:
-            reason = ("onnxruntime-gpu is not installed" if PROVIDERS["cuda"] not in available
-                      else "no usable CUDA GPU was found")
+        if provider == "auto" and used != PROVIDERS["cuda"] and torch.cuda.is_available():
+            # auto on a machine with no GPU is plain CPU, nothing to say; with one, say why not
+            reason = ("onnxruntime-gpu is not installed (pip install 'repskip[onnx-gpu]')"
+                      if PROVIDERS["cuda"] not in available else "its CUDA libraries could not start")
             where = path.parent if path.name == ONNX_FILE else path
-            warnings.warn(f"ONNX Runtime runs {where} on CPUExecutionProvider: {reason}", stacklevel=2)
+            warnings.warn(f"ONNX Runtime runs {where} on CPUExecutionProvider although a CUDA GPU is present: "
+                          f"{reason}", stacklevel=2)
         self.provider = "cuda" if used == PROVIDERS["cuda"] else "cpu"
         # Tensors live on the GPU only when torch can put them there; otherwise ORT copies.
         on_gpu = self.provider == "cuda" and torch.cuda.is_available()

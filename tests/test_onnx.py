@@ -224,12 +224,22 @@ def test_verify_runs_on_ort(models, exports, tmp_path):
     assert a["compressed"] != a["base"]
 
 
-def test_auto_provider_falls_back_with_one_line(exports):
+def test_auto_provider_is_silent_without_a_gpu_and_says_why_with_one(exports, monkeypatch):
+    import warnings
+
     import onnxruntime
+    import torch
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed: auto may pick CUDA")
-    with pytest.warns(UserWarning, match="qwen2-onnx on CPUExecutionProvider: onnxruntime-gpu is not installed"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no GPU: CPU is what auto means, nothing to warn about
+        model = pipeline.open_model(exports["qwen2"][0], allow_onnx=True).load()
+    assert model.session.provider == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU torch can see, ORT cannot use
+    with pytest.warns(UserWarning, match="qwen2-onnx on CPUExecutionProvider although a CUDA GPU is present: "
+                                         "onnxruntime-gpu is not installed"):
         model = pipeline.open_model(exports["qwen2"][0], allow_onnx=True).load()
     assert model.session.provider == "cpu"
 
