@@ -684,12 +684,16 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
     for name, e in report["benchmarks"].items():
         lo, hi = e["retention_ci95"]
         ok = min_retention is None or e["retention"] >= min_retention
-        ret = f"[{'green' if ok else 'red'}]{e['retention']:.3f}[/]" + (" [dim](base 0)[/]" if e.get("uninformative") else "")
+        ret = f"[{'green' if ok else 'red'}]{e['retention']:.3f}[/]" + (" [yellow](uninformative)[/]" if e.get("uninformative") else "")
         flops_cut = f"{e['flops']['reduction']:.1%}" if e.get("flops") else "-"
         speedup = f"{e['speed']['speedup']:.2f}x" if e["speed"].get("speedup") else "-"
         table.add_row(name, str(e["items"]), e["metric"], f"{e['base']:.4g}", f"{e['compressed']:.4g}", ret,
                       f"{lo:.3f}-{hi:.3f}", f"{e['p_value']:.3g}", flops_cut, speedup)
     console.print(table)
+    for name, e in report["benchmarks"].items():
+        if e.get("uninformative"):
+            console.print(f"[yellow]{name}: uninformative[/]: {escape(e['uninformative_why'])}"
+                          + escape(verify_mod.items_needed_note(e)), highlight=False)
     console.print(f"wrote {output}/report.json and report.md")
     if min_retention is not None:
         failed = verify_mod.failing(report, min_retention)

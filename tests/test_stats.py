@@ -67,3 +67,33 @@ def test_a_base_that_scores_nothing_is_flagged(tmp_path):
         caches.append(cache)
     summary = _summary(Zero(), items, *caches)
     assert summary["retention"] == 1.0 and summary["uninformative"]
+
+
+def test_power_matches_the_normal_approximation_and_needs_variation():
+    from statistics import NormalDist
+
+    from repskip.verify.stats import items_for_power
+
+    diffs = [1.0, -1.0] * 50  # sd = 1.005 (n - 1 in the variance)
+    z = NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.8)
+    sd = (100 / 99) ** 0.5
+    assert items_for_power(diffs, 0.1) == math.ceil((z * sd / 0.1) ** 2)  # 789
+    assert items_for_power(diffs, 0.2) < items_for_power(diffs, 0.1)  # a larger effect needs fewer
+    assert items_for_power([0.0] * 10, 0.1) is None  # items that never disagree: no estimate
+    assert items_for_power(diffs, 0.0) is None
+
+
+def test_wide_intervals_and_a_weak_base_are_flagged_with_the_items_needed():
+    from repskip.verify.stats import informative
+
+    base = [1.0] * 3 + [0.0] * 21  # 3 of 24 right, as GSM8K on a 0.5B chat model
+    comp = [1.0, 0.0, 0.0] + [0.0] * 20 + [1.0]
+    check = informative(base, comp, 3 / 24, (0.0, 1.3), True, 0.05 * 3 / 24)
+    assert check["uninformative"]
+    assert "3 item(s) right" in check["why"] and "1.30 wide" in check["why"]
+    assert check["items_needed"] > 1000  # a 5% loss of a 12.5% base is a tiny paired difference
+    strong = [1.0] * 150 + [0.0] * 50
+    same = list(strong)
+    same[0], same[-1] = 0.0, 1.0
+    check = informative(strong, same, 0.75, (0.97, 1.03), True, 0.05 * 0.75)
+    assert not check["uninformative"] and check["why"] == ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -369,6 +370,8 @@ def _summary(bench: Benchmark, items: list[Item], base: ItemCache, comp: ItemCac
         per_c = [x / t for x, t in zip(c_nll, tokens)]
         test, p = stats.paired_test(per_b, per_c)
         metric, higher = "perplexity", False
+        # a DETECT_DROP loss of retention is this much more NLL per token
+        check = stats.informative(per_b, per_c, base_score, ci, False, -math.log(1 - stats.DETECT_DROP))
     else:
         metric, higher = bench.primary_metric, bench.higher_is_better
         b = [float(base.records[i]["metrics"][metric]) for i in ids]
@@ -376,13 +379,15 @@ def _summary(bench: Benchmark, items: list[Item], base: ItemCache, comp: ItemCac
         base_score, comp_score = sum(b) / len(b), sum(c) / len(c)
         ci = stats.bootstrap_ci(b, c, lambda x, y: stats.retention(sum(x) / len(x), sum(y) / len(y), higher))
         test, p = stats.paired_test(b, c)
+        check = stats.informative(b, c, base_score, ci, higher, stats.DETECT_DROP * abs(base_score))
     return {
         "items": len(ids), "metric": metric, "higher_is_better": higher,
         "base": base_score, "compressed": comp_score,
-        # a base that scores nothing leaves nothing to retain: the retention says nothing then
-        "uninformative": bool(higher and base_score == 0),
         "retention": stats.retention(base_score, comp_score, higher),
         "retention_ci95": list(ci), "test": test, "p_value": p,
+        # a base that scores (almost) nothing, or an interval too wide, says little
+        "uninformative": check["uninformative"], "uninformative_why": check["why"],
+        "power": {k: check[k] for k in ("items_needed", "detect_drop", "alpha", "power")},
     }
 
 
@@ -630,6 +635,15 @@ def failing(report: dict, min_retention: float) -> list[str]:
     return [n for n, e in report["benchmarks"].items() if e["retention"] < min_retention]
 
 
+def items_needed_note(entry: dict) -> str:
+    """'; about N items would ...' from a report entry's power calculation, or ''."""
+    power = entry.get("power") or {}
+    if not power.get("items_needed"):
+        return ""
+    return (f"; about {power['items_needed']} items would let the paired test see a "
+            f"{power['detect_drop']:.0%} loss of retention (power {power['power']}, alpha {power['alpha']})")
+
+
 def markdown(report: dict) -> str:
     lines = [
         "# repskip verify report", "",
@@ -651,9 +665,12 @@ def markdown(report: dict) -> str:
         sp = e["speed"]
         tps = (f"{sp['base']['tokens_per_s']:.1f} -> {sp['compressed']['tokens_per_s']:.1f}"
                if sp["base"]["tokens_per_s"] and sp["compressed"]["tokens_per_s"] else "-")
-        ret = f"{e['retention']:.3f}" + (" (base scores 0: uninformative)" if e.get("uninformative") else "")
+        ret = f"{e['retention']:.3f}" + (" (uninformative)" if e.get("uninformative") else "")
         lines.append(f"| {name} | {e['items']} | {e['metric']} | {e['base']:.4g} | {e['compressed']:.4g} | "
                      f"{ret} | {lo:.3f} - {hi:.3f} | {e['p_value']:.3g} ({e['test']}) | {flops} | {tps} |")
+    notes = [f"- {name}: uninformative: {e['uninformative_why']}" + items_needed_note(e)
+             for name, e in report["benchmarks"].items() if e.get("uninformative")]
+    lines += ["", *notes] if notes else []
     lines += ["", "Sampler settings per benchmark:", ""]
     lines += [f"- {name}: `{json.dumps(e['settings'])}`" for name, e in report["benchmarks"].items()]
     return "\n".join(lines) + "\n"
