@@ -459,11 +459,13 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
 
 def _print_onnx_export(handle, result, output) -> None:
     table = Table(title="parity: ONNX Runtime vs PyTorch", title_justify="left")
-    for col in ("batch", "new tokens", "past", "padded rows", "max |diff| logits", "max |diff| present"):
+    for col in ("batch", "new tokens", "past", "padded rows", "max |diff| logits", "max |diff| present",
+                "greedy flips"):
         table.add_column(col, justify="right")
     for c in result.parity:
         present = "-" if c.present_max_abs_diff is None else f"{c.present_max_abs_diff:.2e}"
-        table.add_row(str(c.batch), str(c.length), str(c.past), str(c.padded_rows), f"{c.max_abs_diff:.2e}", present)
+        table.add_row(str(c.batch), str(c.length), str(c.past), str(c.padded_rows), f"{c.max_abs_diff:.2e}", present,
+                      str(c.greedy_flips))
     console.print(table)
     summary = Table(show_header=False, box=None)
     summary.add_row("removed layers", str(result.removed))

@@ -68,6 +68,7 @@ def test_export_parity_recorded(exports, fam):
     else:
         assert meta["signature"] == "masked-lm"
     assert 0 < meta["max_abs_diff"] <= meta["tolerance"] < 1e-2
+    assert all(c["greedy_flips"] == 0 for c in cases)
     assert meta["max_abs_diff"] == result.max_abs_diff
     graph = onnx.load(str(onnx_dir / ONNX_FILE))
     assert graph.opset_import[0].version == 18
@@ -206,6 +207,26 @@ def test_parity_failure_writes_nothing(models, tmp_path, monkeypatch):
     with pytest.raises(RepskipError, match="parity check failed.*nothing was written"):
         pipeline.compress(models["qwen2"], resolved_recipe(tmp_path / "r.yaml"), tmp_path / "out", format="onnx")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_loose_tolerance_does_not_let_other_greedy_tokens_through(models, tmp_path, monkeypatch):
+    """--parity-tolerance bounds the size of a difference; a graph whose greedy tokens differ
+    (here: the vocabulary shifted by one) still fails."""
+    from repskip_hf.family import HFDecoderFamily
+    from repskip_hf.onnx import CausalLMWithPast
+
+    class Shifted(CausalLMWithPast):
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            logits, *present = super().forward(input_ids, attention_mask, position_ids, past)
+            if torch.compiler.is_exporting():
+                logits = logits.roll(1, dims=-1)
+            return (logits, *present)
+
+    monkeypatch.setattr(HFDecoderFamily, "onnx_module", lambda self, model: Shifted(model))
+    with pytest.raises(RepskipError, match="another greedy token than PyTorch at .* whatever the tolerance"):
+        pipeline.compress(models["qwen2"], resolved_recipe(tmp_path / "r.yaml"), tmp_path / "out", format="onnx",
+                          parity_tolerance=1e6)
+    assert not (tmp_path / "out").exists()
 
 
 def test_verify_runs_on_ort(models, exports, tmp_path):
