@@ -199,3 +199,52 @@ def test_llada_revisits_an_earlier_position_that_still_holds_the_mask():
     # (5 > 1), so position 4 is never revealed.
     assert [[p for p, _ in rows[0]] for _, _, rows in steps] == [[3], [2], [5], [2]]
     assert out[0, 4] == MASK and out[0, 2] != MASK
+
+
+def test_llada_random_remasking_draws_float32_as_the_authors_do():
+    """With one token revealed per step and temperature 0, the first step reveals the masked
+    position with the largest of U ~ torch.rand(sequence shape) in float32 (the authors' draw)
+    from the seeded generator; a float64 draw picks other positions for most seeds."""
+    prompt = torch.tensor([[1, 2]])
+    agree64 = 0
+    for seed in range(12):
+        out, steps = trace_of(lambda rec, seed=seed: llada_generate(
+            toy, prompt, torch.ones_like(prompt), mask_id=MASK, steps=8, gen_length=8, block_length=8,
+            remasking="random", generator=torch.Generator().manual_seed(seed), on_step=rec))
+        first = steps[0][2][0][0][0]
+        u32 = torch.rand((1, 10), generator=torch.Generator().manual_seed(seed))
+        u64 = torch.rand((1, 10), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        assert first == 2 + int(u32[0, 2:].argmax())
+        agree64 += first == 2 + int(u64[0, 2:].argmax())
+    assert agree64 < 12  # the dtype matters: float64 would give other tokens
+
+
+def test_llada_eos_eot_confidence_rule_as_the_authors_run_it():
+    """confidence_eos_eot_inf: at temperature 0 neither EoS nor EoT can win a reveal by its
+    confidence; above 0 only EoT is suppressed (the authors' chained assignment
+    `noised[EOS] = logits[EOT] = -inf` leaves EoS in the logits their confidence reads)."""
+    EOS, EOT = 7, 8
+
+    def denoiser(special):
+        def run(x, attention, window):  # position 2 is sure of `special`, position 3 fairly sure of 1
+            logits = torch.zeros(x.shape[0], x.shape[1], V)
+            logits[:, :, MASK] = float("-inf")
+            logits[:, 2, special] = 20.0
+            logits[:, 3, 1] = 8.0
+            return logits if window is None else logits[:, window[0] : window[1]]
+        return run
+
+    def first_reveal(special, temperature, rule):
+        prompt = torch.tensor([[1, 2]])
+        _, steps = trace_of(lambda rec: llada_generate(
+            denoiser(special), prompt, torch.ones_like(prompt), mask_id=MASK, steps=2, gen_length=2, block_length=2,
+            temperature=temperature, eos_id=EOS, eot_id=EOT, confidence_eos_eot_inf=rule,
+            generator=torch.Generator().manual_seed(0), on_step=rec))
+        return steps[0][2][0]
+
+    for special in (EOS, EOT):
+        assert first_reveal(special, 0.0, False) == [(2, special)]  # the surer position first
+        assert first_reveal(special, 0.0, True) == [(3, 1)]  # both suppressed at temperature 0
+        assert first_reveal(special, 0.5, False) == [(2, special)]
+    assert first_reveal(EOT, 0.5, True) == [(3, 1)]  # EoT suppressed above 0
+    assert first_reveal(EOS, 0.5, True) == [(2, EOS)]  # EoS is not: as the authors run it

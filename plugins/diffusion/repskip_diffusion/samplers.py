@@ -113,14 +113,19 @@ def llada_generate(
             noise_shape = (B, x.shape[1], logits.shape[-1])  # draws as for the whole sequence
             x0 = gumbel_argmax_logits(logits, temperature, generator, noise_shape, (lo, end)).argmax(-1)
             if confidence_eos_eot_inf:
-                for tok in (eos_id, eot_id):
+                # The authors write `noised[..., EOS] = logits[..., EOT] = -inf`. At temperature 0
+                # the noised logits are the logits themselves, so the confidence loses both
+                # tokens; above 0 they are a new tensor and only EoT reaches the confidence.
+                # Kept as they run it: it changes which positions a seed reveals.
+                for tok in (eos_id, eot_id) if temperature == 0 else (eot_id,):
                     if tok is not None:
                         logits[:, :, tok] = NEG_INF
             if remasking == "low_confidence":
                 p = F.softmax(logits, dim=-1)
                 x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             else:
-                x0_p = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)[:, lo:end]
+                # float32, as the authors draw it: the same seed reveals the same positions
+                x0_p = torch.rand(x.shape, device=device, generator=generator)[:, lo:end]
             window_masked = mask_index[:, lo:end]
             x0 = torch.where(window_masked, x0, x[:, lo:end])
             confidence = torch.where(window_masked, x0_p, torch.full_like(x0_p, NEG_INF))
