@@ -69,6 +69,17 @@ class Benchmark(abc.ABC):
         """Metrics for one completion, ``primary_metric`` among them (1.0 right, 0.0 wrong)."""
         raise NotImplementedError
 
+    def generation_budget(self, tokenizer: Any, chat: bool) -> int:
+        """New tokens a completion may take with the prompt ``prompt`` makes for this
+        tokenizer and ``chat`` setting (a chain of thought needs more than a few-shot answer)."""
+        return self.max_new_tokens
+
+    def prompt_variant(self, tokenizer: Any, chat: bool) -> str:
+        """A few words on which prompt runs (shown and recorded, so figures are compared with
+        the right published ones)."""
+        templated = bool(chat and getattr(tokenizer, "chat_template", None))
+        return "through the chat template" if templated else "plain text"
+
     def continuations(self, item: Item) -> list[str]:
         """Multiple choice: the strings scored after ``item.prompt``, one per choice."""
         return [self.target_delimiter + choice for choice in item.meta["choices"]]

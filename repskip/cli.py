@@ -693,6 +693,11 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
                       f"{lo:.3f}-{hi:.3f}", f"{e['p_value']:.3g}", flops_cut, speedup)
     console.print(table)
     for name, e in report["benchmarks"].items():
+        if e.get("prompt_variant"):
+            cap = e["settings"].get("max_new_tokens") or e["settings"].get("gen_length")
+            console.print(f"{name}: {escape(e['prompt_variant'])}, up to {cap} new tokens", highlight=False)
+        if verify_mod.cut_note(e):
+            console.print(f"[yellow]{name}[/]: {escape(verify_mod.cut_note(e))}", highlight=False)
         if e.get("uninformative"):
             console.print(f"[yellow]{name}: uninformative[/]: {escape(e['uninformative_why'])}"
                           + escape(verify_mod.items_needed_note(e)), highlight=False)

@@ -308,6 +308,11 @@ def gsm8k_items(tmp_path_factory):
     ("12", " I don't know.", 0, 0),
     ("12", " ####", 0, 0),
     ("12", " The answer is twelve.", 0, 0),
+    ("18", " So she makes $\\boxed{18}$ dollars.", 1, 1),         # what math-tuned chat models write
+    ("18", " The final answer is $\\boxed{18}$", 1, 1),
+    ("1,000", " \\boxed{ 1,000 } in all, from 3 crates", 0, 1),   # the box counts, the last number not
+    ("18", " \\boxed{17}", 0, 0),
+    ("18", " The final answer is 18", 1, 1),
 ])
 def test_gsm8k_scores(gsm8k_items, reference, completion, flexible, strict):
     bench, items = gsm8k_items
@@ -322,11 +327,16 @@ def test_gsm8k_prompt_variants(gsm8k_items, tokenizer):
     assert bench.prompt(item, NoTemplate(), chat=True) == item.prompt  # no template: plain
     chat = bench.prompt(item, tokenizer, chat=True)
     assert chat.startswith("<|im_start|>user\n") and chat.endswith("<|im_start|>assistant\n")
-    assert "Question 0?" in chat and "The answer is N." in chat
+    assert "Question 0?" in chat and '"The final answer is N"' in chat
     forced = get_benchmark("gsm8k", shots=0, chat=True).prompt(item, NoTemplate(), chat=False)
-    assert "The answer is N." in forced and "<|im_start|>" not in forced and forced.endswith("Answer:")
+    assert '"The final answer is N"' in forced and "<|im_start|>" not in forced and forced.endswith("Answer:")
     few_in_chat = get_benchmark("gsm8k", shots=0, chat=False).prompt(item, tokenizer, chat=True)
     assert few_in_chat.startswith("<|im_start|>user\n" + item.prompt)
+    # the chain of thought gets room to finish; the few-shot completion the lm-eval budget
+    assert bench.generation_budget(tokenizer, True) == 1024
+    assert bench.generation_budget(tokenizer, False) == bench.generation_budget(NoTemplate(), True) == 256
+    assert "chain of thought" in bench.prompt_variant(tokenizer, True)
+    assert "8-shot" in get_benchmark("gsm8k").prompt_variant(tokenizer, False)
 
 
 # --- MATH-500 scoring -----------------------------------------------------------------------

@@ -236,3 +236,23 @@ def test_a_killed_run_restarts_to_the_same_report(tiny, tmp_path, wiki_small):
     for path in out.rglob("*.jsonl"):
         ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
         assert len(ids) == len(set(ids)) == 40, f"{path.name}: an item computed twice or lost"
+
+
+def test_generation_reports_its_prompt_and_flags_answers_cut_by_the_cap(tiny, tmp_path):
+    """A random model never reaches a stop string: with a 3-token cap every answer is cut,
+    which verify must say (in the report, report.md and on the terminal) with the prompt that ran."""
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i}+{i}={2 * i} #### {2 * i}"})
+                            + "\n" for i in range(4)))
+    out = tmp_path / "v"
+    res = CliRunner().invoke(main, ["verify", str(tiny["llama"]), str(tiny["llama"]), "--bench", "gsm8k",
+                                    "--data", f"gsm8k={data}", "--bench-option", "gsm8k.shots=0",
+                                    "--set", "max_new_tokens=3", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    entry = json.loads((out / "report.json").read_text())["benchmarks"]["gsm8k"]
+    assert entry["cut_by_cap"] == {"cap": 3, "base": 4, "compressed": 4, "too_many": True}
+    assert entry["prompt_variant"].startswith("zero-shot chain of thought")  # the tiny tokenizer has a template
+    said = " ".join(res.stdout.split())
+    assert "ran into the 3-token cap" in said and "gsm8k: zero-shot chain of thought" in said
+    assert "ran into the 3-token cap" in (out / "report.md").read_text()
+    assert entry["uninformative"]  # a random model gets nothing right

@@ -129,14 +129,16 @@ def load_presets(path: Path | None = None) -> dict:
     return data
 
 
-def sampler_settings(sampler: str, bench_name: str, bench: Benchmark, presets: dict, overrides: dict) -> dict:
+def sampler_settings(sampler: str, bench_name: str, bench: Benchmark, presets: dict, overrides: dict,
+                     budget: int | None = None) -> dict:
     """Preset for (sampler, benchmark), else the sampler's preset default, the benchmark's
-    token budget for the length, then the user's overrides."""
+    token budget for the length (``budget``: the one for the prompt that runs), then the
+    user's overrides."""
     table = presets.get(sampler) or {}
     settings = dict(table.get("default") or {})
     length_key = LENGTH_KEYS.get(sampler)
     if length_key and length_key not in (table.get(bench_name) or {}) and length_key not in settings:
-        settings[length_key] = bench.max_new_tokens
+        settings[length_key] = budget or bench.max_new_tokens
     settings.update(table.get(bench_name) or {})
     settings.update(overrides)
     return settings
@@ -391,6 +393,18 @@ def _summary(bench: Benchmark, items: list[Item], base: ItemCache, comp: ItemCac
     }
 
 
+# Answers that end at the token cap, not at a stop: above this share the scores mostly say
+# how long the answers were allowed to be.
+MAX_CUT_SHARE = 0.1
+
+
+def _cut_by_cap(caches: dict[str, ItemCache], ids: list[str], cap: int) -> dict:
+    """How many answers of each model used the whole token budget (cut short, not finished),
+    and whether that is too many for the scores to mean what they say."""
+    counts = {label: sum(1 for i in ids if c.records[i].get("new_tokens", 0) >= cap) for label, c in caches.items()}
+    return {"cap": cap, **counts, "too_many": any(n > MAX_CUT_SHARE * len(ids) for n in counts.values())}
+
+
 def _speed(cache: ItemCache, ids: list[str]) -> dict:
     recs = [cache.records[i] for i in ids]
     seconds = sum(r.get("seconds", 0.0) for r in recs)
@@ -564,6 +578,9 @@ def verify(
                                 for m in caches["base"].records[ids[0]]["metrics"]}
         if bench.kind == "generation":
             entry["flops"] = _flops(base_side, comp_side, caches["base"], ids, {**settings, "_sampler": sampler_name})
+            entry["prompt_variant"] = bench.prompt_variant(base_side.tokenizer, chat)
+            if sampler_name == "ar":  # a diffusion canvas has its length by construction
+                entry["cut_by_cap"] = _cut_by_cap(caches, ids, int(settings["max_new_tokens"]))
         report_benchmarks[name] = entry
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -596,7 +613,10 @@ def _run_benchmark(name: str, bench: Benchmark, items: list[Item], sides: tuple[
                    max_length: int, rank: int, world: int,
                    progress: Callable[[str, int, int], None] | None) -> tuple[dict, dict[str, ItemCache]]:
     """Run (or resume) one benchmark on both models: its sampler settings and both caches."""
-    settings = sampler_settings(sampler_name, name, bench, table, overrides) if bench.kind == "generation" else {}
+    settings = {}
+    if bench.kind == "generation":
+        budget = bench.generation_budget(sides[0].tokenizer, chat)
+        settings = sampler_settings(sampler_name, name, bench, table, overrides, budget)
     if bench.kind == "multiple_choice":  # how the log-likelihoods are computed, for the report
         diffusion = sides[0].handle.family.generative_kind == "diffusion"
         settings = ({"loglikelihood": "masked Monte Carlo estimate", "mc_samples": mc_samples(bench)} if diffusion
@@ -635,6 +655,16 @@ def failing(report: dict, min_retention: float) -> list[str]:
     return [n for n, e in report["benchmarks"].items() if e["retention"] < min_retention]
 
 
+def cut_note(entry: dict) -> str:
+    """A warning when many answers ran into the token cap, or ''."""
+    cut = entry.get("cut_by_cap") or {}
+    if not cut.get("too_many"):
+        return ""
+    return (f"{cut['base']} of the base's and {cut['compressed']} of the compressed model's {entry['items']} "
+            f"answers ran into the {cut['cap']}-token cap: the scores count unfinished answers; raise it with "
+            f"--set max_new_tokens=N")
+
+
 def items_needed_note(entry: dict) -> str:
     """'; about N items would ...' from a report entry's power calculation, or ''."""
     power = entry.get("power") or {}
@@ -670,6 +700,9 @@ def markdown(report: dict) -> str:
                      f"{ret} | {lo:.3f} - {hi:.3f} | {e['p_value']:.3g} ({e['test']}) | {flops} | {tps} |")
     notes = [f"- {name}: uninformative: {e['uninformative_why']}" + items_needed_note(e)
              for name, e in report["benchmarks"].items() if e.get("uninformative")]
+    notes += [f"- {name}: {cut_note(e)}" for name, e in report["benchmarks"].items() if cut_note(e)]
+    notes += [f"- {name}: prompt: {e['prompt_variant']}" for name, e in report["benchmarks"].items()
+              if e.get("prompt_variant")]
     lines += ["", *notes] if notes else []
     lines += ["", "Sampler settings per benchmark:", ""]
     lines += [f"- {name}: `{json.dumps(e['settings'])}`" for name, e in report["benchmarks"].items()]

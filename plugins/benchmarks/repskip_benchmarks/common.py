@@ -41,6 +41,12 @@ class BaseBenchmark(Benchmark):
         forced = self.options.get("chat")
         return templated, templated if forced is None else forced
 
+    def prompt_variant(self, tokenizer: Any, chat: bool) -> str:
+        templated, instruct = self._instruct(chat, tokenizer)
+        shots = self.options.get("shots")
+        kind = "zero-shot instruction" if instruct else (f"{shots}-shot" if shots else "zero-shot") + " completion"
+        return kind + (", chat template" if templated else ", plain text")
+
     @staticmethod
     def _template(tokenizer: Any, text: str, templated: bool, prefill: str = "") -> str:
         """``text`` as the user's message, then the assistant's turn opened with ``prefill``."""

@@ -8,9 +8,12 @@ for every run and every machine. With a local ``test.jsonl`` the train split is 
 named ``train.jsonl`` beside it (any ``test`` in the name replaced by ``train``); with the
 default source it is openai/gsm8k's train split.
 
-Instruction (chat) prompt: zero-shot chain of thought, asked to end with "The answer is N.".
+Instruction (chat) prompt: zero-shot chain of thought, asked to end with "The final answer is
+N" (the marker of lm-eval's chat variant, gsm8k_cot_llama), with up to 1024 new tokens: chat
+models reason at length, and 256 tokens cut a third of a 0.5B chat model's answers short.
 
-Scores: ``strict`` reads the number after ``#### `` or "The answer is"; ``flexible`` (the
+Scores: ``strict`` reads the number after ``#### ``, "The (final) answer is" or inside
+``\\boxed{}`` (what math-tuned chat models write whatever they are asked); ``flexible`` (the
 primary metric) reads the last number in the text. Both are cut at the stop strings first and
 compare numerically: "1,000.00" == 1000, "$18" == 18, "-3" is negative, "18 dollars." == 18.
 """
@@ -33,15 +36,18 @@ HUB_FILES = {"test": "main/test-00000-of-00001.parquet", "train": "main/train-00
 
 INSTRUCTION = (
     "Solve the following math word problem. Reason step by step, then finish with a line of "
-    'the form "The answer is N." where N is the final number.'
+    'the form "The final answer is N" where N is the final number.'
 )
+# New tokens for the chain of thought of the instruction prompt (the few-shot one: max_new_tokens).
+CHAT_MAX_NEW_TOKENS = 1024
 
 # A number as written in prose: a sign only when attached ("-3", "-$3", "$-3"; not the minus of
 # "5-3"), an optional $, thousands separators only in groups of three ("1,2,3" is three
 # numbers), optional decimals. Not inside a word or after a decimal point.
 _VALUE = r"(?P<sign>-)?\$?(?P<sign2>-)?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)"
 NUMBER = re.compile(r"(?<![\w.])" + _VALUE)
-STRICT = re.compile(r"(?:####|\bthe\s+(?:final\s+)?answer\s+is)\s*:?\s*\**\s*" + _VALUE, re.I)
+STRICT = re.compile(r"(?:(?:####|\bthe\s+(?:final\s+)?answer\s+is)\s*:?\s*\**\s*(?:\$*\\boxed\{\s*)?"
+                    r"|\\boxed\{\s*)" + _VALUE, re.I)
 _CALC = re.compile(r"<<[^<>]*>>")
 
 
@@ -138,6 +144,17 @@ class GSM8K(BaseBenchmark):
         return "".join(blocks)
 
     # --- prompting ----------------------------------------------------------------------------
+
+    def generation_budget(self, tokenizer: Any, chat: bool) -> int:
+        return CHAT_MAX_NEW_TOKENS if self._instruct(chat, tokenizer)[1] else self.max_new_tokens
+
+    def prompt_variant(self, tokenizer: Any, chat: bool) -> str:
+        templated, instruct = self._instruct(chat, tokenizer)
+        if instruct:
+            return ("zero-shot chain of thought, 'The final answer is N' or \\boxed{N} (lm-eval gsm8k_cot_llama's "
+                    "marker)" + (", chat template" if templated else ", plain text"))
+        shots = self.options["shots"]
+        return f"{shots}-shot 'Question/Answer' completion (lm-eval gsm8k)" if shots else "zero-shot completion"
 
     def prompt(self, item: Item, tokenizer: Any, chat: bool) -> str:
         templated, instruct = self._instruct(chat, tokenizer)
