@@ -655,8 +655,10 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--allow-unsafe-code-execution", "allow_unsafe", is_flag=True,
               help="Where the sandbox's OS isolation is unavailable, run HumanEval / MBPP code without it (only on a "
                    "machine you can afford to lose; see docs/verify.md).")
+@click.option("--speed-repeats", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Alternating timed runs of each model for the speed comparison (0: none).")
 def verify(base, compressed, recipe_path, benches, data, limit, min_retention, output, overrides, bench_opts, presets,
-           sampler, batch_size, chat, dtype, device, device_map, provider, seed, allow_unsafe):
+           sampler, batch_size, chat, dtype, device, device_map, provider, seed, allow_unsafe, speed_repeats):
     """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
     95% confidence interval and a paired test, FLOPs reduction and measured speed. COMPRESSED
     may be a safetensors checkpoint or an ONNX export (run on ONNX Runtime)."""
@@ -673,7 +675,7 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
             batch_size=batch_size, chat=chat, seed=seed, sampler=sampler, overrides=_key_values(overrides, "--set"),
             presets=presets, bench_options=_bench_options(bench_opts),
             dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map, provider=provider,
-            allow_unsafe_code_execution=allow_unsafe, progress=update, say=reporter.say,
+            allow_unsafe_code_execution=allow_unsafe, progress=update, say=reporter.say, speed_repeats=speed_repeats,
         )
     finally:
         close()
@@ -681,16 +683,15 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
     if not report:  # a secondary process of a multi-process run: rank 0 reports
         return
     table = Table(title=f"verify: {report['compressed']['layers']} of {report['base']['layers']} layers kept")
-    for col in ("benchmark", "items", "metric", "base", "compressed", "retention", "95% CI", "p", "FLOPs cut", "speedup"):
+    for col in ("benchmark", "items", "metric", "base", "compressed", "retention", "95% CI", "p", "FLOPs cut"):
         table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
     for name, e in report["benchmarks"].items():
         lo, hi = e["retention_ci95"]
         ok = min_retention is None or e["retention"] >= min_retention
         ret = f"[{'green' if ok else 'red'}]{e['retention']:.3f}[/]" + (" [yellow](uninformative)[/]" if e.get("uninformative") else "")
         flops_cut = f"{e['flops']['reduction']:.1%}" if e.get("flops") else "-"
-        speedup = f"{e['speed']['speedup']:.2f}x" if e["speed"].get("speedup") else "-"
         table.add_row(name, str(e["items"]), e["metric"], f"{e['base']:.4g}", f"{e['compressed']:.4g}", ret,
-                      f"{lo:.3f}-{hi:.3f}", f"{e['p_value']:.3g}", flops_cut, speedup)
+                      f"{lo:.3f}-{hi:.3f}", f"{e['p_value']:.3g}", flops_cut)
     console.print(table)
     for name, e in report["benchmarks"].items():
         if e.get("prompt_variant"):
@@ -701,6 +702,8 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
         if e.get("uninformative"):
             console.print(f"[yellow]{name}: uninformative[/]: {escape(e['uninformative_why'])}"
                           + escape(verify_mod.items_needed_note(e)), highlight=False)
+    for line in verify_mod.speed_lines(report.get("speed")):
+        console.print(escape(line), highlight=False)
     console.print(f"wrote {output}/report.json and report.md")
     if min_retention is not None:
         failed = verify_mod.failing(report, min_retention)

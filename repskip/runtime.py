@@ -247,3 +247,20 @@ def load_onnx_model(path: Path, config: dict, provider: str = "auto", threads: i
     gen_file = (path if path.is_dir() else path.parent) / "generation_config.json"
     model.generation_settings = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     return model.eval()
+
+
+# --- transformers' KV cache under either name -------------------------------------------------
+def cache_kwarg(model: Any) -> str:
+    """The keyword a transformers model's forward takes its KV cache by: ``cache`` since
+    transformers renamed it (5.x), ``past_key_values`` before (the old name still works there,
+    with a deprecation warning on every run)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned: ``out.cache`` where transformers names it so, else
+    ``out.past_key_values`` (older transformers, and repskip's ONNX Runtime models)."""
+    value = getattr(out, "cache", None)
+    return value if value is not None else out.past_key_values

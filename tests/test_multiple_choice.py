@@ -284,7 +284,7 @@ def test_verify_a_model_against_itself_on_arc_easy(tiny, tmp_path):
     assert entry["base"] == entry["compressed"] == entry["metrics"]["acc_norm"]["base"]
     assert set(entry["metrics"]) == {"acc", "acc_norm"} and 0 <= entry["metrics"]["acc"]["base"] <= 1
     assert entry["settings"] == {"loglikelihood": "exact next-token"} and "flops" not in entry
-    assert entry["speed"]["base"]["tokens"] > 0 and entry["speed"]["base"]["tokens_per_s"] > 0
+    assert entry["throughput"]["base"]["tokens"] > 0 and entry["throughput"]["base"]["tokens_per_s"] > 0
     assert "| arc_easy | 12 | acc_norm |" in (out / "report.md").read_text()
     (cache,) = (out / "cache").rglob("arc_easy-*.jsonl")
     records = [json.loads(line) for line in cache.read_text().splitlines()]

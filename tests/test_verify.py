@@ -54,7 +54,7 @@ def test_a_model_against_itself_retains_exactly_everything(tiny, tmp_path, wiki_
         assert entry["p_value"] == 1.0
     assert report["benchmarks"]["perplexity"]["base"] > 1.0
     saved = json.loads((tmp_path / "v" / "report.json").read_text())
-    assert saved["schema_version"] == 1 and saved["kind"] == "repskip.verify"
+    assert saved["schema_version"] == 2 and saved["kind"] == "repskip.verify"
     assert "| arc-easy | 4 |" in (tmp_path / "v" / "report.md").read_text()
 
 
@@ -69,11 +69,17 @@ def test_recipe_in_memory_reports_flops_speed_and_settings(tiny, tmp_path, wiki_
     assert arc["flops"]["layer_fraction"] == pytest.approx(2 / 6)
     assert 0 < arc["flops"]["reduction"] < 2 / 6  # embeddings and LM head are not removed
     assert arc["settings"]["max_new_tokens"] == 3 and arc["settings"]["temperature"] == 0.0
-    assert arc["speed"]["base"]["tokens_per_s"] > 0
+    assert arc["throughput"]["base"]["tokens_per_s"] > 0
     ppl = report["benchmarks"]["perplexity"]
     assert ppl["metric"] == "perplexity" and ppl["base"] != ppl["compressed"]
     assert ppl["retention"] == pytest.approx(ppl["base"] / ppl["compressed"])
     assert report["settings"]["seed"] == 0 and report["versions"]["torch"]
+    sp = report["speed"]  # timed, so only its shape and the FLOPs ideal are exact
+    assert sp["prompt_from"].startswith("arc-easy/") and sp["new_tokens"] == 32 and sp["repeats"] == 5
+    assert set(sp["speedup"]) == {"prefill", "decode", "generation"}
+    assert all(r["min"] <= r["median"] <= r["max"] for r in sp["speedup"].values())
+    assert 1 < sp["flops_ideal"]["decode"] < 6 / 4 and 1 < sp["flops_ideal"]["generation"] < 6 / 4
+    assert sp["base"]["decode_ms_per_token"] > 0 and sp["compressed"]["tokens_per_s"] > 0
 
 
 def test_an_interrupted_run_resumes_to_the_same_report_without_recomputing(tiny, tmp_path, wiki_small):

@@ -189,8 +189,9 @@ def _shared_prefix_batch(model, family, batch, device, pad, mask_id, mc_samples,
     position, with explicit positions so that padding shifts nothing."""
     from transformers import DynamicCache
 
-    params = _forward_params(model)
-    cache_arg = "cache" if "cache" in params else "past_key_values"
+    from ..runtime import cache_kwarg
+
+    cache_arg = cache_kwarg(model)
     prefixes: dict[tuple[int, ...], int] = {}
     for whole, n in batch:
         prefixes.setdefault(tuple(whole[:-n]), len(prefixes))

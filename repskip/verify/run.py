@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from . import sandbox, stats
+from . import sandbox, speed, stats
 from ..versions import versions
 from ..benchmark import Benchmark, Item, get_benchmark
 from ..errors import RepskipError
@@ -36,7 +36,9 @@ from ..runtime import model_device, model_dtype
 from ..sampler import get_sampler
 from ..textio import tokenize_prefix
 
-SCHEMA_VERSION = 1
+# 2: per-benchmark "speed" became "throughput" (no speedup); the speed comparison is top-level
+SCHEMA_VERSION = 2
+SPEED_PROMPT = 128  # prompt tokens the speed comparison runs on, at most
 PRESETS = Path(__file__).resolve().parents[2] / "recipes" / "presets" / "sampling.yaml"
 LENGTH_KEYS = {"ar": "max_new_tokens", "dream": "max_new_tokens", "llada": "gen_length"}
 MC_SAMPLES = 32  # Monte Carlo draws per choice of a multiple-choice benchmark on a diffusion model
@@ -490,6 +492,7 @@ def verify(
     allow_unsafe_code_execution: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     say: Callable[[str], None] | None = None,
+    speed_repeats: int = speed.REPEATS,
 ) -> dict:
     """Run every benchmark on base and compressed and return the report (also written to
     ``output``/report.json and report.md). Give ``compressed`` (a checkpoint) or ``recipe``
@@ -569,9 +572,8 @@ def verify(
         ids = [it.id for it in items]
         entry = _summary(bench, items, caches["base"], caches["compressed"])
         entry["settings"] = settings
-        entry["speed"] = {label: _speed(c, ids) for label, c in caches.items()}
-        b, c = entry["speed"]["base"]["tokens_per_s"], entry["speed"]["compressed"]["tokens_per_s"]
-        entry["speed"]["speedup"] = c / b if b and c else None
+        # what each run's batches took: a record, not a comparison (see report["speed"])
+        entry["throughput"] = {label: _speed(c, ids) for label, c in caches.items()}
         if bench.kind == "multiple_choice":  # every metric's mean (acc beside acc_norm)
             entry["metrics"] = {m: {label: sum(c.records[i]["metrics"][m] for i in ids) / len(ids)
                                     for label, c in caches.items()}
@@ -602,10 +604,34 @@ def verify(
         "hardware": _hardware(device),
         "versions": versions(),
         "benchmarks": report_benchmarks,
+        "speed": _speed_comparison(base_side, comp_side, benchmarks, runs, chat, speed_repeats, progress),
     }
     write_atomic(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
     write_atomic(out_dir / "report.md", markdown(report))
     return report
+
+
+def _speed_comparison(base: Side, comp: Side, benchmarks: dict, runs: dict, chat: bool, repeats: int,
+                      progress: Callable[[str, int, int], None] | None) -> dict | None:
+    """repskip.verify.speed on the first benchmark's first prompt (as that benchmark words it,
+    at most SPEED_PROMPT tokens); a generation benchmark's settings give a diffusion model its
+    canvas and steps. None with ``repeats`` 0."""
+    if repeats < 1:
+        return None
+    name, (bench, items) = next(iter(benchmarks.items()))
+    text = bench.prompt(items[0], base.tokenizer, chat) if bench.kind == "generation" else items[0].prompt
+    ids = torch.tensor([tokenize_prefix(base.tokenizer, text, SPEED_PROMPT, add_special_tokens=False) or [0]])
+    fam = base.handle.family
+    settings = runs[name][0] if bench.kind == "generation" else {}
+    kind = fam.generative_kind
+    length = int(settings.get("gen_length") or settings.get("max_new_tokens") or speed.NEW_TOKENS)
+    tick = (lambda done, total: progress("speed", done, total)) if progress else None  # noqa: E731
+    result = speed.measure(
+        base, comp, ids, kind=kind, geometry=fam.geometry(base.handle.ckpt.config), layers=(base.layers, comp.layers),
+        new_tokens=speed.NEW_TOKENS if kind == "autoregressive" else length, steps=settings.get("steps"),
+        mask_id=fam.mask_token_id(base.handle.ckpt.config) if kind == "diffusion" else None, repeats=repeats,
+        progress=tick)
+    return {"prompt_from": f"{name}/{items[0].id}", **result}
 
 
 def _run_benchmark(name: str, bench: Benchmark, items: list[Item], sides: tuple[Side, Side], *, out_dir: Path,
@@ -655,6 +681,31 @@ def failing(report: dict, min_retention: float) -> list[str]:
     return [n for n, e in report["benchmarks"].items() if e["retention"] < min_retention]
 
 
+def speed_lines(result: dict | None) -> list[str]:
+    """The speed comparison as lines of text (report.md and the terminal)."""
+    if not result:
+        return []
+    b, c, up, ideal = result["base"], result["compressed"], result["speedup"], result["flops_ideal"]
+
+    def ratio(name: str) -> str:
+        r = up.get(name) or {}
+        return f"{r['median']:.2f}x (range {r['min']:.2f}-{r['max']:.2f})" if r else "-"
+
+    head = (f"Speed (batch 1, {result['prompt_tokens']}-token prompt from {result['prompt_from']}, median of "
+            f"{result['repeats']} alternating repeats):")
+    if "prefill_ms" in b:
+        return ["", head, "",
+                f"- prefill: {b['prefill_ms']:.1f} ms -> {c['prefill_ms']:.1f} ms, {ratio('prefill')}",
+                f"- decode: {b['decode_ms_per_token']:.2f} ms -> {c['decode_ms_per_token']:.2f} ms per token, "
+                f"{ratio('decode')}; FLOPs ideal {ideal['decode']:.2f}x",
+                f"- generation of {result['new_tokens']} tokens: {b['tokens_per_s']:.1f} -> {c['tokens_per_s']:.1f} "
+                f"tokens/s, {ratio('generation')}; FLOPs ideal {ideal['generation']:.2f}x"]
+    return ["", head, "",
+            f"- denoising step ({result['gen_length']}-token canvas): {b['step_ms']:.1f} ms -> {c['step_ms']:.1f} ms, "
+            f"{ratio('step')}; FLOPs ideal {ideal['step']:.2f}x",
+            f"- {result['steps']} steps: {b['tokens_per_s']:.1f} -> {c['tokens_per_s']:.1f} tokens/s"]
+
+
 def cut_note(entry: dict) -> str:
     """A warning when many answers ran into the token cap, or ''."""
     cut = entry.get("cut_by_cap") or {}
@@ -685,14 +736,14 @@ def markdown(report: dict) -> str:
         f"- created {report['created']} with repskip {report['versions']['repskip']}, "
         f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}",
         "",
-        "| benchmark | items | metric | base | compressed | retention | 95% CI | paired test p | FLOPs cut (layers / exact) | tokens/s base -> compressed |",
+        "| benchmark | items | metric | base | compressed | retention | 95% CI | paired test p | FLOPs cut (layers / exact) | batch throughput, tokens/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in report["benchmarks"].items():
         lo, hi = e["retention_ci95"]
         fl = e.get("flops")
         flops = f"{fl['layer_fraction']:.1%} / {fl['reduction']:.1%}" if fl else "-"
-        sp = e["speed"]
+        sp = e["throughput"]
         tps = (f"{sp['base']['tokens_per_s']:.1f} -> {sp['compressed']['tokens_per_s']:.1f}"
                if sp["base"]["tokens_per_s"] and sp["compressed"]["tokens_per_s"] else "-")
         ret = f"{e['retention']:.3f}" + (" (uninformative)" if e.get("uninformative") else "")
@@ -704,6 +755,7 @@ def markdown(report: dict) -> str:
     notes += [f"- {name}: prompt: {e['prompt_variant']}" for name, e in report["benchmarks"].items()
               if e.get("prompt_variant")]
     lines += ["", *notes] if notes else []
+    lines += speed_lines(report.get("speed"))
     lines += ["", "Sampler settings per benchmark:", ""]
     lines += [f"- {name}: `{json.dumps(e['settings'])}`" for name, e in report["benchmarks"].items()]
     return "\n".join(lines) + "\n"

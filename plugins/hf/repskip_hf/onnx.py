@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from repskip.runtime import cache_kwarg
+
 
 class CausalLMWithPast(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
@@ -18,8 +20,8 @@ class CausalLMWithPast(torch.nn.Module):
         for i in range(self.num_layers):  # an empty past (length 0) gives an empty cache layer
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **{cache_kwarg(self.model): cache})
         present = []
-        for layer in out.past_key_values.layers[: self.num_layers]:
+        for layer in cache.layers[: self.num_layers]:  # the cache was filled in place
             present += [layer.keys, layer.values]
         return (out.logits, *present)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from repskip.errors import RepskipError
-from repskip.runtime import model_device
+from repskip.runtime import model_device, output_cache
 from repskip.sampler import Generation, Sampler, count_forwards
 from transformers import (
     LogitsProcessorList,
@@ -144,5 +144,5 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cf
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(token[:, None], mask, positions, out.past_key_values)
+        out = model(token[:, None], mask, positions, output_cache(out))
     return seq
