@@ -726,9 +726,12 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
 @click.option("--device", default="cpu", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Write the results as JSON (kind repskip.lm-eval: lm-eval's results under 'results').")
+@click.option("--batch-size", default="8", show_default=True,
+              help="Requests per forward pass for log-likelihoods (sorted by length; choices sharing a context run "
+                   "it once), or auto: as many as fit 4096 padded tokens (32768 on CUDA).")
 @click.option("--force", is_flag=True, help="Replace the -o file if an earlier 'repskip lm-eval' wrote it.")
 def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot, model_args, dtype, device, output,
-                    force):
+                    batch_size, force):
     """Run lm-evaluation-harness tasks on MODEL (needs the lm-eval extra)."""
     if output is not None:
         check_output(output, force, [Path(model)], file=True, owned=_is_lm_eval_results)
@@ -739,8 +742,10 @@ def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot,
         raise RepskipError("lm-eval is not installed: pip install 'repskip[lm-eval]'") from None
     from .verify.lmeval import RepskipLM
 
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        raise RepskipError(f"--batch-size takes a positive number or auto, got {batch_size!r}")
     lm = RepskipLM(pretrained=model, recipe=str(recipe_path) if recipe_path else None, dtype=dtype, device=device,
-                   **_key_values(model_args, "--model-arg"))
+                   batch_size=batch_size, **_key_values(model_args, "--model-arg"))
     manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in manager.all_tasks]

@@ -121,6 +121,27 @@ metric_list:
     assert "exact_match,none" in doc["results"]["repskip_toy_gen"]
     bad = CliRunner().invoke(main, ["lm-eval", str(tiny["llama"]), "--tasks", "no_such_task_xyz"])
     assert bad.exit_code == 1 and "knows no task 'no_such_task_xyz'" in bad.stderr
+    bad = CliRunner().invoke(main, ["lm-eval", str(tiny["llama"]), "--tasks", "repskip_toy_gen", "--batch-size", "0"])
+    assert bad.exit_code == 1 and "--batch-size takes a positive number or auto" in bad.stderr
+
+
+def test_batches_by_count_or_by_padded_tokens_change_no_score(tiny):
+    """--batch-size N and auto (a padded-token budget) batch differently, never score differently."""
+    from repskip.verify import likelihood
+
+    assert likelihood._chunks([0, 1, 2, 3, 4], [10, 9, 5, 5, 2], 3, None) == [[0, 1, 2], [3, 4]]
+    assert likelihood._chunks([0, 1, 2, 3, 4], [10, 9, 5, 5, 2], 100, 20) == [[0, 1], [2, 3, 4]]
+    assert likelihood._chunks([0, 1], [30, 2], 8, 20) == [[0], [1]]  # a pair longer than the budget runs alone
+    from repskip.verify.lmeval import RepskipLM
+
+    pairs = [("Question: why?\nAnswer:", " because"), ("Question: why?\nAnswer:", " no"), ("abc", " d e f g"),
+             ("x" * 50, " y")]
+    requests = [type("R", (), {"args": p})() for p in pairs]
+    by_count = RepskipLM(pretrained=str(tiny["llama"]), batch_size=2).loglikelihood(requests)
+    auto = RepskipLM(pretrained=str(tiny["llama"]), batch_size="auto")
+    assert auto.auto_batch and auto.batch_size > 8
+    for (a, ga), (b, gb) in zip(by_count, auto.loglikelihood(requests)):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
 
 
 def test_an_onnx_export_is_an_lm_eval_model(tiny, tmp_path):

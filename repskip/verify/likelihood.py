@@ -98,6 +98,7 @@ def continuation_logprobs(
     seed: int = 0,
     batch_size: int = 8,
     max_length: int | None = None,
+    batch_tokens: int | None = None,
 ) -> list[tuple[float, bool]]:
     """log p(continuation | context) for each ``(context, continuation)`` pair, and whether
     the continuation is the model's greedy choice, in the order given (lm-eval's
@@ -111,6 +112,8 @@ def continuation_logprobs(
     each continuation's first token; a second pass runs the continuations on that cache (about
     2.5x faster on ARC). Other models (ONNX Runtime) run each pair whole, right-padded. A
     sequence longer than ``max_length`` + 1 tokens loses tokens on the left, as in lm-eval.
+    With ``batch_tokens``, a batch holds as many pairs (up to ``batch_size``) as keep its
+    padded size, pairs x longest sequence, within that many tokens.
 
     Diffusion families (``family.generative_kind == "diffusion"``; ``mask_id`` required): the
     masked-diffusion Monte Carlo estimate of LLaDA's evaluation. For ``mc_samples`` draws with
@@ -142,13 +145,25 @@ def continuation_logprobs(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # longest first: least padding
     out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
-    for start in range(0, len(order), max(1, batch_size)):
-        chunk = order[start : start + max(1, batch_size)]
+    for chunk in _chunks(order, [len(whole) for whole, _ in encoded], max(1, batch_size), batch_tokens):
         batch = [encoded[i] for i in chunk]
         run = _masked_batch if diffusion else (_shared_prefix_batch if _caches(model) else _autoregressive_batch)
         for i, result in zip(chunk, run(model, family, batch, device, pad, mask_id, mc_samples, seed)):
             out[i] = result
     return out
+
+
+def _chunks(order: list[int], lengths: list[int], size: int, tokens: int | None) -> list[list[int]]:
+    """``order`` (longest first) cut into batches of at most ``size`` pairs and, with
+    ``tokens``, at most that many padded tokens (a batch's first pair is its longest)."""
+    chunks: list[list[int]] = []
+    for i in order:
+        last = chunks[-1] if chunks else None
+        if last and len(last) < size and (tokens is None or (len(last) + 1) * lengths[last[0]] <= tokens):
+            last.append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 def _padded(rows: list[list[int]], device: Any, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

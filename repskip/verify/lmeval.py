@@ -48,6 +48,11 @@ def _value(text: Any) -> Any:
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+# --batch-size auto: requests per forward pass limited by padded tokens, not by count
+AUTO_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
+AUTO_BATCH_MAX = 256
+
+
 @register_model("repskip")
 class RepskipLM(LM):
     def __init__(self, pretrained: str, recipe: str | None = None, sampler: str | None = None, dtype: str | None = None,
@@ -82,7 +87,9 @@ class RepskipLM(LM):
 
             raise RepskipError(f"repskip lm-eval model has no argument {unknown[0]!r}")
         self.sampler.settings(self.sampler_settings)
-        self.batch_size = int(_value(batch_size)) if str(batch_size) != "auto" else 8
+        # auto: as many requests per forward pass as fit a padded token budget (by device)
+        self.auto_batch = str(batch_size).strip().lower() == "auto"
+        self.batch_size = AUTO_BATCH_MAX if self.auto_batch else int(_value(batch_size))
         self.mc_samples = int(_value(mc_samples))
         self.seed = int(_value(seed))
         self.diffusion = self.family.generative_kind == "diffusion"
@@ -96,9 +103,11 @@ class RepskipLM(LM):
         """lm-eval's tokenization (repskip.verify.likelihood.encode_pair), ``batch_size``
         requests per forward pass."""
         mask_id = self.family.mask_token_id(self.handle.ckpt.config) if self.diffusion else None
+        budget = AUTO_BATCH_TOKENS["cuda" if self.device_.type == "cuda" else "cpu"] if self.auto_batch else None
         return continuation_logprobs(self.model, self.family, self.tok, [req.args for req in requests], mask_id=mask_id,
                                      mc_samples=self.mc_samples, seed=self.seed, batch_size=self.batch_size,
-                                     max_length=self.family.context_length(self.handle.ckpt.config))
+                                     max_length=self.family.context_length(self.handle.ckpt.config),
+                                     batch_tokens=budget)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         out = []
