@@ -141,12 +141,17 @@ def test_analyze_on_smollm2_logs_progress_within_ten_seconds(tmp_path):
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(REPSKIP), "analyze", str(model), "-o", str(tmp_path / "run")],
                                 stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "analysing 0/64 sequences" not in log.read_text():
+    def wait_for(text: str, seconds: float) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and text not in log.read_text():
             time.sleep(0.2)
-        text = log.read_text()
+        return log.read_text()
+
+    try:
+        first = wait_for("analyze: opening", 10)  # the must-hold: a line in the log within 10 s
+        later = wait_for("analysing 0/64 sequences", 60)  # then the stage, with its count
     finally:
         proc.kill()
         proc.wait()
-    assert "analyze: opening" in text and "analysing 0/64 sequences" in text, text
+    assert "analyze: opening" in first, first
+    assert "analysing 0/64 sequences" in later and "loading SmolLM2-135M-Instruct" in later, later

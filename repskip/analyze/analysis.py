@@ -407,6 +407,8 @@ def collect(
     handles = _hook_layers(model, family, acc, stop_after_last=True)
     total = len(calib.sequences) * len(prepares)
     done = 0
+    if progress:
+        progress(0, total)  # the size of the work, before the first batch takes its time
     try:
         for prepare in prepares:
             for ids, mask in calibration.batches(calib.sequences, batch_size, pad_id):
