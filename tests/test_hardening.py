@@ -143,11 +143,15 @@ main(sys.argv[1:])
 def _start_slow(module: str, function: str, *args) -> subprocess.Popen:
     """The CLI with ``module.function`` stalling after it ran: a run caught midway."""
     code = SLOW.format(module=module, function=function)
-    # SIGHUP as a terminal would leave it, even when the tests themselves run under nohup
-    # (which the CLI honours by design: an ignored SIGHUP stays ignored)
+    # SIGHUP and SIGINT as a terminal would leave them, even when the tests themselves run under
+    # nohup (the CLI keeps an ignored SIGHUP ignored, by design) or as a background job of a
+    # script (which starts with SIGINT ignored, and Python then never turns it into Ctrl-C)
+    def terminal_signals() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True, preexec_fn=terminal_signals)
     assert proc.stdout.readline().strip() == "written", proc.stderr.read()
     return proc
 
