@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from repskip.runtime import cache_kwarg, output_cache
 from repskip.sampler import Generation, Sampler, count_forwards
 
 
@@ -29,7 +30,8 @@ class GreedyLoopSampler(Sampler):
                     new.append(token)
                     if len(new) == cfg["max_new_tokens"]:
                         break  # no forward for a token nobody will read
-                    out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+                    out = model(input_ids=torch.tensor([[token]]), use_cache=True,
+                                **{cache_kwarg(model): output_cache(out)})  # the cache's name by version
                 all_ids.append(new)
                 texts.append(tokenizer.decode(new))
         return Generation(texts, all_ids, calls[0], cfg)
