@@ -136,7 +136,9 @@ def test_decode_step_on_ort_cache_matches_pytorch(exports):
         ref = pt_model(input_ids=ids, use_cache=True)
         got = ort_model(ids)
         nxt = ids[:, :1]
-        ref2 = pt_model(input_ids=nxt, past_key_values=ref.past_key_values, use_cache=True).logits
+        from repskip.runtime import cache_kwarg, output_cache
+
+        ref2 = pt_model(input_ids=nxt, use_cache=True, **{cache_kwarg(pt_model): output_cache(ref)}).logits
         got2 = ort_model(nxt, past_key_values=got.past_key_values).logits
     assert torch.allclose(got.logits, ref.logits, atol=1e-4)
     assert got.past_key_values[0][0].shape[2] == 10 and torch.allclose(got2, ref2, atol=1e-4)
