@@ -412,6 +412,7 @@ def test_an_output_folder_of_someone_elses_files_is_refused(model, tmp_path):
     one_line_error(run("verify", model, model, "--bench", "perplexity", "--data", f"perplexity={text}", "-o", theirs),
                    "repskip did not write")
     assert (theirs / "report.json").read_text() == "my own report"
+    assert sorted(p.name for p in theirs.iterdir()) == ["report.json"]  # no status file written into it
 
 
 def test_verifying_unrelated_models_warns(model, recipe, tmp_path):

@@ -116,6 +116,15 @@ def test_analyze_reuses_a_finished_analysis_and_chooses_again(tiny, tmp_path):
     assert fresh.exit_code == 1 and "already exists" in fresh.stderr
     assert json.loads((out / "analysis.json").read_text()) == before
 
+    # a file of the user's in the folder: no reuse (it would replace the folder), nothing touched
+    (out / "notes.txt").write_text("mine")
+    mine = analyze(tiny["llama"], out, "-k", "2")
+    assert mine.exit_code == 1 and "already exists; pass --force" in mine.stderr
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "analysis.json").read_text()) == before
+    (out / "notes.txt").unlink()
+    (out / ".repskip-output.json").unlink()  # no marker: not known to be repskip's
+    assert analyze(tiny["llama"], out, "-k", "2").exit_code == 1 and (out / "analysis.json").is_file()
+
 
 def test_a_loss_search_is_reused_only_when_it_answers_the_new_question(tiny, tmp_path):
     out = tmp_path / "run"

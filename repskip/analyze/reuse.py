@@ -25,10 +25,26 @@ MEASURED = ("mode", "num_samples", "calib_field", "positions", "batch_size", "se
             "mask_ratios", "prompt_fraction")
 
 
+# What a finished ``repskip analyze`` leaves in its folder. A reuse replaces the folder without
+# --force, so it happens only where nothing else is there: a file of the user's stops it.
+WRITTEN = {"analysis.json", "recipe.yaml", "repair.safetensors", "similarity.png", "similarity_matrix.png",
+           "token_distance.png", "status.json"}
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Names in ``folder`` that analyze did not write (its marker aside)."""
+    from ..outputs import MARKER
+
+    return sorted(p.name for p in Path(folder).iterdir() if p.name not in WRITTEN | {MARKER})
+
+
 def previous(folder: Path) -> Analysis | None:
-    """The analysis a finished ``repskip analyze`` left in ``folder``, or None."""
+    """The analysis a finished ``repskip analyze`` left in ``folder`` (with repskip's output
+    marker, and nothing but analyze's files), or None."""
+    from ..outputs import MARKER
+
     path = Path(folder) / "analysis.json"
-    if not path.is_file():
+    if not path.is_file() or not (Path(folder) / MARKER).is_file() or foreign_files(folder):
         return None
     try:
         return Analysis.from_dict(json.loads(path.read_text("utf-8")), str(path))
