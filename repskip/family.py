@@ -56,6 +56,8 @@ class Family(abc.ABC):
     generative_kind: ClassVar[GenerativeKind] = "autoregressive"
     #: Name of the sampler plugin used when the user names none.
     default_sampler: ClassVar[str] = "ar"
+    #: Name of the training objective plugin (``repskip.objectives``) that heals its models.
+    training_objective: ClassVar[str] = "causal-lm"
 
     # --- files -----------------------------------------------------------------------
     @abc.abstractmethod
@@ -122,6 +124,12 @@ class Family(abc.ABC):
         (``max_position_embeddings`` unless a family reads another key); else None."""
         value = config.get("max_position_embeddings")
         return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    def parameter_tensor(self, config: dict, name: str) -> str:
+        """The on-disk tensor name of the loaded model's parameter ``name`` (as
+        ``named_parameters`` gives it), for writing trained weights back; the default is
+        the same name."""
+        return name
 
     # --- linear repair (optional) -------------------------------------------------------
     def mlp_output_projection(self, layer: Any) -> Any | None:

@@ -84,19 +84,20 @@ class Reporter:
         self._write_status(state, None)
 
     def tracker(self, unit: str) -> tuple[Callable[[str, int, int], None], Callable[[], None]]:
-        """``update(label, done, total)`` for work whose stages are named as they come (a
-        stage per label), and ``close()`` to end the last one."""
+        """``update(label, done, total, detail="")`` for work whose stages are named as they
+        come (a stage per label, started by its first update), and ``close()`` to end the
+        last one."""
         from contextlib import ExitStack
 
         stack = ExitStack()
         current: dict = {}
 
-        def update(label: str, done: int, total: int) -> None:
+        def update(label: str, done: int, total: int, detail: str = "") -> None:
             if current.get("label") != label:
                 stack.close()
                 current["label"] = label
                 current["update"] = stack.enter_context(self.stage(label, unit, total))
-            current["update"](done, total)
+            current["update"](done, total, detail)
 
         return update, stack.close
 
@@ -116,6 +117,7 @@ class Reporter:
 
     def _line(self, stage: dict) -> str:
         done, total, unit = stage["done"], stage["total"], stage["unit"]
+        detail = f", {stage['detail']}" if stage.get("detail") else ""
         elapsed = time.monotonic() - stage["t0"]
         text = f"{stage['name']} {done}" + (f"/{total}" if total else "") + f" {unit}"
         if total:
@@ -127,7 +129,7 @@ class Reporter:
                 text += f", ETA {_clock((total - done) / rate)}"
         if total and done >= total:
             text += f", done in {_clock(elapsed)}"
-        return text
+        return text + detail
 
     def _emit(self, stage: dict) -> None:
         stage["last"] = time.monotonic()
@@ -137,7 +139,8 @@ class Reporter:
 
     @contextmanager
     def stage(self, name: str, unit: str = "steps", total: int | None = None) -> Iterator[Callable[[int, int], None]]:
-        """A stage of work; yields ``update(done, total)``."""
+        """A stage of work; yields ``update(done, total, detail="")`` (``detail``: a short
+        note shown with the count, such as the current loss)."""
         stage = {"name": name, "unit": unit, "done": 0, "total": total, "t0": time.monotonic()}
         self.stages.append(stage)
         with self._lock:
@@ -154,9 +157,9 @@ class Reporter:
             beat = threading.Thread(target=heartbeat, daemon=True)
             beat.start()
 
-            def update(done: int, total: int) -> None:
+            def update(done: int, total: int, detail: str = "") -> None:
                 with self._lock:
-                    stage["done"], stage["total"] = done, total or stage["total"]
+                    stage["done"], stage["total"], stage["detail"] = done, total or stage["total"], detail
                     tenth = done * TENTHS // stage["total"] if stage["total"] else None
                     due = time.monotonic() - stage["last"] >= self.interval
                     if due or (tenth is not None and (stage["next_tenth"] is None or tenth >= stage["next_tenth"])):
@@ -175,13 +178,13 @@ class Reporter:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-                       TimeElapsedColumn(), console=self.console, transient=False)
-        task = bar.add_task(name, total=total)
+                       TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=self.console, transient=False)
+        task = bar.add_task(name, total=total, detail="")
         throttle = {"t": 0.0, "tenth": -1}
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-            stage["done"], stage["total"] = done, total
+        def update(done: int, total: int, detail: str = "") -> None:
+            bar.update(task, completed=done, total=total, detail=detail)
+            stage["done"], stage["total"], stage["detail"] = done, total, detail
             tenth = done * TENTHS // total if total else -1
             if tenth != throttle["tenth"] or time.monotonic() - throttle["t"] >= self.interval:
                 throttle.update(t=time.monotonic(), tenth=tenth)

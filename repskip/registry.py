@@ -1,6 +1,7 @@
 """Plugin discovery over entry points.
 
-Three groups exist: ``repskip.families``, ``repskip.samplers`` and ``repskip.benchmarks``.
+Four groups exist: ``repskip.families``, ``repskip.samplers``, ``repskip.benchmarks`` and
+``repskip.objectives`` (what healing trains a family's models on).
 The built-in plugins in ``plugins/`` register through these groups exactly as a third-party
 package does; the core never imports them by name. A plugin that fails to import is named in
 one warning line and skipped.
@@ -17,6 +18,7 @@ GROUPS = {
     "families": "repskip.families",
     "samplers": "repskip.samplers",
     "benchmarks": "repskip.benchmarks",
+    "objectives": "repskip.objectives",
 }
 
 
@@ -65,7 +67,7 @@ def _scan(group: str) -> list[PluginInfo]:
 
 
 def plugins(group: str, refresh: bool = False) -> list[PluginInfo]:
-    """Every plugin registered in ``group`` (``families``, ``samplers`` or ``benchmarks``)."""
+    """Every plugin registered in ``group`` (``families``, ``samplers``, ``benchmarks`` or ``objectives``)."""
     if group not in GROUPS:
         raise ValueError(f"unknown plugin group {group!r}; known: {', '.join(GROUPS)}")
     if refresh or group not in _cache:

@@ -76,7 +76,7 @@ def _jsonl_texts(path: Path, field: str | None, max_chars: int = MAX_CHARS) -> l
         return [t[:max_chars] for t in _jsonl_records(path, f, field) if t.strip()]
 
 
-def _jsonl_records(path: Path, lines, field: str | None) -> Iterator[str]:
+def _jsonl_records(path: Path, lines, field: str | None, option: str = "--calib-field") -> Iterator[str]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -93,7 +93,7 @@ def _jsonl_records(path: Path, lines, field: str | None) -> Iterator[str]:
         if key is None or key not in record:
             wanted = field or " / ".join(TEXT_FIELDS)
             raise RepskipError(
-                f"{path}:{lineno} has no {wanted!r} field; name the field with --calib-field"
+                f"{path}:{lineno} has no {wanted!r} field; name the field with {option}"
             )
         yield str(record[key])
 

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ class Planned:
     source: TensorEntry
     name: str  # name in the output
     fold: Any = None  # a linear repair map T: the output holds T^T @ tensor (repskip.repair.linear)
+    data: bytes | None = None  # new bytes for the tensor (same dtype and shape): a healed weight
 
 
 def plan_tensors(ckpt: Checkpoint, prefix: str, kept: Sequence[int], num_layers: int) -> list[Planned]:
@@ -82,6 +83,18 @@ def attach_folds(planned: list[Planned], folds: dict[str, Any]) -> list[Planned]
     if missing:
         raise RepskipError(f"the repair folds into {missing[0]}, which this checkpoint does not have (or removes)")
     return [replace(item, fold=folds[item.source.name]) if item.source.name in folds else item for item in planned]
+
+
+def attach_data(planned: list[Planned], data: dict[str, bytes]) -> list[Planned]:
+    """Give the tensors named in ``data`` (output names) new bytes of the same dtype and shape."""
+    by_name = {item.name: item for item in planned}
+    for name, raw in data.items():
+        item = by_name.get(name)
+        if item is None:
+            raise RepskipError(f"cannot write tensor {name}: the checkpoint has no tensor of that name")
+        if len(raw) != item.source.nbytes:
+            raise RepskipError(f"new data for {name} is {len(raw)} bytes, the tensor holds {item.source.nbytes}")
+    return [replace(item, data=data[item.name]) if item.name in data else item for item in planned]
 
 
 def _shards(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
@@ -140,6 +153,9 @@ def _write_shard(path: Path, items: list[Planned], metadata: dict[str, str]) -> 
                 src = handles.get(item.source.file)
                 if src is None:
                     src = handles[item.source.file] = open(item.source.file, "rb")
+                if item.data is not None:
+                    dst.write(item.data)
+                    continue
                 if item.fold is None:
                     _copy_range(src, dst, item.source.start, item.source.nbytes)
                     continue
@@ -195,10 +211,41 @@ def write_pruned(
     output = Path(output)
     check_output(output, force, [ckpt.path])
     planned = attach_folds(plan_tensors(ckpt, prefix, kept, num_layers), folds or {})
+    shards, side = write_checkpoint(ckpt, planned, new_config, output, {RECIPE_NAME: recipe_yaml},
+                                    max_shard_size=max_shard_size, force=force, command="compress")
+    removed = [i for i in range(num_layers) if i not in set(kept)]
+    return CompressResult(
+        output=output,
+        kept=list(kept),
+        removed=removed,
+        shards=shards,
+        bytes_in=ckpt.total_bytes,
+        bytes_out=sum(item.source.nbytes for item in planned),
+        side_files=side,
+    )
+
+
+def write_checkpoint(
+    ckpt: Checkpoint,
+    planned: list[Planned],
+    new_config: dict,
+    output: Path,
+    files: dict[str, str],
+    *,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    command: str = "compress",
+    inputs: Sequence[Path] = (),
+    finish: Callable[[Path], None] | None = None,
+) -> tuple[int, list[str]]:
+    """Write the ``planned`` tensors, ``new_config``, the input's side files (tokenizer,
+    generation config, ...) and ``files`` (name -> text) into ``output``, atomically;
+    ``finish(folder)`` runs on the complete folder before it is put in place (an exception
+    there leaves nothing). Returns the number of shards and the side files copied."""
     shards = _shards(planned, max_shard_size)
     first_meta = read_header(ckpt.files[0]).metadata
     metadata = {**first_meta, "format": first_meta.get("format", "pt")}
-    with atomic_dir(output, force, [ckpt.path], command="compress") as tmp:
+    with atomic_dir(output, force, [ckpt.path, *inputs], command=command) as tmp:
         names = (
             [SINGLE_NAME]
             if len(shards) == 1
@@ -208,22 +255,16 @@ def write_pruned(
         for name, items in zip(names, shards):
             _write_shard(tmp / name, items, metadata)
             weight_map.update({item.name: name for item in items})
-        total = sum(item.source.nbytes for item in planned)
         if len(shards) > 1:
+            total = sum(item.source.nbytes for item in planned)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         side = copy_side_files(ckpt.path, tmp)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
-        (tmp / RECIPE_NAME).write_text(recipe_yaml)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
         for name in names:  # re-read what was written before it is put in place
             read_header(tmp / name)
-    removed = [i for i in range(num_layers) if i not in set(kept)]
-    return CompressResult(
-        output=output,
-        kept=list(kept),
-        removed=removed,
-        shards=len(shards),
-        bytes_in=ckpt.total_bytes,
-        bytes_out=total,
-        side_files=side,
-    )
+        if finish is not None:
+            finish(tmp)
+    return len(shards), side

@@ -27,6 +27,7 @@ def rope_theta(config: dict) -> float:
 
 class DiffusionFamily(Family):
     generative_kind = "diffusion"
+    training_objective = "masked-diffusion"
     #: True when logits[:, i] predicts token i+1 (Dream, from its AR initialisation).
     shifted_logits: ClassVar[bool] = False
     #: internal parameter name pattern -> on-disk name template, for the per-layer tensors
@@ -94,6 +95,9 @@ class DiffusionFamily(Family):
         if m is None or m.group(2) not in self.layer_names:
             raise KeyError(name)
         return self.layer_names[m.group(2)].format(i=m.group(1))
+
+    def parameter_tensor(self, config: dict, name: str) -> str:
+        return self.disk_name(name)
 
     def mlp_output_projection(self, layer: Any) -> Any:
         return layer.mlp.down_proj

@@ -1,0 +1,247 @@
+"""`repskip heal`: LoRA and full fine-tuning of the layers around each cut, for AR and
+diffusion families; the written checkpoint, the training record, resuming a killed run, and
+every bad input refused in one line with nothing written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from helpers import dream_from_qwen2, llada_from_llama, load, make_checkpoint, write_jsonl
+from repskip import pipeline
+from repskip.cli import main
+from repskip.errors import RepskipError
+from repskip.train.data import pack, read_documents
+from repskip.train.heal import HealSettings, cut_neighbours, heal, lr_at, state_folder
+
+pytest.importorskip("peft")
+
+TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "valid.txt"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_error(result, message):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and sum(x.startswith("error: ") for x in lines) == 1, lines
+    assert message in lines[-1], lines[-1]
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def cut(base: Path, out: Path, remove: list[int]) -> Path:
+    recipe = out.parent / f"{out.name}-recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"schema_version": 1, "resolved": {"remove": remove}}))
+    pipeline.compress(base, recipe, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heal")
+    llama = make_checkpoint(root / "llama", "llama", seed=3)
+    qwen2 = make_checkpoint(root / "qwen2", "qwen2", seed=4)
+    llada = llada_from_llama(llama, root / "llada")
+    dream = dream_from_qwen2(qwen2, root / "dream")
+    data = root / "data.txt"
+    data.write_text(TEXT.read_text("utf-8")[:40000])
+    return {
+        "root": root, "data": data, "llama": llama, "qwen2": qwen2, "llada": llada, "dream": dream,
+        "llama-k2": cut(llama, root / "llama-k2", [2, 3]),
+        "llada-k2": cut(llada, root / "llada-k2", [2, 3]),
+        "dream-k2": cut(dream, root / "dream-k2", [1, 4]),
+    }
+
+
+FAST = dict(seq_len=32, batch_size=4, eval_sequences=8)
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+def test_cut_neighbours_are_the_kept_layers_beside_each_run():
+    # 10 layers, 3-4 and 7 removed: kept 0 1 2 5 6 8 9 -> new indices 0..6
+    assert cut_neighbours([3, 4, 7], 10, 1) == [2, 3, 4, 5]  # old 2, 5 | old 6, 8
+    assert cut_neighbours([3, 4, 7], 10, 2) == [1, 2, 3, 4, 5, 6]
+    assert cut_neighbours([0, 1], 6, 1) == [0]  # nothing before the first layer
+    assert cut_neighbours([5], 6, 1) == [4]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    s = HealSettings(steps=100, lr=1e-3, warmup=0.1)
+    rates = [lr_at(s, i) for i in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))  # never rises after the warm-up
+    assert rates[-1] < 1e-5 and rates[55] == pytest.approx(5e-4, rel=0.01)  # half way down the cosine
+
+
+def test_data_from_a_folder_and_jsonl_is_packed_with_end_of_text_between_documents(models, tmp_path):
+    tok = pipeline.open_model(models["llama"]).family.load_tokenizer(models["llama"])
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha beta gamma " * 40)
+    write_jsonl(folder / "b.jsonl", [{"body": "delta epsilon " * 30}, {"body": "  "}])
+    (folder / ".hidden.txt").write_text("never read")
+    with pytest.raises(RepskipError, match="--text-field"):
+        read_documents(str(folder))
+    docs, source = read_documents(str(folder), "body")
+    assert len(docs) == 2 and "never" not in "".join(docs)
+    data = pack(tok, docs, source, 16, 2)
+    stream = data.train.flatten().tolist() + data.held_out.flatten().tolist()
+    assert tok.eos_token_id in stream  # the join between the two documents
+    assert data.held_out.shape == (2, 16) and data.train.shape[0] >= 1
+    with pytest.raises(RepskipError, match="full sequence"):
+        pack(tok, ["tiny"], "x", 64, 0)
+
+
+# --- healing ----------------------------------------------------------------------------------
+def test_lora_heal_changes_only_the_layers_beside_the_cut_and_distils(models, tmp_path):
+    out = tmp_path / "healed"
+    res = run("heal", models["llama-k2"], "--teacher", models["llama"], "--data", models["data"], "-o", out,
+              "--steps", "40", "--lr", "3e-3", "--seq-len", "32", "--eval-sequences", "8", "--eval-every", "40")
+    assert res.exit_code == 0, res.output
+    before, after = tensors(models["llama-k2"]), tensors(out)
+    assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    # 6 layers, 2-3 removed: the cut sits between new layers 1 and 2; each has 7 linear layers
+    assert changed and {k.split(".")[2] for k in changed} == {"1", "2"}
+    assert all(k.endswith("_proj.weight") for k in changed) and len(changed) == 14
+    record = json.loads((out / "heal.json").read_text())
+    assert record["kind"] == "repskip.heal" and record["layers"] == [1, 2] and record["objective"] == "causal-lm"
+    assert record["data"]["tokens_sha256"].startswith("sha256:") and record["settings"]["steps"] == 40
+    ev = record["history"]["eval"]
+    assert [e["step"] for e in ev] == [0, 40] and ev[-1]["kd"] < 0.8 * ev[0]["kd"]
+    assert record["written_max_logit_diff"] < 1e-4
+    model = load(out)  # plain transformers, same architecture
+    assert model.config.num_hidden_layers == 4
+    assert (out / "repskip-recipe.yaml").is_file() and (out / "tokenizer.json").is_file()
+    assert not state_folder(out).exists()  # the resumable state goes once the output is in place
+
+
+def test_full_fine_tuning_trains_every_tensor_of_the_chosen_layers(models, tmp_path):
+    out = tmp_path / "full"
+    heal(models["llama-k2"], out, data=str(models["data"]), teacher=models["llama"],
+         settings=HealSettings(method="full", layers="0", steps=3, lr=1e-3, **FAST))
+    before, after = tensors(models["llama-k2"]), tensors(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    layer0 = {k for k in before if k.startswith("model.layers.0.")}
+    assert changed == layer0 and any("norm" in k for k in changed)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_diffusion_models_heal_with_the_masked_diffusion_objective_and_still_sample(models, tmp_path, family):
+    out = tmp_path / f"{family}-healed"
+    result = heal(models[f"{family}-k2"], out, data=str(models["data"]),
+                  settings=HealSettings(loss="lm", steps=40, lr=3e-3, layers="all", **FAST), eval_every=40)
+    record = result.record
+    assert record["objective"] == "masked-diffusion"
+    ev = record["history"]["eval"]
+    assert ev[-1]["lm"] < ev[0]["lm"] - 0.05, ev  # the held-out masked-token loss, fixed masks
+    before, after = tensors(models[f"{family}-k2"]), tensors(out)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    res = run("generate", out, "--prompt", "hello", "--seed", "0")
+    assert res.exit_code == 0, res.output
+
+
+def test_diffusion_heal_distils_from_its_teacher(models, tmp_path):
+    result = heal(models["llada-k2"], tmp_path / "kd", data=str(models["data"]), teacher=models["llada"],
+                  settings=HealSettings(steps=30, lr=3e-3, **FAST), eval_every=30)
+    ev = result.record["history"]["eval"]
+    assert ev[-1]["kd"] < ev[0]["kd"] and result.record["layers"] == [1, 2]
+
+
+def test_a_killed_heal_resumes_and_ends_with_the_uninterrupted_weights(models, tmp_path):
+    settings = dict(steps=7, lr=3e-3, grad_accum=2, **FAST)
+    kw = dict(data=str(models["data"]), teacher=models["llama"], save_every=2)
+    heal(models["llama-k2"], tmp_path / "straight", settings=HealSettings(**settings), **kw)
+
+    class Killed(Exception):
+        pass
+
+    def die(step):
+        if step == 5:
+            raise Killed
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        heal(models["llama-k2"], out, settings=HealSettings(**settings), on_step=die, **kw)
+    assert not out.exists() and (state_folder(out) / "state.safetensors").is_file()
+    result = heal(models["llama-k2"], out, settings=HealSettings(**settings), **kw)
+    assert result.record["resumed_from"] == 4
+    a, b = tensors(tmp_path / "straight"), tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight = json.loads((tmp_path / "straight" / "heal.json").read_text())["history"]
+    assert result.record["history"]["train"] == straight["train"]
+
+
+def test_a_state_of_other_settings_is_not_resumed(models, tmp_path):
+    out = tmp_path / "h"
+    kw = dict(data=str(models["data"]), teacher=models["llama"], save_every=1)
+
+    def die(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(models["llama-k2"], out, settings=HealSettings(steps=4, **FAST), on_step=die, **kw)
+    with pytest.raises(RepskipError, match=r"other settings \(lr\).*--no-resume"):
+        heal(models["llama-k2"], out, settings=HealSettings(steps=4, lr=1e-3, **FAST), **kw)
+    result = heal(models["llama-k2"], out, settings=HealSettings(steps=4, lr=1e-3, **FAST), resume=False, **kw)
+    assert result.record["resumed_from"] is None and out.is_dir()
+
+
+# --- bad input --------------------------------------------------------------------------------
+def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
+    k2, data = models["llama-k2"], models["data"]
+    other_vocab = tmp_path / "other-vocab"
+    shutil.copytree(models["llama"], other_vocab)
+    tok = json.loads((other_vocab / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first = next(iter(vocab))
+    vocab["renamed"] = vocab.pop(first)
+    (other_vocab / "tokenizer.json").write_text(json.dumps(tok))
+    tiny_text = tmp_path / "tiny.txt"
+    tiny_text.write_text("too short")
+    out = tmp_path / "out"
+    cases = [
+        (["--teacher", models["qwen2"]], "the teacher is a qwen2 (hf-decoder) model"),
+        (["--teacher", other_vocab], "vocabulary"),
+        (["--teacher", models["llada"]], "the teacher is a llada model"),
+        (["--data", tiny_text], "full sequence"),
+        (["-o", k2 / "inside"], "refusing to write"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--loss", "kd", "--teacher", None], "pass --teacher"),
+        (["--data", tmp_path / "missing.txt"], "does not exist"),
+        (["--layers", "9"], "not a layer of this model"),
+    ]
+    for extra, message in cases:
+        args = {"--teacher": models["llama"], "--data": data, "-o": out, "--steps": "2", "--seq-len": "32"}
+        flags = []
+        for i in range(0, len(extra), 2):
+            args[extra[i]] = extra[i + 1]
+            if extra[i + 1] is None:
+                del args[extra[i]]
+        for key, value in args.items():
+            flags += [key, value]
+        res = run("heal", k2, *flags)
+        assert_clean_error(res, message)
+        assert not out.exists() and not state_folder(out).exists()
+        assert not (k2 / "inside").exists()
+
+
+def test_without_a_recipe_around_cuts_asks_for_layers(models, tmp_path):
+    res = run("heal", models["llama"], "--data", models["data"], "-o", tmp_path / "o", "--steps", "1")
+    assert_clean_error(res, "--layers all")
