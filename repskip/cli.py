@@ -392,8 +392,9 @@ def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protec
 
 @main.command()
 @click.argument("model")
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), required=True,
-              help="A resolved recipe, or an unresolved preset (resolved by running the analysis).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="A resolved recipe, or an unresolved preset (resolved by running the analysis). Without one, "
+                   "--format onnx exports MODEL as it is (a compressed or healed checkpoint).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: exported/<model>-skip<k>, plus -onnx for --format onnx].")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx"]), default="safetensors", show_default=True,
@@ -418,9 +419,20 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
     from . import recipe as recipe_mod
     from .compress.files import parse_size
 
-    recipe = recipe_mod.load(recipe_path)
     shard = parse_size(max_shard_size)
     pipeline.check_device_name(device)
+    if recipe_path is None:
+        if fmt != "onnx":
+            raise RepskipError("compress needs --recipe (the layers to remove); only --format onnx exports a "
+                               "model as it is")
+        handle = pipeline.open_model(model)
+        output = output or Path("exported") / f"{handle.path.name}-onnx"
+        result = pipeline.export_as_is(handle, output, force=force, opset=opset, export_dtype=export_dtype,
+                                       provider=provider, parity_tolerance=parity_tolerance,
+                                       status=lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+        _print_onnx_export(handle, result, output)
+        return
+    recipe = recipe_mod.load(recipe_path)
     handle = pipeline.open_model(model)
     if output is None:
         k = len(recipe.resolved.remove) if recipe.is_resolved else recipe.selection.k

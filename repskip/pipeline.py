@@ -570,6 +570,29 @@ def compress(
     return result, resolved
 
 
+def export_as_is(
+    model: str | Path | ModelHandle,
+    output: str | Path,
+    *,
+    force: bool = False,
+    opset: int = 18,
+    export_dtype: str = "fp32",
+    provider: str = "cpu",
+    parity_tolerance: float | None = None,
+    status: Callable[[str], None] | None = None,
+) -> Any:
+    """Export ``model`` to ONNX keeping every layer (a model compressed or healed before);
+    the recipe it carries, if any, goes with it."""
+    from .compress.onnx_export import check_options, export_onnx
+
+    handle = model if isinstance(model, ModelHandle) else open_model(model)
+    handle.require_weights("compress")
+    check_options(opset, export_dtype, provider)
+    check_output(Path(output), force, [handle.path])
+    return export_onnx(handle, list(range(handle.num_layers)), handle.ckpt.config, None, Path(output), opset=opset,
+                       dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force, status=status)
+
+
 def flops(
     model: str | Path | ModelHandle, removed: Sequence[int], seq_len: int = 512
 ) -> FlopsComparison:

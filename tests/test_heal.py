@@ -245,3 +245,21 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
 def test_without_a_recipe_around_cuts_asks_for_layers(models, tmp_path):
     res = run("heal", models["llama"], "--data", models["data"], "-o", tmp_path / "o", "--steps", "1")
     assert_clean_error(res, "--layers all")
+
+
+@pytest.mark.parametrize("family", ["llama", "llada"])
+def test_a_healed_model_exports_to_onnx_as_it_is(models, tmp_path, family):
+    pytest.importorskip("onnxruntime")
+    healed = tmp_path / "healed"
+    heal(models[f"{family}-k2"], healed, data=str(models["data"]),
+         settings=HealSettings(loss="lm", steps=2, lr=1e-3, **FAST))
+    res = run("compress", healed, "--format", "onnx", "-o", tmp_path / "onnx")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "onnx" / "repskip-onnx.json").read_text())
+    assert meta["removed"] == [] and len(meta["kept"]) == 4
+    recipe = yaml.safe_load((tmp_path / "onnx" / "repskip-recipe.yaml").read_text())
+    assert recipe["resolved"]["remove"] == [2, 3]  # the cut the healed model carries
+    length = ["--max-new-tokens", "4"] if family == "llama" else ["--gen-length", "4", "--steps", "4", "--block-length", "4"]
+    res = run("generate", tmp_path / "onnx", "--prompt", "hello", *length)
+    assert res.exit_code == 0, res.output
+    assert_clean_error(run("compress", healed, "-o", tmp_path / "x"), "only --format onnx")

@@ -280,7 +280,7 @@ def export_onnx(
     handle: Any,
     kept: Sequence[int],
     new_config: dict,
-    recipe_yaml: str,
+    recipe_yaml: str | None,
     output: Path,
     *,
     opset: int = MIN_OPSET,
@@ -293,7 +293,8 @@ def export_onnx(
     maps: dict | None = None,
 ) -> OnnxExportResult:
     """Export ``handle``'s model keeping ``kept`` layers into the folder ``output``, with the
-    linear repair ``maps`` (anchor layer -> T) folded in first."""
+    linear repair ``maps`` (anchor layer -> T) folded in first; ``recipe_yaml`` None keeps
+    the recipe file the model's folder has, if any."""
     torch_dtype = check_options(opset, dtype, provider)
     say = status or (lambda _msg: None)
     fam = handle.family
@@ -347,7 +348,8 @@ def export_onnx(
             )
         copy_side_files(handle.path, tmp)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
-        (tmp / RECIPE_NAME).write_text(recipe_yaml)
+        if recipe_yaml is not None:
+            (tmp / RECIPE_NAME).write_text(recipe_yaml)
         (tmp / META_FILE).write_text(json.dumps(metadata(result, fam, handle), indent=2) + "\n")
     return result
 
