@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+from _measure import Cache, arc_acc_norm, load_arc, ppl, ppl_windows, window_nll  # noqa: E402
 
 DATA = _common.REPO.parent / "shared" / "data"
 SIMILARITY = ("paper", "block-influence", "angular-block")
@@ -65,39 +65,6 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-class Cache:
-    """Finished steps by key, appended as JSON lines."""
-
-    def __init__(self, path: str):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.data: dict[str, dict] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line torn by a kill
-                    continue
-                self.data[record["key"]] = record
-
-    def get(self, key: str) -> dict | None:
-        return self.data.get(key)
-
-    def put(self, key: str, **value) -> dict:
-        record = {"key": key, **value}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        self.data[key] = record
-        return record
-
-
-def ppl_windows(tokenizer, path: str, count: int, length: int) -> list[list[int]]:
-    ids = tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"]
-    if len(ids) < count * length:
-        raise SystemExit(f"{path} has {len(ids)} tokens, fewer than {count} x {length}")
-    return [ids[i * length : (i + 1) * length] for i in range(count)]
-
-
 def main() -> None:
     args = parse()
     import numpy as np
@@ -105,10 +72,8 @@ def main() -> None:
 
     from repskip import pipeline
     from repskip import recipe as R
-    from repskip.benchmark import get_benchmark
     from repskip.repair import store
     from repskip.verify import stats
-    from repskip.verify.likelihood import autoregressive_nll, continuation_logprobs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,47 +169,16 @@ def main() -> None:
 
     # --- measuring ----------------------------------------------------------------------
     windows = ppl_windows(tokenizer, args.ppl_text, args.ppl_windows, args.ppl_length)
-    benches = {}
-    for name in filter(None, args.arc.split(",")):
-        bench = get_benchmark(name)
-        file = {"arc_easy": "ARC-Easy-Test.jsonl", "arc_challenge": "ARC-Challenge-Test.jsonl"}[name]
-        items = bench.load(DATA / "arc" / file)
-        benches[name] = (bench, items[: args.arc_items] if args.arc_items else items)
+    benches = load_arc(args.arc, DATA, args.arc_items)
 
     def perplexity(tag: str, model) -> list[float]:
         key = f"{prefix}|ppl|{tag}|{Path(args.ppl_text).name}|{args.ppl_windows}x{args.ppl_length}"
-        hit = cache.get(key)
-        if hit:
-            return hit["nll"]
-        t = time.perf_counter()
-        with torch.inference_mode():
-            nll = [autoregressive_nll(model, fam, torch.tensor([w]))[0] / (len(w) - 1) for w in windows]
-        say(f"ppl {tag}: {math.exp(sum(nll) / len(nll)):.3f} ({time.perf_counter() - t:.0f} s)")
-        return cache.put(key, nll=nll)["nll"]
+        return window_nll(cache, key, model, fam, windows, say, tag)
 
     def choices(tag: str, model, name: str) -> list[float]:
         bench, items = benches[name]
-        key = f"{prefix}|{name}|{tag}|{len(items)}"
-        hit = cache.get(key)
-        if hit:
-            return hit["acc_norm"]
-        t = time.perf_counter()
-        norm = []
-        with torch.inference_mode():
-            for at in range(0, len(items), 8):
-                batch = items[at : at + 8]
-                pairs = [(it.prompt, c) for it in batch for c in bench.continuations(it)]
-                scored = continuation_logprobs(model, fam, tokenizer, pairs, batch_size=len(pairs),
-                                               max_length=fam.context_length(handle.ckpt.config))
-                i = 0
-                for it in batch:
-                    n = len(bench.continuations(it))
-                    norm.append(bench.score_choices(it, [lp for lp, _ in scored[i : i + n]])["acc_norm"])
-                    i += n
-                if (at // 8 + 1) % max(1, len(items) // 80) == 0:  # a line per tenth
-                    say(f"{name} {tag}: {len(norm)}/{len(items)} items, {time.perf_counter() - t:.0f} s")
-        say(f"{name} {tag}: acc_norm {sum(norm) / len(norm):.4f} on {len(norm)} ({time.perf_counter() - t:.0f} s)")
-        return cache.put(key, acc_norm=norm)["acc_norm"]
+        return arc_acc_norm(cache, f"{prefix}|{name}|{tag}|{len(items)}", model, fam, tokenizer, bench, items,
+                            fam.context_length(handle.ckpt.config), say, f"{name} {tag}")
 
     base_nll = perplexity("base", base)
     rows = []
@@ -260,9 +194,6 @@ def main() -> None:
                 nll = perplexity(tag, model)
                 del model
                 rows.append({"k": k, "strategy": strategy, "repair": repair, "tag": tag, **config, "nll": nll})
-
-    def ppl(nll: list[float]) -> float:
-        return math.exp(sum(nll) / len(nll))
 
     for row in rows:
         row["ppl"] = ppl(row["nll"])

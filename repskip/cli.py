@@ -884,6 +884,8 @@ def heal(model, teacher, data, text_field, output, method, layers, around, rank,
                           progress=lambda done, total, detail: update("training", done, total, detail))
     finally:
         close()
+    if not result.wrote:  # another process of an accelerate / torchrun launch: the main one reports
+        return
     record = result.record
     table = Table(show_header=False, box=None)
     table.add_row("trained", f"{settings.method} on layers {result.layers}, "

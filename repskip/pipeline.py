@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import recipe as _recipe
 from .checkpoint import Checkpoint, open_checkpoint, read_config, resolve_model
@@ -20,6 +20,9 @@ from .errors import RepskipError
 from .family import Family, find_family, validate_kept
 from .flops import FlopsComparison, compare
 from .analyze.selection import LOSS_STRATEGIES
+
+if TYPE_CHECKING:  # the analysis needs torch; opening a model does not
+    from .analyze import analysis as _analysis
 
 # torch is imported only where a model runs: compressing files never needs it.
 DTYPES = {

@@ -7,7 +7,6 @@ import resource
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,7 +14,6 @@ from click.testing import CliRunner
 
 from helpers import load
 from repskip.cli import main
-from repskip.pipeline import open_model
 
 
 def run(*args):

@@ -263,3 +263,26 @@ def test_a_healed_model_exports_to_onnx_as_it_is(models, tmp_path, family):
     res = run("generate", tmp_path / "onnx", "--prompt", "hello", *length)
     assert res.exit_code == 0, res.output
     assert_clean_error(run("compress", healed, "-o", tmp_path / "x"), "only --format onnx")
+
+
+def test_two_processes_split_each_batch_and_end_where_one_process_does(models, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and --batch-size 2 sees the sequences one process
+    with --batch-size 4 sees, and averages the same gradients."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["heal", str(models["llama-k2"]), "--teacher", str(models["llama"]), "--data", str(models["data"]),
+              "--steps", "4", "--seq-len", "32", "--eval-sequences", "8", "--lr", "3e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "repskip", *common, "--batch-size", "4", "-o", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "repskip",
+                          *common, "--batch-size", "2", "-o", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "heal.json").read_text())["processes"] == 2
+    a, b, start = tensors(tmp_path / "one"), tensors(tmp_path / "two"), tensors(models["llama-k2"])
+    moved = [k for k in a if not torch.equal(a[k], start[k])]
+    assert moved and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4) for k in a)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,7 +17,6 @@ from repskip import pipeline
 from repskip.analyze.objective import Objective
 from repskip.analyze.search import search
 from repskip.cli import main
-from repskip.errors import RepskipError
 from repskip.repair.fit import calibration_batches, fit_linear, fold_in_memory
 
 

@@ -2,7 +2,6 @@
 that never recompute an item, a retention gate, and one-line errors for bad input."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

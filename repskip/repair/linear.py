@@ -54,8 +54,8 @@ def removed_runs(removed: Sequence[int], num_layers: int) -> list[Run]:
             runs.append(Run(j - 1, j, j))
     if runs and runs[0].anchor < 0:
         raise RepskipError(
-            f"linear repair folds each map into the layer in front of a removed run, and layer 0 has none: "
-            f"keep layer 0 (the default protection) or drop --repair"
+            "linear repair folds each map into the layer in front of a removed run, and layer 0 has none: "
+            "keep layer 0 (the default protection) or drop --repair"
         )
     if runs and runs[-1].last >= num_layers:
         raise RepskipError(f"layer {runs[-1].last} is out of range for a {num_layers}-layer model")

@@ -100,6 +100,7 @@ class HealResult:
     output: Path
     record: dict
     layers: list[int] = field(default_factory=list)
+    wrote: bool = True  # False in the other processes of a multi-process run: the main one writes
 
 
 def lr_at(settings: HealSettings, step: int) -> float:
@@ -283,6 +284,15 @@ def heal(
     objective = get_objective(s_handle.family.training_objective, s_handle.family)
     family, config = s_handle.family, s_handle.ckpt.config
 
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        raise RepskipError("repskip heal needs accelerate: pip install 'repskip[heal]'") from None
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if settings.precision == "bf16" else "no")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if not accelerator.is_main_process:  # one voice for the run
+        say, progress = (lambda text: None), None
+    run_device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
     tokenizer = family.load_tokenizer(s_handle.path)
     t_tokenizer = t_handle.family.load_tokenizer(t_handle.path) if t_handle else None
     if t_handle is not None:
@@ -295,12 +305,6 @@ def heal(
     say(f"data: {train_data.train.shape[0]} training and {train_data.held_out.shape[0]} held-out sequences of "
         f"{settings.seq_len} tokens from {source}")
 
-    try:
-        from accelerate import Accelerator
-    except ImportError:
-        raise RepskipError("repskip heal needs accelerate: pip install 'repskip[heal]'") from None
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if settings.precision == "bf16" else "no")
-    rank, world = accelerator.process_index, accelerator.num_processes
 
     identity = {"settings": asdict(settings), "student": s_handle.ckpt.fingerprint(),
                 "teacher": t_handle.ckpt.fingerprint() if t_handle else None, "data": train_data.tokens_sha256,
@@ -322,13 +326,13 @@ def heal(
     accelerator.wait_for_everyone()
 
     say(f"loading {s_handle.path.name}" + (f" and the teacher {t_handle.path.name}" if t_handle else ""))
-    model = s_handle.load(dtype="float32", device=str(accelerator.device))
+    model = s_handle.load(dtype="float32", device=run_device)
     model, changed = attach_trainable(family, model, layers, settings)
     model.train()
     teacher_model = None
     if t_handle is not None:
         teacher_model = t_handle.load(dtype="bfloat16" if settings.precision == "bf16" else "float32",
-                                      device=str(accelerator.device))
+                                      device=run_device)
         teacher_model.eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -421,10 +425,10 @@ def heal(
         "objective": family.training_objective, "data": train_data.record(), "settings": asdict(settings),
         "layers": layers, "trainable_parameters": n_trainable, "tensors": sorted(changed),
         "history": history, "seconds": round(seconds, 1), "resumed_from": int(saved["step"]) if saved else None,
-        "processes": world, "device": str(accelerator.device), "versions": versions(("torch", "transformers", "peft", "accelerate")),
+        "processes": world, "device": run_device, "versions": versions(("torch", "transformers", "peft", "accelerate")),
     }
     if not accelerator.is_main_process:
-        return HealResult(output, record, layers)
+        return HealResult(output, record, layers, wrote=False)
 
     named = dict(model.named_parameters())
     ckpt = s_handle.ckpt
