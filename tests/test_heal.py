@@ -286,3 +286,28 @@ def test_two_processes_split_each_batch_and_end_where_one_process_does(models, t
     a, b, start = tensors(tmp_path / "one"), tensors(tmp_path / "two"), tensors(models["llama-k2"])
     moved = [k for k in a if not torch.equal(a[k], start[k])]
     assert moved and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4) for k in a)
+
+
+def test_hub_datasets_are_read_through_the_datasets_library(models, monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    seen = {}
+
+    def fake_load(name, config=None, split=None):
+        seen.update(name=name, config=config, split=split)
+        return datasets.Dataset.from_dict({"body": ["first document " * 20, "", "second one " * 20]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    with pytest.raises(RepskipError, match="no 'text' column"):
+        read_documents("hub:org/corpus:clean")
+    docs, source = read_documents("hub:org/corpus:clean", "body")
+    assert seen == {"name": "org/corpus", "config": "clean", "split": "train"}
+    assert len(docs) == 2 and source == "hub:org/corpus:clean"
+
+
+def test_bf16_autocast_trains_and_keeps_the_checkpoint_dtype(models, tmp_path):
+    result = heal(models["llama-k2"], tmp_path / "bf16", data=str(models["data"]), teacher=models["llama"],
+                  settings=HealSettings(steps=20, lr=3e-3, precision="bf16", **FAST), eval_every=20)
+    ev = result.record["history"]["eval"]
+    assert ev[-1]["kd"] < ev[0]["kd"]
+    after = tensors(tmp_path / "bf16")
+    assert all(t.dtype == torch.float32 for t in after.values())

@@ -305,7 +305,6 @@ def heal(
     say(f"data: {train_data.train.shape[0]} training and {train_data.held_out.shape[0]} held-out sequences of "
         f"{settings.seq_len} tokens from {source}")
 
-
     identity = {"settings": asdict(settings), "student": s_handle.ckpt.fingerprint(),
                 "teacher": t_handle.ckpt.fingerprint() if t_handle else None, "data": train_data.tokens_sha256,
                 "world": world}
@@ -318,7 +317,7 @@ def heal(
         saved = _state.peek(folder) if resume else None
         if saved is not None and saved.get("key") != key:
             differs = sorted(k for k, v in asdict(settings).items() if saved.get("settings", {}).get(k) != v)
-            what = f"settings ({', '.join(differs)})" if differs else "model, teacher or data"
+            what = f"settings ({', '.join(differs)})" if differs else "model, teacher, data or process count"
             raise RepskipError(f"{folder} holds an unfinished heal of other {what}; rerun it as it was, or pass "
                                "--no-resume to start afresh")
     if accelerator.is_main_process:
