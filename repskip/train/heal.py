@@ -288,7 +288,9 @@ def heal(
         from accelerate import Accelerator
     except ImportError:
         raise RepskipError("repskip heal needs accelerate: pip install 'repskip[heal]'") from None
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if settings.precision == "bf16" else "no")
+    # bf16 is torch's autocast below, not accelerate's mixed_precision flag: that flag is fixed for
+    # the life of the process, and a library caller may heal twice with different precisions
+    accelerator = Accelerator(cpu=device == "cpu")
     rank, world = accelerator.process_index, accelerator.num_processes
     if not accelerator.is_main_process:  # one voice for the run
         say, progress = (lambda text: None), None
@@ -345,6 +347,10 @@ def heal(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     order = _Order(train_data.train.shape[0], settings.seed)
+    bf16 = settings.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     held = train_data.held_out
 
     def micro_batch(step: int, micro: int) -> torch.Tensor:
@@ -353,7 +359,7 @@ def heal(
 
     def parts_for(ids: torch.Tensor, gen: torch.Generator, grad: bool) -> dict[str, torch.Tensor]:
         batch = objective.prepare(ids, torch.ones_like(ids), family=family, config=config, generator=gen)
-        with accelerator.autocast():
+        with autocast():
             t_logits = None
             if teacher_model is not None:
                 with torch.no_grad():
