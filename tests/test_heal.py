@@ -311,3 +311,36 @@ def test_bf16_autocast_trains_and_keeps_the_checkpoint_dtype(models, tmp_path):
     assert ev[-1]["kd"] < ev[0]["kd"]
     after = tensors(tmp_path / "bf16")
     assert all(t.dtype == torch.float32 for t in after.values())
+
+
+def test_a_heal_killed_with_sigkill_resumes_to_the_same_weights(models, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "repskip", "heal", str(models["llama-k2"]), "--teacher", str(models["llama"]),
+            "--data", str(models["data"]), "--steps", "150", "--seq-len", "32", "--eval-sequences", "8",
+            "--save-every", "5", "--lr", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    state = state_folder(out) / "state.safetensors"
+    proc = subprocess.Popen([*args, "-o", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not out.exists()
+    resumed = subprocess.run([*args, "-o", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    record = json.loads((out / "heal.json").read_text())
+    assert record["resumed_from"] and record["resumed_from"] % 5 == 0
+    straight = subprocess.run([*args, "-o", str(tmp_path / "straight")], env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, b = tensors(out), tensors(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not state_folder(out).exists() and not list(tmp_path.glob(".killed*"))
