@@ -901,6 +901,46 @@ def heal(model, teacher, data, text_field, output, method, layers, around, rank,
     console.print(f"wrote {output} (same architecture as {model}; training record in {output / 'heal.json'})")
 
 
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--label", "labels", multiple=True, help="Name of each model, in the order they first appear (repeat).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("runs/compare"), show_default=True,
+              help="Folder for the figures and compare.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
+@click.option("--force", is_flag=True, help="Replace the output folder if repskip wrote it.")
+def compare(runs, labels, output, as_json, force):
+    """Overlay the analyses and verify reports of several models (RUNS: analyze or verify
+    output folders, or their JSON files): one figure per view they all have, one table."""
+    from . import __version__
+    from .compare import common_views, load_series, summary, write_figures
+
+    series = load_series(list(runs), list(labels) or None)
+    views = common_views(series)
+    check_output(output, force, list(runs))
+    rows = summary(series, views)
+    record = {"schema_version": 1, "kind": "repskip.compare", "repskip": __version__, "views": views,
+              "runs": [str(r) for r in runs], "models": rows}
+    with atomic_dir(output, force, list(runs), command="compare") as tmp:
+        figures = write_figures(series, views, tmp)
+        record["figures"] = figures
+        (tmp / "compare.json").write_text(json.dumps(record, indent=1) + "\n")
+    if as_json:
+        click.echo(json.dumps(record, indent=1))
+        return
+    table = Table(title=f"Compared: {', '.join(views)}")
+    for col in ("model", "family", "layers", "mean cos", "cos >= 0.95", "most redundant (depth)", "retention"):
+        table.add_column(col)
+    for row in rows:
+        most = ", ".join(f"{m['layer']} ({m['depth']:.2f})" for m in row.get("most_redundant", []))
+        ret = "; ".join(f"k={p['removed']}: " + ", ".join(f"{b} {v['retention']:.3f}" for b, v in p["benchmarks"].items())
+                        for p in row.get("retention", []))
+        table.add_row(row["label"], f"{row['family']} ({row['kind']})", str(row.get("layers", "-")),
+                      f"{row['mean_cosine']:.4f}" if "mean_cosine" in row else "-",
+                      f"{row['redundant_share']:.0%}" if "redundant_share" in row else "-", most or "-", ret or "-")
+    console.print(table)
+    console.print(f"wrote {output}: {', '.join(figures)}, compare.json")
+
+
 @main.command("fetch-default")
 def fetch_default():
     """Fetch and convert the embedded default model (SmolLM2-135M-Instruct); print its folder."""
