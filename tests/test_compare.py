@@ -104,6 +104,7 @@ def test_only_the_shared_views_are_drawn(tmp_path):
     ("labels", "--label given for 2 models"),
     ("not-ours", "neither a repskip analysis nor a verify report"),
     ("missing", "does not exist"),
+    ("output-is-input", "refusing to write"),
 ])
 def test_refusals_are_one_line(tmp_path, case, message):
     a = analysis(tmp_path / "a", [0.1, 0.9, 0.2], "sha256:a")
@@ -114,13 +115,15 @@ def test_refusals_are_one_line(tmp_path, case, message):
         "labels": lambda: [a, b, "--label", "only-one"],
         "not-ours": lambda: [a, tmp_path / "x.json"],
         "missing": lambda: [a, tmp_path / "nowhere"],
+        "output-is-input": lambda: [a, b, "--force"],
     }[case]()
     (tmp_path / "x.json").write_text('{"kind": "something"}')
-    res = run("compare", *args, "-o", tmp_path / "cmp")
+    res = run("compare", *args, "-o", a if case == "output-is-input" else tmp_path / "cmp")
     assert res.exit_code == 1, res.output
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "cmp").exists()
+    assert json.loads((a / "analysis.json").read_text())["kind"] == "repskip.analysis"  # the input untouched
 
 
 def test_real_analyses_of_an_ar_and_a_diffusion_model_compare(tiny, tmp_path):

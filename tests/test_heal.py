@@ -344,3 +344,18 @@ def test_a_heal_killed_with_sigkill_resumes_to_the_same_weights(models, tmp_path
     a, b = tensors(out), tensors(tmp_path / "straight")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not state_folder(out).exists() and not list(tmp_path.glob(".killed*"))
+
+
+def test_a_folder_in_the_state_path_that_a_heal_did_not_make_is_never_used_or_removed(models, tmp_path):
+    out = tmp_path / "out"
+    blocked = state_folder(out)
+    # another repskip output (a compressed model) where the state would go
+    shutil.copytree(models["llama-k2"], blocked)
+    before = {p.name: p.read_bytes() for p in blocked.iterdir() if p.is_file()}
+    kw = dict(data=str(models["data"]), teacher=models["llama"], settings=HealSettings(steps=1, **FAST))
+    with pytest.raises(RepskipError, match="not a heal's state folder"):
+        heal(models["llama-k2"], out, **kw)
+    # and the student itself at that path
+    with pytest.raises(RepskipError, match="not a heal's state folder"):
+        heal(blocked, out, data=str(models["data"]), settings=HealSettings(loss="lm", layers="all", steps=1, **FAST))
+    assert {p.name: p.read_bytes() for p in blocked.iterdir() if p.is_file()} == before and not out.exists()

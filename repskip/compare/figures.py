@@ -22,19 +22,28 @@ def relative_depth(n: int) -> np.ndarray:
     return np.arange(n) / max(n - 1, 1)
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _similarity(series: list[Series], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for s in series:
         cos = s.analysis.cosine()
         ax.plot(relative_depth(len(cos)), cos, marker="o", ms=3, lw=1.2, label=f"{s.label} ({len(cos)} layers)")
-    ax.set_xlabel("relative depth (layer / last layer)")
-    ax.set_ylabel("cos(layer input, layer output)")
-    ax.set_title("How much each layer changes the representation (higher: more redundant)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _label(ax, "relative depth (layer / last layer)", "cos(layer input, layer output)",
+           "How much each layer changes the representation (higher: more redundant)")
+    _save(fig, path)
 
 
 def _matrix(series: list[Series], path: Path) -> None:
@@ -63,14 +72,8 @@ def _distance(series: list[Series], path: Path) -> None:
         ax.plot(prof["distances"], sims[-1], lw=1.5, label=f"{s.label}: last layer")
         ax.plot(prof["distances"], sims[len(sims) // 2], lw=1, ls="--", label=f"{s.label}: middle layer")
     ax.set_xscale("log")
-    ax.set_xlabel("token distance")
-    ax.set_ylabel("mean cosine between two tokens' states")
-    ax.set_title("Recency profile")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _label(ax, "token distance", "mean cosine between two tokens' states", "Recency profile")
+    _save(fig, path)
 
 
 def _retention(series: list[Series], path: Path) -> None:
@@ -88,14 +91,8 @@ def _retention(series: list[Series], path: Path) -> None:
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=s.label)
         ax.axhline(1.0, color="0.6", lw=0.8)
         ax.axhline(0.9, color="0.6", lw=0.8, ls=":")
-        ax.set_xlabel("share of layers removed")
-        ax.set_ylabel("retention (compressed / base), 95% CI")
-        ax.set_title(bench)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        _label(ax, "share of layers removed", "retention (compressed / base), 95% CI", bench)
+    _save(fig, path)
 
 
 DRAW = {"similarity": _similarity, "matrix": _matrix, "distance": _distance, "retention": _retention}

@@ -112,6 +112,14 @@ def lr_at(settings: HealSettings, step: int) -> float:
     return settings.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _heal_state(folder: Path) -> bool:
+    """Whether ``folder`` is a state folder a heal made (its repskip marker says heal)."""
+    try:
+        return json.loads((folder / MARKER).read_text("utf-8")).get("command") == "heal"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def state_folder(output: Path) -> Path:
     """Where a heal into ``output`` keeps its resumable state while it runs."""
     return output.parent / f".{output.name}.heal-state"
@@ -313,17 +321,18 @@ def heal(
     key = _fingerprint(identity)
     folder = state_folder(output)
     saved = None
-    if folder.exists():
-        if not (folder / MARKER).is_file():
-            raise RepskipError(f"{folder} exists and repskip did not make it; move it away")
+    if folder.exists() or folder.is_symlink():
+        if folder.is_symlink() or not _heal_state(folder):
+            raise RepskipError(f"{folder} exists and is not a heal's state folder; move it away or choose another "
+                               "output")
         saved = _state.peek(folder) if resume else None
         if saved is not None and saved.get("key") != key:
             differs = sorted(k for k, v in asdict(settings).items() if saved.get("settings", {}).get(k) != v)
             what = f"settings ({', '.join(differs)})" if differs else "model, teacher, data or process count"
             raise RepskipError(f"{folder} holds an unfinished heal of other {what}; rerun it as it was, or pass "
                                "--no-resume to start afresh")
-    if accelerator.is_main_process:
-        ensure_dir(folder, inputs, command="heal")
+    if accelerator.is_main_process:  # never an input, inside one or holding one (ensure_dir refuses)
+        ensure_dir(folder, inputs + ([data_path] if not data.startswith("hub:") else []), command="heal")
     accelerator.wait_for_everyone()
 
     say(f"loading {s_handle.path.name}" + (f" and the teacher {t_handle.path.name}" if t_handle else ""))
@@ -468,5 +477,6 @@ def heal(
 
     write_checkpoint(ckpt, planned, dict(config), output, {}, max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE,
                      force=force, command="heal", inputs=inputs, finish=reload_check)
-    shutil.rmtree(folder, ignore_errors=True)
+    if _heal_state(folder):  # ours: made by ensure_dir above, checked again before it goes
+        shutil.rmtree(folder, ignore_errors=True)
     return HealResult(output, record, layers)
