@@ -825,6 +825,9 @@ def plugins(as_json):
               help="Layers that train: around-cuts (the kept layers next to each cut, from the input's recipe), "
                    "all, or comma-separated indices.")
 @click.option("--around", type=int, default=1, show_default=True, help="around-cuts: kept layers on each side of a cut.")
+@click.option("--train-embeddings", is_flag=True,
+              help="--method full: also train the parameters outside the decoder layers (embeddings, final norm, "
+                   "output head); with --layers all, the whole model.")
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--lora-alpha", type=float, default=32.0, show_default=True, help="LoRA alpha (scale = alpha / rank).")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
@@ -853,9 +856,9 @@ def plugins(as_json):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--force", is_flag=True, help="Replace the output folder if repskip wrote it.")
-def heal(model, teacher, data, text_field, output, method, layers, around, rank, lora_alpha, lora_dropout, loss,
-         kd_weight, temperature, steps, lr, batch_size, grad_accum, warmup, weight_decay, seq_len, eval_sequences,
-         eval_every, save_every, resume, precision, device, threads, seed, max_shard_size, force):
+def heal(model, teacher, data, text_field, output, method, layers, around, train_embeddings, rank, lora_alpha,
+         lora_dropout, loss, kd_weight, temperature, steps, lr, batch_size, grad_accum, warmup, weight_decay, seq_len,
+         eval_sequences, eval_every, save_every, resume, precision, device, threads, seed, max_shard_size, force):
     """Train a compressed MODEL for a short while to recover what removal cost (LoRA or
     full fine-tuning of the layers next to each cut, distilled from --teacher)."""
     from . import pipeline
@@ -868,7 +871,8 @@ def heal(model, teacher, data, text_field, output, method, layers, around, rank,
 
         torch.set_num_threads(threads)
     settings = HealSettings(
-        method=method, layers=layers, around=around, rank=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        method=method, layers=layers, around=around, train_embeddings=train_embeddings, rank=rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         loss=loss or ("kd" if teacher else "lm"), kd_weight=kd_weight, temperature=temperature, steps=steps,
         lr=lr if lr is not None else (2e-4 if method == "lora" else 2e-5), batch_size=batch_size,
         grad_accum=grad_accum, warmup=warmup, weight_decay=weight_decay, seq_len=seq_len,

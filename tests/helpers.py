@@ -100,70 +100,16 @@ def load(path: Path):
 
 
 # --- diffusion layouts made from autoregressive weights --------------------------------
-LLADA_NAMES = {
-    "model.embed_tokens.weight": "model.transformer.wte.weight",
-    "model.norm.weight": "model.transformer.ln_f.weight",
-    "lm_head.weight": "model.transformer.ff_out.weight",
-}
-LLADA_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "q_proj.weight",
-    "self_attn.k_proj.weight": "k_proj.weight",
-    "self_attn.v_proj.weight": "v_proj.weight",
-    "self_attn.o_proj.weight": "attn_out.weight",
-    "post_attention_layernorm.weight": "ff_norm.weight",
-    "mlp.gate_proj.weight": "ff_proj.weight",
-    "mlp.up_proj.weight": "up_proj.weight",
-    "mlp.down_proj.weight": "ff_out.weight",
-}
 MASK_ID = 300
-
-
-def _llada_name(name: str) -> str:
-    if name in LLADA_NAMES:
-        return LLADA_NAMES[name]
-    _, _, i, rest = name.split(".", 3)
-    return f"model.transformer.blocks.{i}.{LLADA_LAYER[rest]}"
 
 
 def llada_from_llama(llama: Path, out: Path, mask_id: int = MASK_ID) -> Path:
     """A checkpoint in LLaDA's exact layout (config keys, tensor names, 2 shards + index)
     holding an untied Llama model's weights, with a stand-in for the shipped modeling code."""
-    import json
+    from repskip_diffusion.convert import llada_from_llama as convert
 
-    from safetensors.torch import load_file, save_file
-
-    cfg = json.loads((llama / "config.json").read_text())
-    source = load_file(llama / "model.safetensors")
-    source.setdefault("lm_head.weight", source["model.embed_tokens.weight"].clone())  # LLaDA never ties
-    tensors = {_llada_name(k): v for k, v in source.items()}
-    out.mkdir(parents=True)
-    names = sorted(tensors)
-    half = len(names) // 2
-    weight_map = {}
-    for idx, chunk in enumerate((names[:half], names[half:]), 1):
-        file = f"model-{idx:05d}-of-00002.safetensors"
-        save_file({n: tensors[n].contiguous() for n in chunk}, out / file, metadata={"format": "pt"})
-        weight_map.update({n: file for n in chunk})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    theta = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
-    config = {
-        "architectures": ["LLaDAModelLM"],
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM"},
-        "model_type": "llada", "block_type": "llama", "n_layers": cfg["num_hidden_layers"],
-        "d_model": cfg["hidden_size"], "n_heads": cfg["num_attention_heads"],
-        "n_kv_heads": cfg["num_key_value_heads"], "mlp_hidden_size": cfg["intermediate_size"],
-        "activation_type": "silu", "vocab_size": cfg["vocab_size"], "embedding_size": cfg["vocab_size"],
-        "rope": True, "rope_theta": theta, "layer_norm_type": "rms", "rms_norm_eps": cfg["rms_norm_eps"],
-        "include_bias": False, "weight_tying": False, "max_sequence_length": cfg["max_position_embeddings"],
-        "mask_token_id": mask_id, "eos_token_id": cfg["eos_token_id"], "pad_token_id": cfg["pad_token_id"],
-        "use_cache": False, "block_group_size": 1,
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    convert(llama, out, mask_id, shards=2)
     (out / "modeling_llada.py").write_text("# stand-in for the authors' modeling code; never executed\n")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / name).write_bytes((llama / name).read_bytes())
     return out
 
 

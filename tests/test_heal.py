@@ -141,6 +141,31 @@ def test_full_fine_tuning_trains_every_tensor_of_the_chosen_layers(models, tmp_p
     assert changed == layer0 and any("norm" in k for k in changed)
 
 
+@pytest.mark.parametrize("family", ["llama", "llada"])
+def test_train_embeddings_with_every_layer_trains_the_whole_model(models, tmp_path, family):
+    # training from scratch (bench/ar_vs_diffusion.py): every tensor on disk changes, the tied
+    # Llama embedding included, and the written model is the trained one
+    out = tmp_path / "whole"
+    res = run("heal", models[family], "--data", models["data"], "-o", out, "--method", "full", "--layers", "all",
+              "--train-embeddings", "--loss", "lm", "--steps", "2", "--lr", "1e-3", "--seq-len", "32",
+              "--eval-sequences", "8")
+    assert res.exit_code == 0, res.output
+    before, after = tensors(models[family]), tensors(out)
+    assert before.keys() == after.keys()
+    assert sorted(k for k in before if torch.equal(before[k], after[k])) == []
+    record = json.loads((out / "heal.json").read_text())
+    assert record["settings"]["train_embeddings"] is True and len(record["tensors"]) == len(before)
+    assert record["trainable_parameters"] == sum(t.numel() for t in before.values())
+    assert record["written_max_logit_diff"] < 1e-4
+
+
+def test_train_embeddings_needs_full_fine_tuning(models, tmp_path):
+    res = run("heal", models["llama"], "--data", models["data"], "-o", tmp_path / "x", "--layers", "all",
+              "--train-embeddings", "--loss", "lm")
+    assert_clean_error(res, "--train-embeddings")
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_diffusion_models_heal_with_the_masked_diffusion_objective_and_still_sample(models, tmp_path, family):
     out = tmp_path / f"{family}-healed"

@@ -52,6 +52,7 @@ class HealSettings:
     method: str = "lora"
     layers: str = "around-cuts"  # around-cuts, all, or comma-separated layer indices
     around: int = 1  # around-cuts: kept layers taken on each side of a cut
+    train_embeddings: bool = False  # full: also the parameters outside the layers (embeddings, final norm, head)
     rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -91,6 +92,8 @@ class HealSettings:
             bad(f"--kd-weight must be from 0 to 1, got {self.kd_weight}")
         if not self.temperature > 0:
             bad(f"--temperature must be positive, got {self.temperature}")
+        if self.train_embeddings and self.method != "full":
+            bad("--train-embeddings trains the embeddings, final norm and output head whole: it needs --method full")
         if not 0 <= self.lora_dropout < 1:
             bad(f"--lora-dropout must be from 0 to below 1, got {self.lora_dropout}")
 
@@ -193,6 +196,9 @@ def attach_trainable(family: Any, model: Any, layers: Sequence[int], settings: H
         p.requires_grad_(False)
     if settings.method == "full":
         named = dict(model.named_parameters())
+        if settings.train_embeddings:  # with every layer, this is the whole model: training from scratch
+            in_layers = set(_layer_modules(family, model, range(len(family.decoder_layers(model))))[1])
+            params += [name for name in named if name not in in_layers]
         for name in params:
             named[name].requires_grad_(True)
         return model, params
@@ -346,7 +352,8 @@ def heal(
         teacher_model.eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    say(f"training {settings.method} on layers {layers}: {n_trainable:,} parameters")
+    say(f"training {settings.method} on layers {layers}" + (" and the embeddings, final norm and head"
+        if settings.train_embeddings else "") + f": {n_trainable:,} parameters")
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     start, history = 0, {"train": [], "eval": []}
     if saved is not None:

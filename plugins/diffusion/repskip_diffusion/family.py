@@ -131,7 +131,12 @@ class DiffusionFamily(Family):
 
     def load_tokenizer(self, path: Path) -> Any:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
+        from transformers.utils import logging as hf_logging
 
+        # AutoTokenizer reads config.json, whose model type transformers does not know, and warns
+        # that the model may not be compatible: true, and beside the point for a tokenizer
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
         try:
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         except (ValueError, OSError, ImportError):
@@ -139,6 +144,8 @@ class DiffusionFamily(Family):
             if (Path(path) / "tokenizer.json").is_file():
                 return PreTrainedTokenizerFast(tokenizer_file=str(Path(path) / "tokenizer.json"))
             raise RepskipError(f"{path} has no tokenizer that loads without remote code (no tokenizer.json)") from None
+        finally:
+            hf_logging.set_verbosity(level)
 
     def decoder_layers(self, model: Any) -> Any:
         return model.blocks
