@@ -48,6 +48,7 @@ import _common  # noqa: E402
 
 DATA = _common.REPO.parent / "shared" / "data"
 KINDS = ("ar", "diffusion")
+TITLES = {"ar": "AR (causal, next-token)", "diffusion": "diffusion (bidirectional, masked)"}
 STRATEGIES = ("paper", "block-influence", "angular-block", "greedy-loss")
 SPECIALS = ["<|endoftext|>", "<|mask|>"]
 BLOCK_CHARS = 1800  # held-out and calibration text is cut into blocks of about this many characters
@@ -191,7 +192,7 @@ def train(work: Path, args: argparse.Namespace, commands: list[str]) -> dict[str
                "--steps", args.steps, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
                "--lr", args.lr, "--weight-decay", 0.1, "--warmup", 0.05, "--eval-sequences", 32,
                "--eval-every", max(args.steps // 10, 1), "--save-every", max(args.steps // 20, 1),
-               "--seed", args.seed, "--threads", threads]
+               "--seed", args.seed, "--threads", threads, "--device", args.device]
         commands.append(shlex.join(["repskip", *map(str, cmd)]))
         log(commands[-1])
         with open(work / f"train-{kind}.log", "a") as fh:
@@ -220,13 +221,14 @@ def train(work: Path, args: argparse.Namespace, commands: list[str]) -> dict[str
 def analyze(work: Path, args: argparse.Namespace, commands: list[str]) -> None:
     calib = work / "data" / "calib.txt"
     common = ["--calib", calib, "--num-samples", 64, "--max-length", 256, "--strategy", "greedy-loss",
-              "-k", args.max_k, "--repair", "none", "--search-samples", 16]
+              "-k", args.max_k, "--repair", "none", "--search-samples", 16, "--device", args.device]
     for kind in KINDS:
         if not (work / "runs" / kind / "analysis.json").is_file():
             repskip(["analyze", work / "models" / kind, "-o", work / "runs" / kind, *common], commands)
     if not (work / "runs" / "diffusion-sampling" / "analysis.json").is_file():
         repskip(["analyze", work / "models" / "diffusion", "-o", work / "runs" / "diffusion-sampling",
-                 "--mode", "sampling", "--calib", work / "data" / "heldout.txt", "--num-samples", 16,
+                 "--mode", "sampling", "--device", args.device, "--calib", work / "data" / "heldout.txt",
+                 "--num-samples", 16,
                  "--max-length", 64, "-k", args.max_k, "--repair", "none", "--no-chat",
                  *[x for setting in (f"gen_length={args.gen_length}", f"steps={args.gen_length}",
                                      f"block_length={args.gen_length}", f"temperature={args.temperature}")
@@ -259,15 +261,21 @@ def removals(work: Path, args: argparse.Namespace, commands: list[str]) -> dict:
 
 
 def verify_all(work: Path, args: argparse.Namespace, rows: dict, commands: list[str]) -> None:
+    measured: dict[tuple, Path] = {}  # (kind, removed layers) -> the report that measured them
     for key, row in rows.items():
         if "recipe" not in row:
             continue
         kind, strategy, k = key.split("/")
         folder = work / "verify" / f"{kind}-{strategy}-k{k}"
+        same = measured.get((kind, tuple(row["removed"])))
+        if same is not None and not (folder / "report.json").is_file():
+            folder = same  # another strategy chose the same layers: the same measurement
+        measured.setdefault((kind, tuple(row["removed"])), folder)
         if not (folder / "report.json").is_file():
             repskip(["verify", work / "models" / kind, "--recipe", row["recipe"], "--bench", "perplexity",
                      "--data", f"perplexity={work / 'data' / 'heldout.txt'}", "--limit", args.items,
-                     "--speed-repeats", 1, "-o", folder], commands)
+                     "--speed-repeats", 1, "--max-length", args.seq_len, "--device", args.device, "-o", folder],
+                    commands)
         report = json.loads((folder / "report.json").read_text())
         bench = report["benchmarks"]["perplexity"]
         row.update(verify=str(folder), retention=bench["retention"], ci=bench["retention_ci95"],
@@ -295,7 +303,7 @@ def sample_quality(work: Path, args: argparse.Namespace, rows: dict) -> dict:
     handle = open_model(work / "models" / "diffusion")
     fam, tokenizer = handle.family, handle.family.load_tokenizer(handle.path)
     judge_handle = open_model(work / "models" / "ar")
-    judge = judge_handle.load("float32", "cpu")
+    judge = judge_handle.load("float32", args.device)
     prompts = [tokenizer.decode(tokenizer(t)["input_ids"][: args.prompt_tokens])
                for t in heldout_paragraphs(work, args.prompts)]
     sampler = get_sampler(fam.default_sampler, fam)
@@ -305,7 +313,7 @@ def sample_quality(work: Path, args: argparse.Namespace, rows: dict) -> dict:
                 "temperature": args.temperature}
 
     def generate(remove: list[int]) -> list[list[int]]:
-        model = handle.load("float32", "cpu")
+        model = handle.load("float32", args.device)
         if remove:
             fam.remove_layers(model, [i for i in range(handle.num_layers) if i not in set(remove)])
         return sampler.generate(model, tokenizer, prompts, family=fam, seed=args.seed, **settings).token_ids
@@ -316,7 +324,7 @@ def sample_quality(work: Path, args: argparse.Namespace, rows: dict) -> dict:
             if not out:
                 continue
             p = tokenizer(prompt)["input_ids"]
-            ids = torch.tensor([p + out])
+            ids = torch.tensor([p + out], device=args.device)
             with torch.no_grad():
                 logp = judge_handle.family.logits(judge, ids, torch.ones_like(ids)).float().log_softmax(-1)
             total -= float(logp[0, len(p) - 1:-1].gather(-1, ids[0, len(p):, None]).sum())
@@ -367,10 +375,10 @@ def fixed_ratio_nll(work: Path, args: argparse.Namespace, rows: dict) -> dict:
     fam, tokenizer = handle.family, handle.family.load_tokenizer(handle.path)
     mask_id = fam.mask_token_id(handle.ckpt.config)
     blocks = heldout_paragraphs(work, args.items)
-    ids = [torch.tensor([tokenizer(b)["input_ids"][: args.seq_len]]) for b in blocks]
+    ids = [torch.tensor([tokenizer(b)["input_ids"][: args.seq_len]], device=args.device) for b in blocks]
 
     def measure(remove: list[int]) -> dict:
-        model = handle.load("float32", "cpu")
+        model = handle.load("float32", args.device)
         if remove:
             fam.remove_layers(model, [i for i in range(handle.num_layers) if i not in set(remove)])
         out = {}
@@ -380,6 +388,7 @@ def fixed_ratio_nll(work: Path, args: argparse.Namespace, rows: dict) -> dict:
                 g = torch.Generator().manual_seed(args.seed * 7919 + j)
                 masked = torch.rand(row.shape, generator=g) < ratio
                 masked[0, int(torch.randint(row.shape[1], (1,), generator=g))] = True
+                masked = masked.to(row.device)
                 with torch.no_grad():
                     logits = fam.token_logits(model, torch.where(masked, mask_id, row), torch.ones_like(row))
                 total += float(F.cross_entropy(logits[masked].float(), row[masked], reduction="sum"))
@@ -401,34 +410,74 @@ def fixed_ratio_nll(work: Path, args: argparse.Namespace, rows: dict) -> dict:
     return done["full"]
 
 
+def floors(work: Path, args: argparse.Namespace) -> dict:
+    """What a model that ignores context scores on the items verify measured: the unigram
+    distribution of the training tokens (add-one smoothed), and the uniform guess. For both
+    objectives a context-free predictor's loss is the unigram cross-entropy (the
+    masked-diffusion bound of a predictor that ignores the visible tokens is exactly it), so
+    ``(unigram - NLL) / (unigram - base NLL)`` is the share of what context modelling gained
+    that survives a removal, comparable between a strong and a weak model."""
+    import math
+
+    import torch
+    from repskip import registry
+    from repskip.pipeline import open_model
+    from repskip.textio import tokenize_prefix
+
+    handle = open_model(work / "models" / "ar")
+    tokenizer = handle.family.load_tokenizer(handle.path)
+    vocab = len(tokenizer)
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for file in sorted((work / "data" / "train").iterdir()):
+        for piece in file.read_text("utf-8").split("\n\n"):
+            counts += torch.bincount(torch.tensor(tokenizer(piece)["input_ids"] or [0]), minlength=vocab).double()
+    logp = ((counts + 1) / (counts.sum() + vocab)).log()
+    items = registry.create("benchmarks", "perplexity").load(work / "data" / "heldout.txt")[: args.items]
+    ids = torch.tensor([t for it in items for t in tokenize_prefix(tokenizer, it.prompt, 1024)])
+    return {"unigram_nll": round(float(-logp[ids].mean()), 4), "uniform_nll": round(math.log(vocab), 4),
+            "tokens": int(ids.numel())}
+
+
+def context_kept(row: dict, unigram: float) -> float:
+    """The share of the base model's gain over a context-free predictor that survives (see floors)."""
+    import math
+
+    return round((unigram - math.log(row["ppl"])) / (unigram - math.log(row["base_ppl"])), 4)
+
+
 def retention_figure(work: Path, rows: dict, max_k: int) -> Path:
-    """Retention against k, a panel per model, a line per strategy, 95% intervals."""
+    """Against k, a column per model and a line per strategy: retention with its 95% interval
+    (top), and the share of the gain over a context-free predictor kept (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, kind in zip(axes, KINDS):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row", sharex=True)
+    for col, kind in enumerate(KINDS):
         for n, strategy in enumerate(STRATEGIES):
             shift = (n - (len(STRATEGIES) - 1) / 2) * 0.06  # strategies that pick the same layers stay visible
-            pts = [(int(k), r) for key, r in rows.items() for kd, st, k in [key.split("/")]
+            pts = [(int(k) + shift, r) for key, r in rows.items() for kd, st, k in [key.split("/")]
                    if kd == kind and st == strategy and "retention" in r]
             if not pts:
                 continue
-            ks = [0] + [k + shift for k, _ in pts]
-            ret = [1.0] + [r["retention"] for _, r in pts]
-            lo = [1.0] + [r["ci"][0] for _, r in pts]
-            hi = [1.0] + [r["ci"][1] for _, r in pts]
-            line, = ax.plot(ks, ret, marker="osD^"[n], label=strategy)
-            ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.axhline(0.9, color="grey", lw=0.8, ls="--")
-        ax.set_title({"ar": "AR (causal, next-token)", "diffusion": "diffusion (bidirectional, masked)"}[kind])
-        ax.set_xlabel("layers removed (k)")
-        ax.set_xticks(range(max_k + 1))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out retention (base PPL / PPL)")
-    axes[0].legend(loc="lower left")
+            ks = [0.0] + [k for k, _ in pts]
+            top = axes[0, col]
+            line, = top.plot(ks, [1.0] + [r["retention"] for _, r in pts], marker="osD^"[n], label=strategy)
+            top.fill_between(ks, [1.0] + [r["ci"][0] for _, r in pts], [1.0] + [r["ci"][1] for _, r in pts],
+                             color=line.get_color(), alpha=0.15)
+            if all("context_kept" in r for _, r in pts):
+                axes[1, col].plot(ks, [1.0] + [r["context_kept"] for _, r in pts], marker="osD^"[n],
+                                  color=line.get_color())
+        axes[0, col].set_title(TITLES[kind])
+        axes[1, col].set_xlabel("layers removed (k)")
+        for ax in axes[:, col]:
+            ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+            ax.set_xticks(range(max_k + 1))
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("retention: base PPL / PPL")
+    axes[1, 0].set_ylabel("gain over unigram kept")
+    axes[0, 0].legend(loc="lower left")
     fig.tight_layout()
     path = work / "retention_vs_k.png"
     fig.savefig(path, dpi=120)
@@ -439,7 +488,7 @@ def retention_figure(work: Path, rows: dict, max_k: int) -> Path:
 def compare(work: Path, rows: dict, commands: list[str], strategy: str) -> None:
     """``repskip compare``: AR against diffusion (mask sweep) with the retention reports of
     ``strategy``; and AR against the diffusion model's sampling trajectories."""
-    labels = ["--label", "AR (causal, next-token)", "--label", "diffusion (bidirectional, masked)"]
+    labels = ["--label", TITLES["ar"], "--label", TITLES["diffusion"]]
     if not (work / "compare" / "compare.json").is_file():
         reports = [Path(r["verify"]) for key, r in rows.items() if "verify" in r and f"/{strategy}/" in key]
         repskip(["compare", work / "runs" / "ar", work / "runs" / "diffusion", *reports, *labels,
@@ -463,6 +512,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for training, analysis and measurement")
     ap.add_argument("--sequential", action="store_true", help="train one model after the other, all threads each")
     ap.add_argument("--max-k", type=int, default=4)
     ap.add_argument("--items", type=int, default=48, help="held-out perplexity items (of about 1,800 characters)")
@@ -501,12 +551,16 @@ def main() -> None:
     verify_all(work, args, rows, commands)
     full_samples = sample_quality(work, args, rows)
     full_ratio = fixed_ratio_nll(work, args, rows)
+    floor = floors(work, args)
+    for row in rows.values():
+        if "ppl" in row:
+            row["context_kept"] = context_kept(row, floor["unigram_nll"])
     retention_figure(work, rows, args.max_k)
     compare(work, rows, commands, args.compare_strategy)
     result = {"schema_version": _common.SCHEMA_VERSION, "kind": "repskip.study.ar_vs_diffusion",
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "data": data, "training": training, "rows": rows, "full_samples": full_samples,
-              "full_fixed_ratio_nll": full_ratio,
+              "full_fixed_ratio_nll": full_ratio, "floors": floor,
               "commands": commands, "seconds": round(time.monotonic() - t0, 1),
               "machine": _common.machine(), "git": _common.GIT_AT_START,
               "command": shlex.join([os.path.relpath(sys.executable), *sys.argv])}
@@ -525,7 +579,9 @@ def print_table(rows: dict) -> None:
             continue
         ci = r.get("ci") or [float("nan")] * 2
         s = r.get("samples")
-        extra = f"gen-ppl {s['gen_ppl']}, agree {s['agreement']:.2f}" if s else ""
+        extra = f"context kept {r['context_kept']:.3f}"
+        if s:
+            extra += f"; gen-ppl {s['gen_ppl']}, agree {s['agreement']:.2f}"
         fixed = r.get("fixed_ratio_retention")
         if fixed:
             extra += "; at ratio " + ", ".join(f"{k}: {v:.3f}" for k, v in fixed.items())

@@ -112,6 +112,26 @@ def test_an_interrupted_run_resumes_to_the_same_report_without_recomputing(tiny,
         assert len(ids) == len(set(ids)), f"{path.name} computed an item twice"
 
 
+def test_perplexity_scores_at_most_max_length_tokens_and_never_past_the_context(tiny, tmp_path, wiki_small):
+    def tokens_scored(folder):
+        records = [json.loads(line) for p in (folder / "cache").rglob("*.jsonl") for line in p.read_text().splitlines()]
+        return [r["metrics"]["tokens"] for r in records]
+
+    args = ["verify", str(tiny["llama"]), str(tiny["llama"]), "--bench", "perplexity", "--data",
+            f"perplexity={wiki_small}", "--limit", "3", "--speed-repeats", "0"]
+    res = CliRunner().invoke(main, [*args, "--max-length", "12", "-o", str(tmp_path / "short")])
+    assert res.exit_code == 0, res.output
+    assert set(tokens_scored(tmp_path / "short")) == {11}  # 12 tokens: 11 predicted
+    report = json.loads((tmp_path / "short" / "report.json").read_text())
+    assert report["settings"]["max_length"] == 12
+    # a model whose context is 20 tokens is scored on 20, whatever --max-length asks
+    short_context = make_checkpoint(tmp_path / "ctx20", "llama", seed=2, max_position_embeddings=20)
+    args[1:3] = [str(short_context), str(short_context)]
+    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "ctx")])
+    assert res.exit_code == 0, res.output
+    assert set(tokens_scored(tmp_path / "ctx")) == {19}
+
+
 def test_gate_exit_codes(tiny, tmp_path, wiki_small):
     args = ["verify", str(tiny["llama"]), str(tiny["llama"]), "--bench", "perplexity",
             "--data", f"perplexity={wiki_small}", "--limit", "2", "-o", str(tmp_path / "v")]

@@ -297,6 +297,9 @@ def run_perplexity(side: Side, bench: Benchmark, items: list[Item], *, cache: It
 
     fam = side.handle.family
     device = model_device(side.model)
+    context = fam.context_length(side.handle.ckpt.config)
+    if context:  # a model is never scored past its context
+        max_length = min(max_length, context)
     for index, it in enumerate(items):
         if index % world != rank or it.id in cache:
             continue
