@@ -58,12 +58,15 @@ def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def repskip(args: list[str], commands: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a repskip command as a user would (same interpreter), recording it."""
+def repskip(args: list[str], commands: list[str], run: bool = True) -> subprocess.CompletedProcess | None:
+    """Run a repskip command as a user would (same interpreter), recording it; with ``run``
+    false, only record it (its output is there from an earlier run)."""
     cmd = [sys.executable, "-m", "repskip", *map(str, args)]
     commands.append(shlex.join(["repskip", *map(str, args)]))
+    if not run:
+        return None
     log(commands[-1])
-    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode:
         log("  failed: " + (done.stdout.strip().splitlines() or ["(no output)"])[-1])
         raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout)
@@ -195,6 +198,7 @@ def train(work: Path, args: argparse.Namespace, commands: list[str]) -> dict[str
                "--seed", args.seed, "--threads", threads, "--device", args.device]
         commands.append(shlex.join(["repskip", *map(str, cmd)]))
         log(commands[-1])
+        (work / f"train-{kind}.json").write_text(json.dumps({"command": commands[-1], "threads": threads}))
         with open(work / f"train-{kind}.log", "a") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "repskip", *map(str, cmd)], stdout=fh,
                                     stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
@@ -210,10 +214,11 @@ def train(work: Path, args: argparse.Namespace, commands: list[str]) -> dict[str
     for kind in args.kinds:
         rec = json.loads((out[kind] / "heal.json").read_text())
         ev = rec["history"]["eval"]
-        records[kind] = {"seconds": rec["seconds"], "steps": rec["settings"]["steps"],
+        launched = json.loads((work / f"train-{kind}.json").read_text()) if (work / f"train-{kind}.json").is_file() \
+            else {}
+        records[kind] = {**launched, "seconds": rec["seconds"], "steps": rec["settings"]["steps"],
                          "tokens": rec["data"]["seq_len"] * rec["settings"]["steps"] * rec["settings"]["batch_size"],
-                         "parameters": rec["trainable_parameters"], "held_out_lm": [ev[0]["lm"], ev[-1]["lm"]],
-                         "threads": threads}
+                         "parameters": rec["trainable_parameters"], "held_out_lm": [ev[0]["lm"], ev[-1]["lm"]]}
     return records
 
 
@@ -223,16 +228,16 @@ def analyze(work: Path, args: argparse.Namespace, commands: list[str]) -> None:
     common = ["--calib", calib, "--num-samples", 64, "--max-length", 256, "--strategy", "greedy-loss",
               "-k", args.max_k, "--repair", "none", "--search-samples", 16, "--device", args.device]
     for kind in KINDS:
-        if not (work / "runs" / kind / "analysis.json").is_file():
-            repskip(["analyze", work / "models" / kind, "-o", work / "runs" / kind, *common], commands)
-    if not (work / "runs" / "diffusion-sampling" / "analysis.json").is_file():
-        repskip(["analyze", work / "models" / "diffusion", "-o", work / "runs" / "diffusion-sampling",
+        repskip(["analyze", work / "models" / kind, "-o", work / "runs" / kind, *common], commands,
+                run=not (work / "runs" / kind / "analysis.json").is_file())
+    repskip(["analyze", work / "models" / "diffusion", "-o", work / "runs" / "diffusion-sampling",
                  "--mode", "sampling", "--device", args.device, "--calib", work / "data" / "heldout.txt",
                  "--num-samples", 16,
                  "--max-length", 64, "-k", args.max_k, "--repair", "none", "--no-chat",
                  *[x for setting in (f"gen_length={args.gen_length}", f"steps={args.gen_length}",
                                      f"block_length={args.gen_length}", f"temperature={args.temperature}")
-                   for x in ("--sampler-setting", setting)]], commands)
+                   for x in ("--sampler-setting", setting)]], commands,
+            run=not (work / "runs" / "diffusion-sampling" / "analysis.json").is_file())
 
 
 def removals(work: Path, args: argparse.Namespace, commands: list[str]) -> dict:
@@ -243,16 +248,15 @@ def removals(work: Path, args: argparse.Namespace, commands: list[str]) -> dict:
             for k in range(1, args.max_k + 1):
                 path = work / "recipes" / f"{kind}-{strategy}-k{k}.yaml"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                if not path.is_file():
-                    try:
-                        # paper: its ranking by cosine and its no-adjacent rule, without the 0.95 bar
-                        # (no layer of a model this small reaches it)
-                        bar = ["--threshold", -1] if strategy == "paper" else []
-                        repskip(["select", work / "runs" / kind / "analysis.json", "-o", path, "--strategy",
-                                 strategy, "-k", k, *bar], commands)
-                    except subprocess.CalledProcessError as e:
-                        out[f"{kind}/{strategy}/{k}"] = {"error": e.stdout.strip().splitlines()[-1]}
-                        continue
+                try:
+                    # paper: its ranking by cosine and its no-adjacent rule, without the 0.95 bar
+                    # (no layer of a model this small reaches it)
+                    bar = ["--threshold", -1] if strategy == "paper" else []
+                    repskip(["select", work / "runs" / kind / "analysis.json", "-o", path, "--strategy",
+                             strategy, "-k", k, *bar], commands, run=not path.is_file())
+                except subprocess.CalledProcessError as e:
+                    out[f"{kind}/{strategy}/{k}"] = {"error": e.stdout.strip().splitlines()[-1]}
+                    continue
                 from repskip.recipe import load as load_recipe
 
                 out[f"{kind}/{strategy}/{k}"] = {"recipe": str(path),
@@ -271,11 +275,11 @@ def verify_all(work: Path, args: argparse.Namespace, rows: dict, commands: list[
         if same is not None and not (folder / "report.json").is_file():
             folder = same  # another strategy chose the same layers: the same measurement
         measured.setdefault((kind, tuple(row["removed"])), folder)
-        if not (folder / "report.json").is_file():
+        if same is None or same != folder:
             repskip(["verify", work / "models" / kind, "--recipe", row["recipe"], "--bench", "perplexity",
                      "--data", f"perplexity={work / 'data' / 'heldout.txt'}", "--limit", args.items,
                      "--speed-repeats", 1, "--max-length", args.seq_len, "--device", args.device, "-o", folder],
-                    commands)
+                    commands, run=not (folder / "report.json").is_file())
         report = json.loads((folder / "report.json").read_text())
         bench = report["benchmarks"]["perplexity"]
         row.update(verify=str(folder), retention=bench["retention"], ci=bench["retention_ci95"],
@@ -433,16 +437,23 @@ def floors(work: Path, args: argparse.Namespace) -> dict:
             counts += torch.bincount(torch.tensor(tokenizer(piece)["input_ids"] or [0]), minlength=vocab).double()
     logp = ((counts + 1) / (counts.sum() + vocab)).log()
     items = registry.create("benchmarks", "perplexity").load(work / "data" / "heldout.txt")[: args.items]
-    ids = torch.tensor([t for it in items for t in tokenize_prefix(tokenizer, it.prompt, 1024)])
+    ids = torch.tensor([t for it in items for t in tokenize_prefix(tokenizer, it.prompt, args.seq_len)])
     return {"unigram_nll": round(float(-logp[ids].mean()), 4), "uniform_nll": round(math.log(vocab), 4),
             "tokens": int(ids.numel())}
 
 
-def context_kept(row: dict, unigram: float) -> float:
-    """The share of the base model's gain over a context-free predictor that survives (see floors)."""
+def context_kept(row: dict, unigram: float) -> tuple[float, list[float]]:
+    """The share of the base model's gain over a context-free predictor that survives (see
+    floors), and the retention interval mapped through the same formula (the base held at its
+    estimate): 1 - ln(1 / retention) / gain."""
     import math
 
-    return round((unigram - math.log(row["ppl"])) / (unigram - math.log(row["base_ppl"])), 4)
+    gain = unigram - math.log(row["base_ppl"])
+
+    def share(retention: float) -> float:
+        return round(1 - math.log(1 / retention) / gain, 4)
+
+    return share(row["retention"]), [share(row["ci"][0]), share(row["ci"][1])]
 
 
 def retention_figure(work: Path, rows: dict, max_k: int) -> Path:
@@ -469,6 +480,9 @@ def retention_figure(work: Path, rows: dict, max_k: int) -> Path:
             if all("context_kept" in r for _, r in pts):
                 axes[1, col].plot(ks, [1.0] + [r["context_kept"] for _, r in pts], marker="osD^"[n],
                                   color=line.get_color())
+                axes[1, col].fill_between(ks, [1.0] + [r["context_kept_ci"][0] for _, r in pts],
+                                          [1.0] + [r["context_kept_ci"][1] for _, r in pts],
+                                          color=line.get_color(), alpha=0.15)
         axes[0, col].set_title(TITLES[kind])
         axes[1, col].set_xlabel("layers removed (k)")
         for ax in axes[:, col]:
@@ -489,13 +503,12 @@ def compare(work: Path, rows: dict, commands: list[str], strategy: str) -> None:
     """``repskip compare``: AR against diffusion (mask sweep) with the retention reports of
     ``strategy``; and AR against the diffusion model's sampling trajectories."""
     labels = ["--label", TITLES["ar"], "--label", TITLES["diffusion"]]
-    if not (work / "compare" / "compare.json").is_file():
-        reports = [Path(r["verify"]) for key, r in rows.items() if "verify" in r and f"/{strategy}/" in key]
-        repskip(["compare", work / "runs" / "ar", work / "runs" / "diffusion", *reports, *labels,
-                 "-o", work / "compare"], commands)
-    if not (work / "compare-sampling" / "compare.json").is_file():
-        repskip(["compare", work / "runs" / "ar", work / "runs" / "diffusion-sampling", *labels[:3],
-                 "diffusion (sampling trajectory)", "-o", work / "compare-sampling"], commands)
+    reports = [Path(r["verify"]) for key, r in rows.items() if "verify" in r and f"/{strategy}/" in key]
+    repskip(["compare", work / "runs" / "ar", work / "runs" / "diffusion", *reports, *labels, "-o", work / "compare"],
+            commands, run=not (work / "compare" / "compare.json").is_file())
+    repskip(["compare", work / "runs" / "ar", work / "runs" / "diffusion-sampling", *labels[:3],
+             "diffusion (sampling trajectory)", "-o", work / "compare-sampling"], commands,
+            run=not (work / "compare-sampling" / "compare.json").is_file())
 
 
 def main() -> None:
@@ -539,6 +552,8 @@ def main() -> None:
     train_tokenizer(work, args.vocab)
     initial_models(work, args)
     training = train(work, args, commands)
+    commands[:] = [training[k]["command"] for k in args.kinds if "command" in training[k]
+                   and training[k]["command"] not in commands] + commands
     for kind, rec in training.items():
         log(f"{kind}: {rec['tokens']:,} tokens in {rec['seconds']:.0f} s; held-out loss "
             f"{rec['held_out_lm'][0]:.3f} -> {rec['held_out_lm'][1]:.3f}")
@@ -554,7 +569,7 @@ def main() -> None:
     floor = floors(work, args)
     for row in rows.values():
         if "ppl" in row:
-            row["context_kept"] = context_kept(row, floor["unigram_nll"])
+            row["context_kept"], row["context_kept_ci"] = context_kept(row, floor["unigram_nll"])
     retention_figure(work, rows, args.max_k)
     compare(work, rows, commands, args.compare_strategy)
     result = {"schema_version": _common.SCHEMA_VERSION, "kind": "repskip.study.ar_vs_diffusion",
