@@ -91,7 +91,7 @@ def _retention(series: list[Series], path: Path) -> None:
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=s.label)
         ax.axhline(1.0, color="0.6", lw=0.8)
         ax.axhline(0.9, color="0.6", lw=0.8, ls=":")
-        _label(ax, "share of layers removed", "retention (compressed / base), 95% CI", bench)
+        _label(ax, "share of layers removed", "retention (1: nothing lost), 95% CI", bench)
     _save(fig, path)
 
 
