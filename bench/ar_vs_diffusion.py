@@ -442,13 +442,16 @@ def floors(work: Path, args: argparse.Namespace) -> dict:
             "tokens": int(ids.numel())}
 
 
-def context_kept(row: dict, unigram: float) -> tuple[float, list[float]]:
+def context_kept(row: dict, unigram: float) -> tuple[float | None, list[float] | None]:
     """The share of the base model's gain over a context-free predictor that survives (see
     floors), and the retention interval mapped through the same formula (the base held at its
-    estimate): 1 - ln(1 / retention) / gain."""
+    estimate): 1 - ln(1 / retention) / gain. None when the base has no gain to keep (a model
+    trained too little to beat token frequencies)."""
     import math
 
     gain = unigram - math.log(row["base_ppl"])
+    if gain <= 0:
+        return None, None
 
     def share(retention: float) -> float:
         return round(1 - math.log(1 / retention) / gain, 4)
@@ -477,7 +480,7 @@ def retention_figure(work: Path, rows: dict, max_k: int) -> Path:
             line, = top.plot(ks, [1.0] + [r["retention"] for _, r in pts], marker="osD^"[n], label=strategy)
             top.fill_between(ks, [1.0] + [r["ci"][0] for _, r in pts], [1.0] + [r["ci"][1] for _, r in pts],
                              color=line.get_color(), alpha=0.15)
-            if all("context_kept" in r for _, r in pts):
+            if all(r.get("context_kept") is not None for _, r in pts):
                 axes[1, col].plot(ks, [1.0] + [r["context_kept"] for _, r in pts], marker="osD^"[n],
                                   color=line.get_color())
                 axes[1, col].fill_between(ks, [1.0] + [r["context_kept_ci"][0] for _, r in pts],
@@ -594,7 +597,7 @@ def print_table(rows: dict) -> None:
             continue
         ci = r.get("ci") or [float("nan")] * 2
         s = r.get("samples")
-        extra = f"context kept {r['context_kept']:.3f}"
+        extra = f"context kept {r['context_kept']:.3f}" if r.get("context_kept") is not None else "no gain to keep"
         if s:
             extra += f"; gen-ppl {s['gen_ppl']}, agree {s['agreement']:.2f}"
         fixed = r.get("fixed_ratio_retention")
