@@ -73,6 +73,24 @@ def repskip(args: list[str], commands: list[str], run: bool = True) -> subproces
     return done
 
 
+STUDY_MARKER = ".repskip-study-tmp"
+
+
+def fresh_tmp(path: Path) -> Path:
+    """An empty folder at ``path`` for a stage to build in before it is renamed into place. A
+    folder left there by a killed run (it holds the study's marker) is removed first; anything
+    else at that path is the user's and is refused, untouched."""
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not (path / STUDY_MARKER).is_file():
+            raise SystemExit(f"{path} exists and was not made by this study; move it away or choose another --work")
+        import shutil
+
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / STUDY_MARKER).write_text("a stage of bench/ar_vs_diffusion.py builds here\n")
+    return path
+
+
 # --- data ------------------------------------------------------------------------------------------
 def _blocks(text: str, size: int = BLOCK_CHARS) -> list[str]:
     """``text`` cut at line ends into pieces of about ``size`` characters."""
@@ -109,12 +127,8 @@ def build_data(work: Path) -> dict:
     folder = work / "data"
     if (folder / "heldout.txt").is_file():
         return json.loads((folder / "data.json").read_text())
-    tmp = work / ".data.tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    (tmp / "train").mkdir(parents=True)
+    tmp = fresh_tmp(work / ".data.tmp")
+    (tmp / "train").mkdir()
     shakespeare = (DATA / "shakespeare" / "input.txt").read_text("utf-8")
     cut = shakespeare.rfind("\n\n", 0, int(len(shakespeare) * 0.9))
     wiki = (DATA / "wikitext2" / "valid.txt").read_text("utf-8")
@@ -130,6 +144,7 @@ def build_data(work: Path) -> dict:
     info = {"train_chars": {k: len(v) for k, v in train.items()}, "calib_blocks": len(calib),
             "heldout_blocks": len(held)}
     (tmp / "data.json").write_text(json.dumps(info, indent=1))
+    (tmp / STUDY_MARKER).unlink()
     tmp.rename(folder)
     return info
 
@@ -149,8 +164,10 @@ def train_tokenizer(work: Path, vocab: int) -> Path:
     tok.train(sorted(str(p) for p in (work / "data" / "train").iterdir()), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[0], pad_token=SPECIALS[0],
                                    mask_token=SPECIALS[1])
-    fast.save_pretrained(work / ".tokenizer.tmp")
-    (work / ".tokenizer.tmp").rename(folder)
+    tmp = fresh_tmp(work / ".tokenizer.tmp")
+    fast.save_pretrained(tmp)
+    (tmp / STUDY_MARKER).unlink()
+    tmp.rename(folder)
     return folder
 
 
@@ -164,11 +181,7 @@ def initial_models(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
-    tmp = work / ".init.tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    tmp = fresh_tmp(work / ".init.tmp")
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=args.width, intermediate_size=args.ffn,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -179,6 +192,7 @@ def initial_models(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     model.save_pretrained(tmp / "ar")
     tokenizer.save_pretrained(tmp / "ar")
     llada_from_llama(tmp / "ar", tmp / "diffusion", mask_token_id=tokenizer.mask_token_id)
+    (tmp / STUDY_MARKER).unlink()
     tmp.rename(work / "init")
     return folders
 
