@@ -300,6 +300,44 @@ def verify_all(work: Path, args: argparse.Namespace, rows: dict, commands: list[
                    base_ppl=bench["base"], ppl=bench["compressed"], items=bench["items"])
 
 
+def repaired(work: Path, args: argparse.Namespace, commands: list[str]) -> dict:
+    """Each strategy and k again with ``--repair linear``: ``repskip analyze`` chooses the layers
+    (greedy-loss scores its candidates repaired) and fits a map per removed run on the same
+    calibration text, under the analysis's masking for the diffusion model; ``verify --recipe``
+    folds the maps and measures as for the plain rows."""
+    out: dict = {}
+    for kind in args.repair_kinds:
+        for strategy in STRATEGIES:
+            for k in range(1, args.max_k + 1):
+                run = work / "runs-repair" / f"{kind}-{strategy}-k{k}"
+                bar = ["--threshold", -1] if strategy == "paper" else []
+                try:
+                    repskip(["analyze", work / "models" / kind, "-o", run, "--calib", work / "data" / "calib.txt",
+                             "--num-samples", 64, "--max-length", 256, "--strategy", strategy, "-k", k, *bar,
+                             "--repair", "linear", "--search-samples", 16, "--device", args.device], commands,
+                            run=not (run / "recipe.yaml").is_file())
+                except subprocess.CalledProcessError as e:
+                    out[f"{kind}/{strategy}/{k}"] = {"error": e.stdout.strip().splitlines()[-1]}
+                    continue
+                from repskip.recipe import load as load_recipe
+
+                recipe = load_recipe(run / "recipe.yaml")
+                folder = work / "verify" / f"{kind}-{strategy}-k{k}-linear"
+                repskip(["verify", work / "models" / kind, "--recipe", run / "recipe.yaml", "--bench", "perplexity",
+                         "--data", f"perplexity={work / 'data' / 'heldout.txt'}", "--limit", args.items,
+                         "--speed-repeats", 1, "--max-length", args.seq_len, "--device", args.device, "-o", folder],
+                        commands, run=not (folder / "report.json").is_file())
+                bench = json.loads((folder / "report.json").read_text())["benchmarks"]["perplexity"]
+                repair = recipe.resolved.repair
+                out[f"{kind}/{strategy}/{k}"] = {
+                    "recipe": str(run / "recipe.yaml"), "removed": list(recipe.resolved.remove),
+                    "maps_at": sorted(m.layer for m in repair.maps) if repair is not None else [],
+                    "verify": str(folder),
+                    "retention": bench["retention"], "ci": bench["retention_ci95"], "base_ppl": bench["base"],
+                    "ppl": bench["compressed"], "items": bench["items"]}
+    return out
+
+
 def heldout_paragraphs(work: Path, count: int, min_chars: int = 300) -> list[str]:
     """The first ``count`` held-out paragraphs of at least ``min_chars`` characters (headings
     and one-line answers are too short to prompt with or to score)."""
@@ -558,10 +596,12 @@ def main() -> None:
     ap.add_argument("--stop-after", choices=["train"], help="stop once the models are trained (a fixture)")
     ap.add_argument("--kinds", default=",".join(KINDS), type=lambda v: [k for k in v.split(",") if k],
                     help="with --stop-after train: which models to train (ar, diffusion)")
+    ap.add_argument("--repair-kinds", default=",".join(KINDS), type=lambda v: [k for k in v.split(",") if k],
+                    help="models whose removals are measured again with --repair linear ('' for none)")
     args = ap.parse_args()
     work = args.work.expanduser().resolve()
-    if set(args.kinds) - set(KINDS) or not args.kinds:
-        raise SystemExit(f"--kinds takes {', '.join(KINDS)}")
+    if set(args.kinds) - set(KINDS) or not args.kinds or set(args.repair_kinds) - set(KINDS):
+        raise SystemExit(f"--kinds and --repair-kinds take {', '.join(KINDS)}")
     work.mkdir(parents=True, exist_ok=True)
     commands: list[str] = []
     t0 = time.monotonic()
@@ -581,17 +621,18 @@ def main() -> None:
     analyze(work, args, commands)
     rows = removals(work, args, commands)
     verify_all(work, args, rows, commands)
+    fixed = repaired(work, args, commands)
     full_samples = sample_quality(work, args, rows)
     full_ratio = fixed_ratio_nll(work, args, rows)
     floor = floors(work, args)
-    for row in rows.values():
+    for row in [*rows.values(), *fixed.values()]:
         if "ppl" in row:
             row["context_kept"], row["context_kept_ci"] = context_kept(row, floor["unigram_nll"])
     retention_figure(work, rows, args.max_k)
     compare(work, rows, commands, args.compare_strategy)
     result = {"schema_version": _common.SCHEMA_VERSION, "kind": "repskip.study.ar_vs_diffusion",
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "data": data, "training": training, "rows": rows, "full_samples": full_samples,
+              "data": data, "training": training, "rows": rows, "repaired": fixed, "full_samples": full_samples,
               "full_fixed_ratio_nll": full_ratio, "floors": floor,
               "commands": commands, "seconds": round(time.monotonic() - t0, 1),
               "machine": _common.machine(), "git": _common.GIT_AT_START,
@@ -600,6 +641,8 @@ def main() -> None:
     if args.record:
         (_common.REPO / "bench" / "results" / "ar_vs_diffusion.json").write_text(json.dumps(result, indent=1))
     print_table(rows)
+    print("\nwith --repair linear:")
+    print_table(fixed)
 
 
 def print_table(rows: dict) -> None:

@@ -37,6 +37,10 @@ LOSS = ("loss", "greedy-loss")
 # Part of a repaired row's cache key: bump it when the fit changes what it returns, so that a
 # cache never serves maps the current code would not make (2: the KL check of 721a59c).
 FIT_VERSION = 2
+# Part of a repaired loss search's cache key, likewise (2: a chosen candidate is scored with the
+# map the final fit's check keeps). A row chosen by an older search is reused only where the
+# current search chooses the same layers.
+SEARCH_VERSION = 2
 
 
 def parse() -> argparse.Namespace:
@@ -111,6 +115,8 @@ def main() -> None:
     def search_record(strategy: str, repair: str) -> dict:
         depth = (args.search_depth or max(ks)) if strategy == "greedy-loss" else 1
         key = f"{prefix}|search|{strategy}|{repair}|{args.search_samples}"
+        if repair != "none":
+            key += f"|search{SEARCH_VERSION}"
         hit = cache.get(key)
         if hit and (strategy != "greedy-loss" or len(hit["search"]["rounds"]) >= depth):
             return hit["search"]
@@ -121,9 +127,11 @@ def main() -> None:
         return cache.put(key, search=record)["search"]
 
     def choose(k: int, strategy: str, repair: str) -> dict:
-        key = f"{prefix}|choose|{k}|{strategy}|{repair}|{args.search_samples}"
+        key = older = f"{prefix}|choose|{k}|{strategy}|{repair}|{args.search_samples}"
         if repair != "none":
-            key += f"|fit{FIT_VERSION}"
+            key = older = key + f"|fit{FIT_VERSION}"
+            if strategy in LOSS:
+                key += f"|search{SEARCH_VERSION}"
         hit = cache.get(key)
         if hit:
             return hit
@@ -136,6 +144,10 @@ def main() -> None:
             seconds += record["seconds"]
         resolved = R.resolve(R.Recipe(selection=sel, calibration=cal), result)
         layers = list(resolved.resolved.remove)
+        hit = cache.get(older) if older != key else None
+        if hit and hit["layers"] == layers:  # an older search chose the same: the same fit
+            say(f"k={k} {strategy} repair={repair}: {layers}, as the older search chose")
+            return cache.put(key, **{**{n: v for n, v in hit.items() if n != "key"}, "select_seconds": round(seconds, 1)})
         maps_file, fit_seconds, residual, anchors, sha, checks = None, 0.0, None, [], None, None
         if repair == "linear":
             t = time.perf_counter()

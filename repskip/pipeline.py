@@ -411,10 +411,13 @@ def loss_search(handle: ModelHandle, torch_model: Any, sel: _recipe.SelectionSpe
     batches = calibration_batches(scored, cal.batch_size, pad)
     # a candidate's map is fitted on the calibration sequences its loss is not measured on
     fit_batches = calibration_batches(rest, cal.batch_size, pad) if rest else None
+    # a chosen candidate's map is checked on the text fit_repair will check the final maps on
+    check_batches = calibration_batches(calib.sequences, cal.batch_size, pad)
     protected = protected_layers(handle.num_layers, sel.protect_first, sel.protect_last, sel.protect)
     result = search(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), strategy=sel.strategy,
                     k=sel.k, protected=protected, allow_adjacent=True if sel.allow_adjacent is None else sel.allow_adjacent,
-                    repair=sel.repair == "linear", ridge=sel.ridge, fit_batches=fit_batches, progress=progress)
+                    repair=sel.repair == "linear", ridge=sel.ridge, fit_batches=fit_batches,
+                    check_batches=check_batches, progress=progress)
     return {**result.to_dict(), "calibration_hash": calib.hash, "sequences": len(scored),
             "fit_sequences": len(rest) if sel.repair == "linear" and rest else (len(scored) if sel.repair == "linear" else 0),
             **search_request(handle, sel)}

@@ -88,6 +88,47 @@ def test_repaired_trials_equal_the_repaired_model(tiny):
         assert loss == pytest.approx(repaired, rel=1e-4) and loss != pytest.approx(plain, rel=1e-3)
 
 
+@pytest.mark.parametrize("name", ["llama", "llada"])
+def test_the_chosen_layer_is_scored_with_the_repair_the_fit_keeps(tiny, llada, name):
+    # the final fit checks each map (it must bring the predictions closer to the full model's)
+    # and may drop it; the search's choice is scored with what that check keeps
+    path = llada if name == "llada" else tiny[name]
+    handle, model, batches, objective = _setup(path)
+    result = search(model, handle.family, batches, objective, strategy="greedy-loss", k=1, protected={0, 5},
+                    repair=True)
+    (c,) = result.rounds[0].chosen
+    assert set(result.rounds[0].checked) == {c}
+    fit = fit_linear(model, handle.family, batches, objective, [c], handle.num_layers)
+    assert (result.rounds[0].checked[c] == "none") == (not fit.maps)
+    final = _loss(_pruned(handle, model, [c], fit.maps), handle.family, batches, objective)
+    assert result.rounds[0].losses[c] == pytest.approx(final, rel=1e-4)
+
+
+def test_a_map_the_check_drops_is_not_scored(tiny, monkeypatch):
+    import repskip.analyze.search as search_module
+
+    handle, model, batches, objective = _setup(tiny["llama"])
+    repaired = search(model, handle.family, batches, objective, strategy="greedy-loss", k=1, protected={0, 5},
+                      repair=True).rounds[0].losses
+    monkeypatch.setattr(search_module, "check_map", lambda *a, **k: ("none", None, {}))
+    result = search(model, handle.family, batches, objective, strategy="greedy-loss", k=2, protected={0, 5},
+                    repair=True)
+    first, second = result.rounds
+    for r in result.rounds:
+        assert set(r.chosen) <= set(r.checked) and all(v == "none" for v in r.checked.values())
+        (c,) = r.chosen
+        assert r.losses[c] == min(r.losses.values())  # chosen on the loss it really has
+    (c,) = first.chosen
+    plain = _loss(_pruned(handle, model, [c]), handle.family, batches, objective)
+    assert first.losses[c] == pytest.approx(plain, rel=1e-4)
+    for d in first.checked:  # each candidate checked was scored again, unrepaired
+        unrepaired = _loss(_pruned(handle, model, [d]), handle.family, batches, objective)
+        assert first.losses[d] == pytest.approx(unrepaired, rel=1e-4) != pytest.approx(repaired[d], rel=1e-4)
+    (d,) = second.chosen  # the first round's layer carries no map into the second
+    both = _loss(_pruned(handle, model, sorted([c, d])), handle.family, batches, objective)
+    assert second.losses[d] == pytest.approx(both, rel=1e-4)
+
+
 def test_one_shot_loss_takes_the_cheapest_under_the_adjacency_rule(tiny):
     handle, model, batches, objective = _setup(tiny["llama"])
     free = search(model, handle.family, batches, objective, strategy="loss", k=2, protected={0, 5})

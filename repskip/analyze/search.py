@@ -8,6 +8,10 @@
 With ``repair``, each candidate is scored after its run's linear repair is fitted
 (repskip.repair), so contiguous blocks and scattered layers compete on the loss they leave
 once repaired; the maps are fitted on calibration text apart from the text that scores them.
+A chosen candidate's map then goes through the check the final fit applies (it must bring the
+predictions closer to the full model's, repskip.repair.fit.check_map): a candidate whose map
+would be dropped, or replaced by a stronger ridge, is scored again with what it would really
+get, and the choice is made again, so that no round wins on a repair the recipe will not have.
 Every trial reuses, from one recorded pass of the current model, the hidden
 states in front of the candidate's run: it computes only the layers after the run and the
 head. Per round, with repair, one more sweep accumulates every candidate's least-squares sums
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import RepskipError
-from ..repair.fit import Batches, scored_states as _states, torch_maps
+from ..repair.fit import RIDGE_STEPS, Batches, check_map, scored_states as _states, torch_maps
 from ..repair.linear import LeastSquares, Run, removed_runs, token_weights
 from .objective import Objective
 from .surgery import Surgery
@@ -38,6 +42,8 @@ class Round:
     removed: list[int]  # before the round
     losses: dict[int, float]  # candidate -> mean calibration loss with it removed (and repaired)
     chosen: list[int]
+    # with repair: candidate -> the map the check kept for it ("ridge x1", "ridge x10", ..., "none")
+    checked: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +60,7 @@ class SearchResult:
         data = asdict(self)
         for r in data["rounds"]:
             r["losses"] = {str(k): round(v, 6) for k, v in r["losses"].items()}
+            r["checked"] = {str(k): v for k, v in r["checked"].items()}
         data["base_loss"] = round(self.base_loss, 6)
         data["seconds"] = round(self.seconds, 2)
         return data
@@ -73,8 +80,8 @@ class _Trials:
         self.repair, self.ridge = repair, ridge
         self.tmaps = torch_maps(maps, next(model.parameters()))
 
-    def fit(self, batches: Batches, candidates: list[int]) -> dict[int, np.ndarray]:
-        """Each candidate's repair map, fitted in one sweep."""
+    def fit(self, batches: Batches, candidates: list[int]) -> dict[int, LeastSquares]:
+        """Each candidate's least-squares sums, accumulated in one sweep."""
         runs = {c: _run_of(c, self.removed, self.L) for c in candidates}
         sums: dict[int, LeastSquares] = {}
         s = self.s
@@ -92,7 +99,17 @@ class _Trials:
                     rest = s.outputs[run.anchor] - self._mapped(run.anchor, m)
                     y = _states(p, full[run.last])
                     sums.setdefault(c, LeastSquares(m.shape[-1])).add(_states(p, m), y - _states(p, rest), token_weights(y))
-        return {c: ls.solve(self.ridge) for c, ls in sums.items()}
+        return sums
+
+    def check(self, batches: Batches, c: int, ls: LeastSquares) -> tuple[str, np.ndarray | None]:
+        """The map the final fit's check would keep for candidate ``c`` (None: no map), in the
+        model as it now is, and the name of that trial."""
+        run = _run_of(c, self.removed, self.L)
+        anchors = {r.anchor for r in removed_runs([*self.removed, c], self.L)}
+        maps = {a: t for a, t in self.maps.items() if a in anchors and a != run.anchor}
+        name, t, _ = check_map(self.s, self.model, batches, self.objective, [*self.removed, c], maps, run.anchor,
+                               ls, self.ridge, next(self.model.parameters()))
+        return name, t
 
     def _mapped(self, anchor: int, m: torch.Tensor) -> torch.Tensor:
         t = self.tmaps.get(anchor)
@@ -145,12 +162,14 @@ def _take(order: list[int], k: int, allow_adjacent: bool) -> list[int]:
 @torch.inference_mode()
 def search(model: Any, family: Any, batches: Batches, objective: Objective, *, strategy: str, k: int,
            protected: set[int], allow_adjacent: bool = True, repair: bool = False, ridge: float = 1e-3,
-           fit_batches: Batches | None = None,
+           fit_batches: Batches | None = None, check_batches: Batches | None = None,
            progress: Callable[[int, int], None] | None = None) -> SearchResult:
     """Run the search and return every round's losses and choice. With ``repair``, each
     candidate's map is fitted on ``fit_batches`` (default: ``batches``) and scored on
     ``batches``: scored on text it was not fitted to, a map cannot win a round by fitting the
-    scoring text."""
+    scoring text. A chosen candidate's map is checked on ``check_batches`` (default:
+    ``batches``): give the batches the final fit will be checked on, so that both decide on the
+    same text."""
     if strategy not in STRATEGIES:
         raise RepskipError(f"unknown loss-aware strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     L = len(family.decoder_layers(model))
@@ -176,21 +195,34 @@ def search(model: Any, family: Any, batches: Batches, objective: Objective, *, s
                 raise RepskipError(f"no layer is left to remove after {removed} under the protection and adjacency "
                                    f"rules, but k={k}: lower -k or protect fewer layers")
             trials = _Trials(model, s, objective, removed, maps, L, repair, ridge)
-            fitted = trials.fit(fit_batches or batches, candidates) if repair else {}
+            sums = trials.fit(fit_batches or batches, candidates) if repair else {}
+            fitted: dict[int, np.ndarray | None] = {c: ls.solve(ridge) for c, ls in sums.items()}
             losses, current, result.tokens = trials.losses(batches, candidates, fitted, tick)
             if not removed:
                 result.base_loss = current
-            order = sorted(candidates, key=lambda c: (losses[c], c))
-            chosen = _take(order, k, allow_adjacent) if strategy == "loss" else order[:1]
+            checked: dict[int, str] = {}
+            while True:
+                order = sorted(candidates, key=lambda c: (losses[c], c))
+                chosen = _take(order, k, allow_adjacent) if strategy == "loss" else order[:1]
+                todo = [c for c in chosen if repair and c not in checked]
+                if not todo:
+                    break
+                for c in todo:  # what the final fit would keep; scored again if that is not this map
+                    checked[c], t = trials.check(check_batches or batches, c, sums[c])
+                    if checked[c] != f"ridge x{RIDGE_STEPS[0]:g}":
+                        fitted[c] = t
+                        no_map = np.eye(sums[c].mtm.shape[0])  # the MLP output as it is: the run unrepaired
+                        losses[c] = trials.losses(batches, [c], {c: no_map if t is None else t})[0][c]
             if strategy == "loss" and len(chosen) < k:
                 raise RepskipError(f"only {len(chosen)} layer(s) can be removed under the protection and adjacency "
                                    f"rules but k={k}: lower -k or protect fewer layers")
-            result.rounds.append(Round(list(removed), losses, chosen))
+            result.rounds.append(Round(list(removed), losses, chosen, checked))
             if strategy == "greedy-loss":
                 c = chosen[0]
                 removed = sorted([*removed, c])
                 runs = removed_runs(removed, L) if repair else []
-                maps = {r.anchor: (fitted[c] if r.first <= c <= r.last else maps[r.anchor]) for r in runs}
+                kept = {r.anchor: (fitted[c] if r.first <= c <= r.last else maps.get(r.anchor)) for r in runs}
+                maps = {a: t for a, t in kept.items() if t is not None}
     result.seconds = time.perf_counter() - start
     return result
 

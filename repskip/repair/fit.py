@@ -100,7 +100,7 @@ def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, 
                     ls.add(scored_states(p, m), y - scored_states(p, rest), token_weights(y))
             assert ls is not None
             tokens = ls.tokens
-            chosen, losses = _checked(s, model, batches, objective, removed, maps, run.anchor, ls, ridge, like)
+            _, chosen, losses = check_map(s, model, batches, objective, removed, maps, run.anchor, ls, ridge, like)
             detail = {"anchor": run.anchor, "run": [run.first, run.last], "tokens": ls.tokens,
                       "check_loss": {k: round(v, 6) for k, v in losses.items()}}
             if chosen is None:
@@ -116,13 +116,14 @@ def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, 
     return FitResult(maps, runs, residual, tokens, time.perf_counter() - start, ridge, details, dropped)
 
 
-def _checked(s: Surgery, model: Any, batches: Batches, objective: Objective, removed: Sequence[int],
-             maps: dict[int, np.ndarray], anchor: int, ls: LeastSquares, ridge: float,
-             like: torch.Tensor) -> tuple[np.ndarray | None, dict[str, float]]:
+def check_map(s: Surgery, model: Any, batches: Batches, objective: Objective, removed: Sequence[int],
+              maps: dict[int, np.ndarray], anchor: int, ls: LeastSquares, ridge: float,
+              like: torch.Tensor) -> tuple[str, np.ndarray | None, dict[str, float]]:
     """The map to keep for ``anchor``: the fit at ``ridge`` if it brings the model's predictions
-    closer to the full model's (KL divergence on the first CHECK_BATCHES batches, the maps in
-    front in place) than leaving the run unrepaired, else the first stronger ridge that does,
-    else None; and the divergence of every trial. KL to the full model, not the NLL: a repair
+    closer to the full model's (KL divergence on the first CHECK_BATCHES batches, the model
+    with ``removed`` skipped and ``maps`` folded) than leaving the run unrepaired, else the
+    first stronger ridge that does, else None; with its trial's name ("ridge x1", ..., "none")
+    and the divergence of every trial. KL to the full model, not the NLL: a repair
     should restore the model's predictions, and on a random test model the full model's NLL is
     no better than a pruned one's."""
     check = Objective(objective.family, "kl", objective.mask_id, objective.ratios, objective.seed)
@@ -149,8 +150,8 @@ def _checked(s: Surgery, model: Any, batches: Batches, objective: Objective, rem
         losses.update(divergences({name: t for name, t in maps_at.items() if name != first}))
     for name, t in maps_at.items():
         if losses[name] < losses["none"]:
-            return t, losses
-    return None, losses
+            return name, t, losses
+    return "none", None, losses
 
 
 def calibration_batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> Batches:
