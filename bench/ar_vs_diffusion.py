@@ -596,8 +596,9 @@ def main() -> None:
     ap.add_argument("--stop-after", choices=["train"], help="stop once the models are trained (a fixture)")
     ap.add_argument("--kinds", default=",".join(KINDS), type=lambda v: [k for k in v.split(",") if k],
                     help="with --stop-after train: which models to train (ar, diffusion)")
-    ap.add_argument("--repair-kinds", default=",".join(KINDS), type=lambda v: [k for k in v.split(",") if k],
-                    help="models whose removals are measured again with --repair linear ('' for none)")
+    ap.add_argument("--repair-kinds", default="diffusion", type=lambda v: [k for k in v.split(",") if k],
+                    help="models whose removals are measured again with --repair linear: ar, diffusion, both "
+                         "(ar,diffusion) or none ('')")
     args = ap.parse_args()
     work = args.work.expanduser().resolve()
     if set(args.kinds) - set(KINDS) or not args.kinds or set(args.repair_kinds) - set(KINDS):

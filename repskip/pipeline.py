@@ -430,7 +430,10 @@ def search_request(handle: ModelHandle, sel: _recipe.SelectionSpec) -> dict:
 
     return {"protected": sorted(protected_layers(handle.num_layers, sel.protect_first, sel.protect_last, sel.protect)),
             "allow_adjacent": True if sel.allow_adjacent is None else sel.allow_adjacent,
-            "ridge": sel.ridge if sel.repair == "linear" else None}
+            "ridge": sel.ridge if sel.repair == "linear" else None,
+            # a repaired search scores its choices with the map the final fit's check keeps
+            # (searches recorded before that have no such key and are not reused)
+            "checked_choices": sel.repair == "linear"}
 
 
 # Fewer calibration tokens than this many per hidden unit leave a linear repair map

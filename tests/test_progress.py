@@ -137,6 +137,16 @@ def test_a_loss_search_is_reused_only_when_it_answers_the_new_question(tiny, tmp
     protected = analyze(tiny["llama"], out, "--strategy", "greedy-loss", "-k", "1", "--search-samples", "2",
                         "--protect", "2")
     assert protected.exit_code == 0 and "reusing the loss search" not in protected.stderr
+    # a repaired search recorded before its choices were checked as the final fit checks maps
+    repaired = ["--strategy", "greedy-loss", "-k", "1", "--search-samples", "2", "--repair", "linear"]
+    assert analyze(tiny["llama"], out, *repaired).exit_code == 0
+    assert "reusing the loss search" in analyze(tiny["llama"], out, *repaired).stderr
+    data = json.loads((out / "analysis.json").read_text())
+    assert data["search"]["checked_choices"] is True
+    del data["search"]["checked_choices"]
+    (out / "analysis.json").write_text(json.dumps(data))
+    older = analyze(tiny["llama"], out, *repaired)
+    assert older.exit_code == 0 and "reusing the loss search" not in older.stderr and "searching" in older.stderr
 
 
 @pytest.mark.slow

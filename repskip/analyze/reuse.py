@@ -81,6 +81,8 @@ def search_matches(record: dict | None, request: dict) -> bool:
     for key in ("strategy", "objective", "repair", "sequences", "protected", "allow_adjacent", "ridge"):
         if key not in record or record[key] != request[key]:
             return False
+    if request["repair"] and record.get("checked_choices") is not True:
+        return False
     if request["strategy"] == "greedy-loss":
         return len(record["rounds"]) >= request["k"]
     return True
