@@ -147,7 +147,8 @@ def main() -> None:
         hit = cache.get(older) if older != key else None
         if hit and hit["layers"] == layers:  # an older search chose the same: the same fit
             say(f"k={k} {strategy} repair={repair}: {layers}, as the older search chose")
-            return cache.put(key, **{**{n: v for n, v in hit.items() if n != "key"}, "select_seconds": round(seconds, 1)})
+            same = {n: v for n, v in hit.items() if n != "key"}
+            return cache.put(key, **{**same, "select_seconds": round(seconds, 1)})
         maps_file, fit_seconds, residual, anchors, sha, checks = None, 0.0, None, [], None, None
         if repair == "linear":
             t = time.perf_counter()
