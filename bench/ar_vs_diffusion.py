@@ -278,6 +278,14 @@ def removals(work: Path, args: argparse.Namespace, commands: list[str]) -> dict:
     return out
 
 
+def verify(work: Path, args: argparse.Namespace, kind: str, recipe, folder: Path, commands: list[str]) -> None:
+    """Held-out perplexity of ``kind``'s model with ``recipe`` applied, into ``folder`` (kept)."""
+    repskip(["verify", work / "models" / kind, "--recipe", recipe, "--bench", "perplexity",
+             "--data", f"perplexity={work / 'data' / 'heldout.txt'}", "--limit", args.items,
+             "--speed-repeats", 1, "--max-length", args.seq_len, "--device", args.device, "-o", folder],
+            commands, run=not (folder / "report.json").is_file())
+
+
 def verify_all(work: Path, args: argparse.Namespace, rows: dict, commands: list[str]) -> None:
     measured: dict[tuple, Path] = {}  # (kind, removed layers) -> the report that measured them
     for key, row in rows.items():
@@ -290,10 +298,7 @@ def verify_all(work: Path, args: argparse.Namespace, rows: dict, commands: list[
             folder = same  # another strategy chose the same layers: the same measurement
         measured.setdefault((kind, tuple(row["removed"])), folder)
         if same is None or same != folder:
-            repskip(["verify", work / "models" / kind, "--recipe", row["recipe"], "--bench", "perplexity",
-                     "--data", f"perplexity={work / 'data' / 'heldout.txt'}", "--limit", args.items,
-                     "--speed-repeats", 1, "--max-length", args.seq_len, "--device", args.device, "-o", folder],
-                    commands, run=not (folder / "report.json").is_file())
+            verify(work, args, kind, row["recipe"], folder, commands)
         report = json.loads((folder / "report.json").read_text())
         bench = report["benchmarks"]["perplexity"]
         row.update(verify=str(folder), retention=bench["retention"], ci=bench["retention_ci95"],
@@ -323,10 +328,7 @@ def repaired(work: Path, args: argparse.Namespace, commands: list[str]) -> dict:
 
                 recipe = load_recipe(run / "recipe.yaml")
                 folder = work / "verify" / f"{kind}-{strategy}-k{k}-linear"
-                repskip(["verify", work / "models" / kind, "--recipe", run / "recipe.yaml", "--bench", "perplexity",
-                         "--data", f"perplexity={work / 'data' / 'heldout.txt'}", "--limit", args.items,
-                         "--speed-repeats", 1, "--max-length", args.seq_len, "--device", args.device, "-o", folder],
-                        commands, run=not (folder / "report.json").is_file())
+                verify(work, args, kind, run / "recipe.yaml", folder, commands)
                 bench = json.loads((folder / "report.json").read_text())["benchmarks"]["perplexity"]
                 repair = recipe.resolved.repair
                 out[f"{kind}/{strategy}/{k}"] = {
