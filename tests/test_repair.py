@@ -19,7 +19,7 @@ from repskip.cli import main
 from repskip.errors import RepskipError
 from repskip.recipe import load as load_recipe
 from repskip.repair.fit import fit_linear, fold_in_memory
-from repskip.repair.linear import LeastSquares, Run, fold_bytes, removed_runs
+from repskip.repair.linear import LeastSquares, Run, fold_bytes, removed_runs, token_weights
 
 
 def run(*args):
@@ -51,6 +51,26 @@ def test_least_squares_recovers_an_exact_map_from_streamed_batches():
     assert ls.residual(ls.solve(1e-12)) < 1e-12 and ls.residual(np.eye(16)) == pytest.approx(1.0)
     assert np.allclose(ls.solve(1e9), np.eye(16), atol=1e-3)  # a large ridge means no repair
 
+
+
+def test_the_fit_does_not_depend_on_the_basis():
+    # docs/benchmarks.md: LinearPatch's Hadamard rotation cannot change this fit. Rotating the
+    # states by any orthogonal Q (a Hadamard matrix is one) gives Q^T T Q, the same map in the
+    # new basis: the token weights (norms), the ridge (a trace) and the shrink target (I) are
+    # all basis-free. Massive activations on a few tokens are included, as in real models.
+    rng = np.random.default_rng(1)
+    m, y, r = (rng.normal(size=(3000, 32)) for _ in range(3))
+    m[:4] *= 100.0
+    q, _ = np.linalg.qr(rng.normal(size=(32, 32)))
+
+    def fit(m, y, r):
+        ls = LeastSquares(32)
+        ls.add(m, y - r, token_weights(y))
+        return ls.solve(1e-3)
+
+    plain, rotated = fit(m, y, r), fit(m @ q, y @ q, r @ q)
+    assert not np.allclose(plain, np.eye(32), atol=1e-3)  # a map that does something
+    assert np.allclose(q @ rotated @ q.T, plain, atol=1e-10)
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("F32", torch.float32), ("F16", torch.float16),
                                                 ("BF16", torch.bfloat16), ("F64", torch.float64)])
