@@ -61,7 +61,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--arc", default="arc_easy,arc_challenge", help="multiple-choice benchmarks ('' for none)")
     p.add_argument("--arc-items", type=int, default=0, help="first N items of each (0: all)")
     p.add_argument("--arc-for", default="base,6/paper/none,6/best",
-                   help="configurations measured on ARC: 'base', K/STRATEGY/REPAIR, K/best (best PPL at K), "
+                   help="configurations measured on ARC (the base too, whenever any is): 'base', K/STRATEGY/REPAIR, K/best (best PPL at K), "
                         "K/all (every row at K), all")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "repskip" / "bench-quality.jsonl"))
@@ -220,7 +220,7 @@ def main() -> None:
             wanted.add(f"{k}/{best['strategy']}/{best['repair']}")
     arc: dict[str, dict] = {}
     cache_scores: dict[tuple[str, str], list[float]] = {}
-    if benches and ("base" in wanted or "all" in wanted):
+    if benches and wanted:  # every retention is against the base, so any measured row needs it
         arc["base"] = {name: choices("base", base, name) for name in benches}
     for row in rows:
         if wanted & {"all", f"{row['k']}/all", f"{row['k']}/{row['strategy']}/{row['repair']}"}:
