@@ -61,8 +61,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--arc", default="arc_easy,arc_challenge", help="multiple-choice benchmarks ('' for none)")
     p.add_argument("--arc-items", type=int, default=0, help="first N items of each (0: all)")
     p.add_argument("--arc-for", default="base,6/paper/none,6/best",
-                   help="configurations measured on ARC (the base too, whenever any is): 'base', K/STRATEGY/REPAIR, K/best (best PPL at K), "
-                        "K/all (every row at K), all")
+                   help="configurations measured on ARC (the base too, whenever any is): 'base', "
+                        "K/STRATEGY/REPAIR, K/best (best PPL at K), K/all (every row at K), all")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "repskip" / "bench-quality.jsonl"))
     p.add_argument("--json", default=_common.default_json("quality"))
