@@ -281,6 +281,29 @@ def test_an_exported_recipe_keeps_the_record_but_cannot_be_reapplied(tiny, repai
                    "not its maps file")
 
 
+def test_an_onnx_export_carries_the_same_repair(tiny, repaired, tmp_path):
+    """The ONNX graph of a repaired recipe computes the repaired safetensors export's logits,
+    not plain removal's."""
+    recipe = repaired / "recipe.yaml"
+    for fmt in ("onnx", "safetensors"):
+        res = run("compress", tiny["llama"], "--recipe", recipe, "-o", tmp_path / fmt, "--format", fmt)
+        assert res.exit_code == 0, res.output
+    plain_recipe = tmp_path / "plain.yaml"
+    plain_recipe.write_text(f"schema_version: 1\nresolved: {{remove: {load_recipe(recipe).resolved.remove}}}\n")
+    assert run("compress", tiny["llama"], "--recipe", plain_recipe, "-o", tmp_path / "plain").exit_code == 0
+
+    on_ort = pipeline.open_model(tmp_path / "onnx", allow_onnx=True)
+    fam = on_ort.family
+    ids = torch.randint(3, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ort = fam.logits(on_ort.load(provider="cpu"), ids, mask)
+        repaired_pt = fam.logits(pipeline.open_model(tmp_path / "safetensors").load(), ids, mask)
+        plain_pt = fam.logits(pipeline.open_model(tmp_path / "plain").load(), ids, mask)
+    assert (plain_pt - repaired_pt).abs().max() > 1e-2  # the maps change the model
+    assert (ort - repaired_pt).abs().max() < 1e-4
+
+
 def test_repair_on_a_family_that_declares_no_projection(tiny, tmp_path, monkeypatch):
     from repskip_hf.family import HFDecoderFamily
 
