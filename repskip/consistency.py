@@ -97,6 +97,22 @@ def check_checkpoint(ckpt: Checkpoint, family: Family, family_name: str | None =
             f"config.json declares {declared} layer{'s' if declared != 1 else ''}"
             f"{f' ({key})' if key else ''} but the weights hold {held}"
         )
+    # 2. the family's own layout, where it gives one; else every layer must hold the same tensors
+    try:
+        layouts = family.tensor_layouts(config)
+        optional = (family.optional_tensors(config) or {}) if layouts else {}
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise RepskipError(
+            f"{path}: {_config_problem(exc)}, so the tensors of this {label} checkpoint cannot be "
+            f"checked; {CONSISTENCY_FIX}"
+        ) from None
+    if layouts:  # layers may differ (dense and mixture-of-experts layers, attention and state-space ones)
+        found = [_layout_problems(ckpt, family, label, expected, optional) for expected in layouts]
+        problems = min(found, key=len)  # the layout the checkpoint is written in
+        if problems:
+            name, message = problems[0]
+            raise refuse(_with_sources(message, family, config, name), len(problems) - 1)
+        return
     counts: dict[str, int] = {}
     for suffixes in layers.values():
         for suffix in suffixes:
@@ -114,37 +130,37 @@ def check_checkpoint(ckpt: Checkpoint, family: Family, family_name: str | None =
             f"({_show(suffix)} is in {len(holders)} of the {declared} layers)"
         )
 
-    # 2. the family's own layout, where it gives one
-    try:
-        expected = family.expected_tensors(config)
-        optional = (family.optional_tensors(config) or {}) if expected is not None else {}
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-        raise RepskipError(
-            f"{path}: {_config_problem(exc)}, so the tensors of this {label} checkpoint cannot be "
-            f"checked; {CONSISTENCY_FIX}"
-        ) from None
-    if expected is None:
-        return
-    problems: list[str] = []
+
+def _layout_problems(ckpt: Checkpoint, family: Family, label: str, expected: dict,
+                     optional: dict) -> list[tuple[str, str]]:
+    """(tensor, what is wrong with it) for every way the checkpoint departs from ``expected``."""
+    config, tensors = ckpt.config, ckpt.tensors
+    problems: list[tuple[str, str]] = []
     for name, shape in expected.items():
         entry = tensors.get(name)
         if entry is None:
-            problems.append(f"tensor {_show(name)} is missing, though config.json implies it")
+            problems.append((name, f"tensor {_show(name)} is missing, though config.json implies it"))
         elif tuple(entry.shape) != tuple(shape):
-            problems.append(
-                f"tensor {_show(name)} has shape {_shape(entry.shape)}; config.json implies "
-                f"{_shape(shape)}{_sources(shape)}"
-            )
+            problems.append((name, f"tensor {_show(name)} has shape {_shape(entry.shape)}; config.json implies "
+                                   f"{_shape(shape)}{_sources(shape)}"))
     for name, entry in tensors.items():
         if name in expected:
             continue
         if name not in optional:
-            problems.append(f"tensor {_show(name)} is not part of the model config.json describes ({label} layout)")
+            if not family.tolerated_tensor(config, name):
+                problems.append((name, f"tensor {_show(name)} is not part of the model config.json describes "
+                                       f"({label} layout)"))
         elif optional[name] is not None and tuple(entry.shape) != tuple(optional[name]):
             shape = optional[name]
-            problems.append(
-                f"tensor {_show(name)} has shape {_shape(entry.shape)}; config.json implies "
-                f"{_shape(shape)}{_sources(shape)}"
-            )
-    if problems:
-        raise refuse(problems[0], len(problems) - 1)
+            problems.append((name, f"tensor {_show(name)} has shape {_shape(entry.shape)}; config.json implies "
+                                   f"{_shape(shape)}{_sources(shape)}"))
+    return problems
+
+
+def _with_sources(message: str, family: Family, config: dict, name: str) -> str:
+    """A shape mismatch named with the config keys its dimensions come from, where the
+    family can tell them and the shape did not say."""
+    if not message.endswith("]"):
+        return message
+    sources = family.shape_sources(config, name)
+    return f"{message} ({' x '.join(sources)})" if sources and all(sources) else message

@@ -7,13 +7,13 @@ family by name: it asks each registered family whether it recognises a config.js
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from . import registry
 from .errors import RepskipError
-from .flops import DecoderGeometry
+from .flops import DecoderGeometry, ModelCost
 
 GenerativeKind = Literal["autoregressive", "diffusion"]
 
@@ -58,6 +58,9 @@ class Family(abc.ABC):
     default_sampler: ClassVar[str] = "ar"
     #: Name of the training objective plugin (``repskip.objectives``) that heals its models.
     training_objective: ClassVar[str] = "causal-lm"
+    #: A family that serves whatever a library knows (transformers' every decoder) is asked
+    #: after the families that claim model types of their own.
+    generic: ClassVar[bool] = False
 
     # --- files -----------------------------------------------------------------------
     @abc.abstractmethod
@@ -76,9 +79,21 @@ class Family(abc.ABC):
     def rewrite_config(self, config: dict, kept: Sequence[int]) -> dict:
         """A new config dict for a model that keeps only the layers ``kept`` (old indices)."""
 
-    @abc.abstractmethod
     def geometry(self, config: dict) -> DecoderGeometry:
-        """The shapes that decide compute, for the analytic FLOPs."""
+        """The shapes of a decoder whose layers are all alike, where a family can give them;
+        the defaults of ``cost``, ``hidden_size`` and ``vocab_size`` read them."""
+        raise RepskipError(f"the {type(self).__name__} family plugin gives no decoder geometry")
+
+    def cost(self, config: dict) -> ModelCost:
+        """Per-layer multiply-accumulates, for the analytic FLOPs (repskip.flops)."""
+        return self.geometry(config).cost()
+
+    def hidden_size(self, config: dict) -> int:
+        """The width of the residual stream (the size of a repair map)."""
+        return self.geometry(config).hidden
+
+    def vocab_size(self, config: dict) -> int:
+        return self.geometry(config).vocab
 
     # --- models ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -133,15 +148,42 @@ class Family(abc.ABC):
 
     # --- linear repair (optional) -------------------------------------------------------
     def mlp_output_projection(self, layer: Any) -> Any | None:
-        """The ``torch.nn.Linear`` whose output a decoder layer adds to its residual stream
-        after the MLP (SwiGLU's down projection): linear repair folds its maps into this
-        weight. ``None``, the default, means the family does not support repair."""
+        """The module whose output a decoder layer adds to its residual stream after the MLP
+        (SwiGLU's down projection, or the whole MLP block): the repair records its output m
+        and, while a map T is fitted or checked, replaces it by m T. ``None``, the default,
+        means the family does not support repair."""
         return None
+
+    def mlp_output_parameters(self, layer: Any) -> list[tuple[Any, int]]:
+        """The parameters a map folds into in a loaded layer, each with its output (hidden)
+        axis: m T is then computed by the layer itself. The default is the weight and bias of
+        ``mlp_output_projection`` (a ``torch.nn.Linear``, output axis 0)."""
+        projection = self.mlp_output_projection(layer)
+        if projection is None:
+            return []
+        return [(p, 0) for p in (projection.weight, projection.bias) if p is not None]
 
     def mlp_output_tensor(self, config: dict, index: int) -> str | None:
         """The on-disk name of the weight of layer ``index``'s MLP output projection, shaped
         [hidden, intermediate]; a bias, where the checkpoint has one, is the same name ending
         in ``.bias``. ``None``, the default, means the family does not support repair."""
+        return None
+
+    def mlp_output_tensors(self, config: dict, index: int, names: Collection[str]) -> list[tuple[str, int]]:
+        """The on-disk tensors of layer ``index`` a map folds into, each with its output
+        (hidden) axis, among the checkpoint's tensor ``names``. The default is
+        ``mlp_output_tensor`` and its bias."""
+        weight = self.mlp_output_tensor(config, index)
+        if weight is None:
+            return []
+        bias = weight[: -len(".weight")] + ".bias" if weight.endswith(".weight") else None
+        return [(weight, 0)] + ([(bias, 0)] if bias and bias in names else [])
+
+    def repair_problem(self, config: dict) -> str | None:
+        """Why a linear repair cannot fold into this model's weights, in words; None when it
+        can."""
+        if self.mlp_output_tensor(config, 0) is None:
+            return f"the {type(self).__name__} family plugin declares no MLP output projection"
         return None
 
     # --- consistency of config.json and weights (optional) ------------------------------
@@ -154,6 +196,24 @@ class Family(abc.ABC):
         entries may be ``Dim``s (ints that name the config keys they come from) so that a
         mismatch names the key to fix. Raise ``KeyError`` for a config key that is missing.
         """
+        return None
+
+    def tensor_layouts(self, config: dict) -> list[dict[str, tuple[int, ...]]]:
+        """Every complete set of tensors a checkpoint of this config may hold (a library may
+        load two namings of the same weights); the default is ``expected_tensors`` alone.
+        A checkpoint is checked against the one it matches best."""
+        expected = self.expected_tensors(config)
+        return [] if expected is None else [expected]
+
+    def tolerated_tensor(self, config: dict, name: str) -> bool:
+        """Whether a tensor outside every layout is one the loader ignores (a legacy buffer
+        of any shape); the default is none."""
+        return False
+
+    def shape_sources(self, config: dict, name: str) -> tuple[str, ...] | None:
+        """The config keys each dimension of tensor ``name`` comes from, for a message that
+        says which key to fix; None when the family cannot say (shapes made of ``Dim``s say
+        it already)."""
         return None
 
     def optional_tensors(self, config: dict) -> dict[str, tuple[int, ...] | None]:
@@ -222,7 +282,7 @@ def find_family(config: dict, name: str | None = None) -> tuple[str, Family]:
             known = ", ".join(sorted(available)) or "none installed"
             raise RepskipError(f"unknown model family {name!r}; installed families: {known}")
         return name, available[name]
-    for fam_name, fam in available.items():
+    for fam_name, fam in sorted(available.items(), key=lambda item: item[1].generic):
         if fam.matches(config):
             return fam_name, fam
     arch = ", ".join(config.get("architectures") or []) or "?"

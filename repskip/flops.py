@@ -3,21 +3,63 @@
 A multiply-accumulate counts as 2 FLOPs. Matrix products only: norms, activations, RoPE and
 softmax are elementwise and left out, as torch.utils.flop_counter also leaves them out.
 Attention scores and values are counted over the full query x key rectangle, as dense
-kernels compute it (a causal mask does not halve the work of a dense kernel).
+kernels compute it (a causal mask does not halve the work of a dense kernel); a decode step
+of a sliding-window layer reads only the window its cache keeps.
+
+A model's cost is per layer (``ModelCost``), since layers differ: dense and mixture-of-experts
+MLPs (whose experts count by the share a token routes through), attention and state-space
+mixers, sliding and global attention. Removing layers removes their own cost.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-COMPONENTS = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "attn_scores", "attn_values", "mlp", "lm_head",
-)
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What one decoder layer computes per token: multiply-accumulates of its weights by
+    component, and the softmax attention it runs over the context (query-key width and
+    value width summed over heads; 0 for a layer without one)."""
+
+    macs: Mapping[str, int]
+    score_width: int = 0
+    value_width: int = 0
+    window: int | None = None  # a sliding window: a cached decode step attends to at most this many positions
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Per-layer costs and the LM head's multiply-accumulates per position with logits."""
+
+    layers: tuple[LayerCost, ...]
+    head_macs: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def keep(self, kept: Sequence[int]) -> ModelCost:
+        """The cost of the model that keeps only layers ``kept``."""
+        return ModelCost(tuple(self.layers[i] for i in kept), self.head_macs)
+
+    def kept(self, layers: int | Sequence[int] | None) -> list[int]:
+        """Layer indices for ``layers``: all (None), the kept indices, or a count, which names
+        layers only where every layer costs the same."""
+        if layers is None:
+            return list(range(len(self.layers)))
+        if isinstance(layers, int):
+            if len(set(self.layers)) > 1:
+                raise ValueError("this model's layers differ in cost: pass the kept layer indices, not a count")
+            return list(range(layers))
+        return list(layers)
 
 
 @dataclass(frozen=True)
 class DecoderGeometry:
-    """The shapes that decide a decoder's compute. Families build one from their config."""
+    """The shapes of a decoder whose layers are all alike (Llama-style): one way to build a
+    ModelCost."""
 
     hidden: int
     heads: int
@@ -27,6 +69,15 @@ class DecoderGeometry:
     vocab: int
     layers: int
     mlp_matrices: int = 3  # gate, up, down (SwiGLU); 2 for a plain two-matrix MLP
+
+    def cost(self) -> ModelCost:
+        q_width = self.heads * self.head_dim
+        kv_width = self.kv_heads * self.head_dim
+        layer = LayerCost(
+            macs={"q_proj": self.hidden * q_width, "k_proj": self.hidden * kv_width, "v_proj": self.hidden * kv_width,
+                  "o_proj": q_width * self.hidden, "mlp": self.hidden * self.intermediate * self.mlp_matrices},
+            score_width=q_width, value_width=q_width)
+        return ModelCost((layer,) * self.layers, self.hidden * self.vocab)
 
 
 def hf_geometry(config: dict) -> DecoderGeometry:
@@ -67,37 +118,40 @@ class Flops:
         return out
 
 
+def _as_cost(cost: ModelCost | DecoderGeometry) -> ModelCost:
+    return cost.cost() if isinstance(cost, DecoderGeometry) else cost
+
+
 def forward_flops(
-    geo: DecoderGeometry,
+    cost: ModelCost | DecoderGeometry,
     tokens: int,
     context: int | None = None,
-    layers: int | None = None,
+    layers: int | Sequence[int] | None = None,
     logits_tokens: int | None = None,
 ) -> Flops:
     """FLOPs of one forward over ``tokens`` new positions attending to ``context`` positions.
 
     ``context`` defaults to ``tokens`` (a prefill, or a diffusion step over the whole
-    sequence); a decode step with a KV cache is ``tokens=1, context=past+1``. ``layers``
-    defaults to the geometry's count; pass the kept count for a pruned model.
-    ``logits_tokens`` is how many positions get logits (all of them unless told).
+    sequence); a decode step with a KV cache is ``tokens=1, context=past+1``. ``layers``: the
+    kept layer indices of a pruned model (all by default; a count where all layers are
+    alike). ``logits_tokens`` is how many positions get logits (all of them unless told).
     """
+    cost = _as_cost(cost)
     context = tokens if context is None else context
-    layers = geo.layers if layers is None else layers
+    kept = cost.kept(layers)
     logits_tokens = tokens if logits_tokens is None else logits_tokens
-    q_width = geo.heads * geo.head_dim
-    kv_width = geo.kv_heads * geo.head_dim
-    per_layer = {
-        "q_proj": 2 * tokens * geo.hidden * q_width,
-        "k_proj": 2 * tokens * geo.hidden * kv_width,
-        "v_proj": 2 * tokens * geo.hidden * kv_width,
-        "o_proj": 2 * tokens * q_width * geo.hidden,
-        "attn_scores": 2 * tokens * context * q_width,
-        "attn_values": 2 * tokens * context * q_width,
-        "mlp": 2 * tokens * geo.hidden * geo.intermediate * geo.mlp_matrices,
-    }
-    components = {name: layers * value for name, value in per_layer.items()}
-    components["lm_head"] = 2 * logits_tokens * geo.hidden * geo.vocab
-    return Flops(components, layers, tokens, context)
+    components: dict[str, int] = {}
+    for index in kept:
+        layer = cost.layers[index]
+        for name, macs in layer.macs.items():
+            components[name] = components.get(name, 0) + 2 * tokens * macs
+        if layer.score_width or layer.value_width:
+            # a cached decode step of a sliding layer reads only the window its cache keeps
+            span = min(context, layer.window) if layer.window and tokens == 1 else context
+            components["attn_scores"] = components.get("attn_scores", 0) + 2 * tokens * span * layer.score_width
+            components["attn_values"] = components.get("attn_values", 0) + 2 * tokens * span * layer.value_width
+    components["lm_head"] = 2 * logits_tokens * cost.head_macs
+    return Flops(components, len(kept), tokens, context)
 
 
 @dataclass(frozen=True)
@@ -143,15 +197,23 @@ class FlopsComparison:
         }
 
 
-def compare(geo: DecoderGeometry, removed: int, seq_len: int) -> FlopsComparison:
-    """FLOPs of base and pruned for a ``seq_len``-token forward and one decode step after it."""
-    kept = geo.layers - removed
+def compare(cost: ModelCost | DecoderGeometry, removed: int | Sequence[int], seq_len: int) -> FlopsComparison:
+    """FLOPs of base and pruned for a ``seq_len``-token forward and one decode step after it;
+    ``removed``: the removed layer indices (a count where all layers are alike)."""
+    cost = _as_cost(cost)
+    if isinstance(removed, int):
+        kept: int | list[int] = cost.num_layers - removed
+        count = removed
+    else:
+        gone = set(removed)
+        kept = [i for i in range(cost.num_layers) if i not in gone]
+        count = len(gone)
     return FlopsComparison(
-        base=forward_flops(geo, seq_len),
-        pruned=forward_flops(geo, seq_len, layers=kept),
-        decode_base=forward_flops(geo, 1, context=seq_len + 1),
-        decode_pruned=forward_flops(geo, 1, context=seq_len + 1, layers=kept),
-        removed=removed,
+        base=forward_flops(cost, seq_len),
+        pruned=forward_flops(cost, seq_len, layers=kept),
+        decode_base=forward_flops(cost, 1, context=seq_len + 1),
+        decode_pruned=forward_flops(cost, 1, context=seq_len + 1, layers=kept),
+        removed=count,
     )
 
 
@@ -174,14 +236,14 @@ class GenerationFlops:
 
 
 def generation_flops(
-    geo: DecoderGeometry,
+    geo: ModelCost | DecoderGeometry,
     kind: str,
     prompt_len: int,
     gen_len: int,
     *,
     steps: int | None = None,
     cfg: bool = False,
-    layers: int | None = None,
+    layers: int | Sequence[int] | None = None,
     logits_per_pass: int | None = None,
 ) -> GenerationFlops:
     """Autoregressive: one prefill of the prompt (logits for its last position only), then

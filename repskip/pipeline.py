@@ -333,7 +333,7 @@ def resolve_recipe(
     check_kind(recipe, handle)
     if recipe.is_resolved:
         _recipe.check_applies(recipe, handle.ckpt.fingerprint(), handle.num_layers)
-        return recipe, None, recipe.repair_maps(handle.family.geometry(handle.ckpt.config).hidden)
+        return recipe, None, recipe.repair_maps(handle.family.hidden_size(handle.ckpt.config))
     check_calibration(recipe)
     sel = recipe.selection
     assert sel is not None
@@ -453,7 +453,7 @@ def fit_repair(handle: ModelHandle, torch_model: Any, removed: Sequence[int], se
     _, batches = _calibration_batches(handle, cal)
     fit = fit_linear(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), removed,
                      handle.num_layers, sel.ridge, progress)
-    hidden = handle.family.geometry(handle.ckpt.config).hidden
+    hidden = handle.family.hidden_size(handle.ckpt.config)
     if fit.tokens < TOKENS_PER_HIDDEN * hidden:
         warnings.warn(f"the linear repair was fitted on {fit.tokens} calibration tokens, few for maps of "
                       f"{hidden} x {hidden}: below about {TOKENS_PER_HIDDEN * hidden} tokens a map can fit the "
@@ -485,15 +485,15 @@ def with_repair(recipe: _recipe.Recipe, fit: Any, file: str | None) -> tuple[_re
 
 
 def repair_folds(handle: ModelHandle, maps: dict) -> dict[str, Any]:
-    """Tensor name -> map, for the file-level fold in compress (weights, and biases if any)."""
+    """Tensor name -> (map, axis), for the file-level fold in compress (weights, and biases
+    if any)."""
     fam, config = handle.family, handle.ckpt.config
     folds = {}
     for anchor, t in maps.items():
-        name = fam.mlp_output_tensor(config, anchor)
-        folds[name] = t
-        bias = name[: -len(".weight")] + ".bias" if name.endswith(".weight") else None
-        if bias and bias in handle.ckpt.tensors:
-            folds[bias] = t
+        targets = fam.mlp_output_tensors(config, anchor, handle.ckpt.tensors)
+        if not targets:
+            raise RepskipError(f"the repair folds into layer {anchor}, whose MLP output tensors this checkpoint lacks")
+        folds.update({name: (t, axis) for name, axis in targets})
     return folds
 
 
@@ -608,7 +608,7 @@ def flops(
     """Analytic FLOPs of ``model`` with and without the ``removed`` layers."""
     handle = model if isinstance(model, ModelHandle) else open_model(model)
     validate_kept(handle.num_layers, removed)
-    return compare(handle.family.geometry(handle.ckpt.config), len(removed), seq_len)
+    return compare(handle.family.cost(handle.ckpt.config), list(removed), seq_len)
 
 
 def check_recipe_fits(recipe: _recipe.Recipe, handle: ModelHandle) -> None:

@@ -4,7 +4,8 @@ An exported folder holds ``model.onnx`` with one of two signatures, told apart b
 
 - ``causal-lm-with-past`` (autoregressive families), in Hugging Face Optimum's naming:
   ``input_ids``, ``attention_mask`` [batch, past + new], ``position_ids`` and
-  ``past_key_values.N.key`` / ``.value`` [batch, kv_heads, past, head_dim] in;
+  ``past_key_values.N.key`` / ``.value`` [batch, kv_heads, past, head_dim] in (heads and head
+  dims may differ between layers, and between keys and values);
   ``logits`` and ``present.N.key`` / ``.value`` [batch, kv_heads, past + new, head_dim] out.
 - ``masked-lm`` (diffusion families): ``input_ids`` and ``attention_mask`` in, ``logits`` out,
   exactly as the PyTorch module returns them (Dream's logits stay shifted; its family plugin
@@ -183,8 +184,10 @@ class OrtCausalLM(_OrtLM):
         names = sorted((n for n in session.inputs if n.startswith("past_key_values.") and n.endswith(".key")),
                        key=lambda n: int(n.split(".")[1]))
         self.num_layers = len(names)
-        first = session.inputs[names[0]].shape if names else [None, 0, None, 0]
-        self.kv_heads, self.head_dim = int(first[1]), int(first[3])
+        # (heads, head dim) of each layer's keys and values: layers may differ
+        self.kv_shapes = [tuple((int(session.inputs[f"past_key_values.{i}.{part}"].shape[1]),
+                                 int(session.inputs[f"past_key_values.{i}.{part}"].shape[3]))
+                                for part in ("key", "value")) for i in range(self.num_layers)]
         self.kv_dtype = session.type_of(names[0]) if names else self.dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -199,17 +202,16 @@ class OrtCausalLM(_OrtLM):
             position_ids = torch.arange(P, P + T, device=dev).expand(B, T)
         feeds = {"input_ids": input_ids.long(), "attention_mask": attention_mask.long(),
                  "position_ids": position_ids.long()}
-        empty = torch.empty(B, self.kv_heads, 0, self.head_dim, dtype=self.kv_dtype, device=dev)
-        for i in range(self.num_layers):
-            key, value = past[i] if past else (empty, empty)
+        for i, shapes in enumerate(self.kv_shapes):
+            key, value = past[i] if past else (torch.empty(B, h, 0, d, dtype=self.kv_dtype, device=dev) for h, d in shapes)
             feeds[f"past_key_values.{i}.key"] = key
             feeds[f"past_key_values.{i}.value"] = value
         logits = torch.empty(B, T, self.vocab, dtype=self.dtype, device=dev)
         outs = {"logits": logits}
         present = []
-        for i in range(self.num_layers):
-            k = torch.empty(B, self.kv_heads, P + T, self.head_dim, dtype=self.kv_dtype, device=dev)
-            v = torch.empty_like(k)
+        for i, ((kh, kd), (vh, vd)) in enumerate(self.kv_shapes):
+            k = torch.empty(B, kh, P + T, kd, dtype=self.kv_dtype, device=dev)
+            v = torch.empty(B, vh, P + T, vd, dtype=self.kv_dtype, device=dev)
             outs[f"present.{i}.key"], outs[f"present.{i}.value"] = k, v
             present.append((k, v))
         self.session.run(feeds, outs)

@@ -34,8 +34,8 @@ class FakeLM:
         return types.SimpleNamespace(logits=torch.zeros(ids.shape[0], ids.shape[1], 5), past_key_values=None)
 
 
-def geometry(layers):
-    return DecoderGeometry(layers=layers, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=100)
+def cost(layers):
+    return DecoderGeometry(layers=layers, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=100).cost()
 
 
 def test_autoregressive_timing_alternates_and_takes_ratios_per_repeat(monkeypatch):
@@ -44,7 +44,7 @@ def test_autoregressive_timing_alternates_and_takes_ratios_per_repeat(monkeypatc
     base = types.SimpleNamespace(model=FakeLM("b", 2.0, clock, log))
     comp = types.SimpleNamespace(model=FakeLM("c", 1.0, clock, log))
     out = speed.measure(base, comp, torch.zeros(1, 10, dtype=torch.long), kind="autoregressive",
-                        geometry=geometry(8), layers=(8, 6), new_tokens=4, repeats=4)
+                        costs=(cost(8), cost(6)), new_tokens=4, repeats=4)
     runs = [name for i, name in enumerate(log) if i % 4 == 0]  # each run: a prefill and 3 decode steps
     assert runs == ["b", "c", "b", "c", "c", "b", "b", "c", "c", "b"]  # warm-up, then alternating order
     assert out["base"]["prefill_ms"] == pytest.approx(20_000) and out["compressed"]["prefill_ms"] == pytest.approx(10_000)
@@ -69,7 +69,7 @@ def test_diffusion_timing_is_per_denoising_step(monkeypatch):
         return types.SimpleNamespace(model=FakeLM(name, cost, clock, log), handle=types.SimpleNamespace(family=Family))
 
     out = speed.measure(side("b", 3.0), side("c", 1.0), torch.zeros(1, 3, dtype=torch.long), kind="diffusion",
-                        geometry=geometry(8), layers=(8, 4), new_tokens=8, steps=16, mask_id=9, repeats=3)
+                        costs=(cost(8), cost(4)), new_tokens=8, steps=16, mask_id=9, repeats=3)
     assert out["base"]["step_ms"] == pytest.approx(33_000) and out["compressed"]["step_ms"] == pytest.approx(11_000)
     assert out["base"]["tokens_per_s"] == pytest.approx(8 / (16 * 33))
     assert out["speedup"]["step"]["median"] == pytest.approx(3)

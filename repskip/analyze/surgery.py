@@ -10,6 +10,8 @@ forward call:
   a run reuses what an earlier run of the same batch computed in front of some point;
 - ``record``: layers whose output and raw MLP output (before any map) are kept in
   ``outputs`` and ``mlp``, for fits and replays;
+- ``zero``: layers whose MLP output is replaced by zeros (to see what the layer adds
+  without it);
 - ``stop_after``: a layer after which the forward stops (``run`` returns None then), when
   nothing later is needed.
 
@@ -39,6 +41,7 @@ class Surgery:
         self.maps: dict[int, torch.Tensor] = {}
         self.replay: dict[int, torch.Tensor] = {}
         self.record: set[int] = set()
+        self.zero: set[int] = set()
         self.stop_after: int | None = None
         self.outputs: dict[int, torch.Tensor] = {}
         self.mlp: dict[int, torch.Tensor] = {}
@@ -49,10 +52,11 @@ class Surgery:
     # --- settings ----------------------------------------------------------------------------
     def set(self, *, skip: Iterable[int] = (), maps: dict[int, torch.Tensor] | None = None,
             replay: dict[int, torch.Tensor] | None = None, record: Iterable[int] = (),
-            stop_after: int | None = None) -> "Surgery":
+            stop_after: int | None = None, zero: Iterable[int] = ()) -> "Surgery":
         """Settings for the next forward calls (the recordings of earlier calls are dropped)."""
         self.skip, self.maps = set(skip), dict(maps or {})
         self.replay, self.record = dict(replay or {}), set(record)
+        self.zero = set(zero)
         self.stop_after = stop_after
         self.outputs, self.mlp = {}, {}
         return self
@@ -108,12 +112,18 @@ class Surgery:
         return (hidden,) if self._tuple.get(index) else hidden
 
     def _projection(self, index: int):
-        def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            # an MLP block may return (hidden, router logits): the map applies to the first
+            main = output[0] if isinstance(output, tuple) else output
             if index in self.record:
-                self.mlp[index] = output
+                self.mlp[index] = main
             t = self.maps.get(index)
-            if t is None:
+            if index in self.zero:
+                new = torch.zeros_like(main)
+            elif t is not None:
+                new = (main.to(t.dtype) @ t).to(main.dtype)
+            else:
                 return None
-            return (output.to(t.dtype) @ t).to(output.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook

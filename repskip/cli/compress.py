@@ -151,7 +151,7 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
     whole generation (KV-cache decoding for autoregressive models, full-sequence denoising
     steps for diffusion models)."""
     from .. import pipeline
-    from ..flops import COMPONENTS, generation_flops
+    from ..flops import generation_flops
 
     handle = pipeline.open_model(model, allow_onnx=True)
     kind = handle.family.generative_kind
@@ -159,10 +159,11 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
         raise RepskipError("--steps, --cfg and --block-length describe diffusion sampling; this model is autoregressive")
     removed = _removed_for(handle, recipe_path, remove)
     cmp = pipeline.flops(handle, removed, seq_len)
-    geo = handle.family.geometry(handle.ckpt.config)
-    gen = {name: generation_flops(geo, kind, prompt_len, gen_len, steps=steps, cfg=cfg, layers=layers,
+    cost = handle.family.cost(handle.ckpt.config)
+    kept = [i for i in range(cost.num_layers) if i not in set(removed)]
+    gen = {name: generation_flops(cost, kind, prompt_len, gen_len, steps=steps, cfg=cfg, layers=layers,
                                   logits_per_pass=block_length)
-           for name, layers in (("base", geo.layers), ("pruned", geo.layers - len(removed)))}
+           for name, layers in (("base", None), ("pruned", kept))}
     gen_cut = 1 - gen["pruned"].total / gen["base"].total
     if as_json:
         click.echo(json.dumps({"schema_version": 1, "kind": "repskip.flops", "model": str(handle.path),
@@ -173,8 +174,8 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
     table = Table(title=f"FLOPs of one {seq_len}-token forward ({handle.path.name})")
     for col in ("component", "base GFLOPs", "pruned GFLOPs"):
         table.add_column(col, justify="right" if col != "component" else "left")
-    for name in COMPONENTS:
-        table.add_row(name, f"{cmp.base.components[name] / 1e9:,.3f}", f"{cmp.pruned.components[name] / 1e9:,.3f}")
+    for name, value in cmp.base.components.items():
+        table.add_row(name, f"{value / 1e9:,.3f}", f"{cmp.pruned.components.get(name, 0) / 1e9:,.3f}")
     table.add_row("[bold]total", f"[bold]{cmp.base.total / 1e9:,.3f}", f"[bold]{cmp.pruned.total / 1e9:,.3f}")
     console.print(table)
     console.print(f"removed {len(removed)} of {cmp.base.layers} layers {removed}")

@@ -50,7 +50,7 @@ def parse_size(text: str | int) -> int:
 class Planned:
     source: TensorEntry
     name: str  # name in the output
-    fold: Any = None  # a linear repair map T: the output holds T^T @ tensor (repskip.repair.linear)
+    fold: Any = None  # (T, axis): the output holds T^T @ tensor along axis (repskip.repair.linear)
     data: bytes | None = None  # new bytes for the tensor (same dtype and shape): a healed weight
 
 
@@ -110,6 +110,9 @@ def _shards(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
 
 
 def _copy_range(src, dst, start: int, length: int) -> None:
+    # the kernel copy writes at the file descriptor's offset: what Python still buffers (a
+    # small tensor written just before) must be there first
+    dst.flush()
     src_fd, dst_fd = src.fileno(), dst.fileno()
     offset, remaining = start, length
     if hasattr(os, "copy_file_range"):
@@ -162,7 +165,8 @@ def _write_shard(path: Path, items: list[Planned], metadata: dict[str, str]) -> 
                 from ..repair.linear import fold_bytes  # numpy only: still no torch
 
                 src.seek(item.source.start)
-                dst.write(fold_bytes(src.read(item.source.nbytes), item.source.dtype, item.source.shape, item.fold))
+                t, axis = item.fold
+                dst.write(fold_bytes(src.read(item.source.nbytes), item.source.dtype, item.source.shape, t, axis))
             dst.flush()
             os.fsync(dst.fileno())
     finally:
@@ -207,7 +211,8 @@ def write_pruned(
     folds: dict[str, Any] | None = None,
 ) -> CompressResult:
     """Write ``ckpt`` without the removed layers into ``output``, atomically; ``folds`` maps
-    source tensor names to linear repair maps folded in on the way (T^T @ tensor)."""
+    source tensor names to (linear repair map T, axis), folded in on the way (T^T @ tensor
+    along the axis)."""
     output = Path(output)
     check_output(output, force, [ckpt.path])
     planned = attach_folds(plan_tensors(ckpt, prefix, kept, num_layers), folds or {})

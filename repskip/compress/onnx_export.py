@@ -119,13 +119,16 @@ def _io(kind: str, num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask"], ["logits"]
 
 
-def _example(kind: str, geo: Any, num_layers: int, vocab: int, dtype: torch.dtype) -> tuple:
-    """Tracing inputs: batch 2, 4 new tokens on 3 past ones (sizes the parity check avoids)."""
+def _example(kind: str, module: Any, vocab: int, dtype: torch.dtype) -> tuple:
+    """Tracing inputs: batch 2, 4 new tokens on 3 past ones (sizes the parity check avoids).
+    The past keys and values take the shapes the module's ``kv_shapes`` gives, layer by layer
+    ([heads, head dim] of each key and each value)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 4), generator=gen)
     if kind == MASKED:
         return ids, torch.ones(2, 4, dtype=torch.long)
-    past = tuple(torch.randn(2, geo.kv_heads, 3, geo.head_dim, generator=gen).to(dtype) for _ in range(2 * num_layers))
+    past = tuple(torch.randn(2, heads, 3, dim, generator=gen).to(dtype)
+                 for key, value in module.kv_shapes() for heads, dim in (key, value))
     return ids, torch.ones(2, 7, dtype=torch.long), torch.arange(3, 7).expand(2, 4), past
 
 
@@ -254,8 +257,8 @@ def _parity(module: torch.nn.Module, ort_model: torch.nn.Module, kind: str, voca
         mask = _left_pad(batch, length, pads)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         layers = ort_model.num_layers
-        empty = tuple(torch.zeros(batch, ort_model.kv_heads, 0, ort_model.head_dim, dtype=ort_model.kv_dtype)
-                      for _ in range(2 * layers))
+        empty = tuple(torch.zeros(batch, heads, 0, dim, dtype=ort_model.kv_dtype)
+                      for shapes in ort_model.kv_shapes for heads, dim in shapes)
         ref = module(ids, mask, pos, empty)
         got = ort_model(ids, mask, pos)
         cases.append(ParityCase(batch, length, 0, sum(p > 0 for p in pads), _diff(got.logits, ref[0], mask),
@@ -307,20 +310,19 @@ def export_onnx(
         fold_in_memory(model, fam, maps)
     fam.remove_layers(model, kept)
     module = fam.onnx_module(model).eval()
-    geo = fam.geometry(new_config)
-    vocab = geo.vocab
+    vocab = fam.vocab_size(new_config)
     mask_id = fam.mask_token_id(new_config) if kind == MASKED else None
     removed = [i for i in range(handle.num_layers) if i not in set(kept)]
     with atomic_dir(output, force, [handle.path], command="compress --format onnx") as tmp:
         file = tmp / ONNX_FILE
         say(f"exporting opset {opset}, {dtype}")
-        _export(module, kind, _example(kind, geo, len(kept), vocab, torch_dtype), len(kept), opset, file, external_data)
+        _export(module, kind, _example(kind, module, vocab, torch_dtype), len(kept), opset, file, external_data)
         dropped, external = _clean_graph(file)
         say("checking ONNX Runtime against PyTorch")
         ort_model = load_onnx_model(file, new_config, provider)
         atol, rtol = TOLERANCE[torch_dtype]
         with torch.inference_mode():
-            scale = max(float(module(*_example(kind, geo, len(kept), vocab, torch_dtype))[0].abs().max()), 1.0)
+            scale = max(float(module(*_example(kind, module, vocab, torch_dtype))[0].abs().max()), 1.0)
             default = atol + rtol * scale
             cases = _parity(module, ort_model, kind, vocab, mask_id, near_tie=2 * default)
         limit = tolerance if tolerance is not None else default

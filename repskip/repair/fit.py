@@ -50,12 +50,11 @@ class FitResult:
 
 
 def check_supported(family: Any, config: dict) -> None:
-    """Refuse repair for a family that names no MLP output projection."""
-    if family.mlp_output_tensor(config, 0) is None:
-        raise RepskipError(
-            f"the {type(family).__name__} family plugin declares no MLP output projection, so it cannot take a "
-            "linear repair; drop --repair (or give the plugin mlp_output_projection and mlp_output_tensor)"
-        )
+    """Refuse repair for a model whose MLP output no map folds into exactly."""
+    problem = family.repair_problem(config)
+    if problem:
+        raise RepskipError(f"cannot repair this {config.get('model_type') or 'model'} with a linear map: {problem}; "
+                           "drop --repair (use --repair none)")
 
 
 def torch_maps(maps: dict[int, np.ndarray], like: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -83,6 +82,7 @@ def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, 
     dropped: list[Run] = []
     tokens = 0
     with Surgery(model, family) as s:
+        check_joins_residual(s, model, batches, objective, [run.anchor for run in runs])
         for done, run in enumerate(runs):
             ls: LeastSquares | None = None
             for index, (ids, mask) in enumerate(batches()):
@@ -114,6 +114,32 @@ def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, 
             if progress:
                 progress(done + 1, len(runs))
     return FitResult(maps, runs, residual, tokens, time.perf_counter() - start, ridge, details, dropped)
+
+
+def check_joins_residual(s: Surgery, model: Any, batches: Batches, objective: Objective,
+                         anchors: Iterable[int]) -> None:
+    """Refuse, on the first calibration batch, a layer whose MLP output m does not join its
+    residual stream as it is (normed or scaled first): the fit's arithmetic (layer output =
+    rest + m, and m T computed by the folded weights) would not hold for it."""
+    ids, mask = next(iter(batches()))
+    p = next(iter(objective.passes(ids, mask, 0)))
+    for anchor in sorted(set(anchors)):
+        s.set(record={anchor}, stop_after=anchor)
+        s.run(objective.logits, model, p)
+        out, m = s.outputs[anchor], s.mlp.get(anchor)
+        if m is None:
+            raise RepskipError(f"layer {anchor} never ran its MLP output projection; it cannot take a linear repair")
+        s.set(record={anchor}, zero={anchor}, stop_after=anchor)
+        s.run(objective.logits, model, p)
+        rest = s.outputs[anchor]
+        error = float((out.float() - m.float() - rest.float()).abs().max())
+        eps = torch.finfo(out.dtype).eps if out.dtype.is_floating_point else 0.0
+        allowed = 8 * eps * float(out.float().abs().max()) + 1e-3 * float(m.float().abs().max())
+        if error > allowed:
+            raise RepskipError(
+                f"the MLP output of layer {anchor} does not join the residual stream as it is (it is normed or scaled "
+                f"first: the layer's output differs from the rest plus the MLP output by {error:.3g}), so no map "
+                "folded into a weight is exact; use --repair none")
 
 
 def check_map(s: Surgery, model: Any, batches: Batches, objective: Objective, removed: Sequence[int],
@@ -170,10 +196,9 @@ def fold_in_memory(model: Any, family: Any, maps: dict[int, np.ndarray]) -> None
     layers = family.decoder_layers(model)
     with torch.no_grad():
         for anchor, t in maps.items():
-            projection = family.mlp_output_projection(layers[anchor])
-            tt = torch.as_tensor(t, dtype=torch.float64, device=projection.weight.device).T
-            for param in (projection.weight, projection.bias):
-                if param is not None:
-                    folded = (tt @ param.double().reshape(tt.shape[1], -1)).reshape(param.shape)
-                    # rounded as fold_bytes rounds: float64 kept, else through float32
-                    param.copy_(folded if param.dtype == torch.float64 else folded.to(torch.float32).to(param.dtype))
+            for param, axis in family.mlp_output_parameters(layers[anchor]):
+                tt = torch.as_tensor(t, dtype=torch.float64, device=param.device).T
+                moved = param.double().movedim(axis, 0)
+                folded = (tt @ moved.reshape(tt.shape[1], -1)).reshape(moved.shape).movedim(0, axis)
+                # rounded as fold_bytes rounds: float64 kept, else through float32
+                param.copy_(folded if param.dtype == torch.float64 else folded.to(torch.float32).to(param.dtype))

@@ -119,19 +119,21 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
 _NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
-def fold_bytes(raw: bytes, dtype: str, shape: Sequence[int], t: np.ndarray) -> bytes:
-    """``T^T @ X`` for a safetensors tensor X given as raw little-endian bytes ([hidden, ...]),
-    returned as bytes of the same dtype and shape: computed in float64, rounded once to
-    float32 and then to the stored dtype, as torch's ``.to()`` rounds."""
+def fold_bytes(raw: bytes, dtype: str, shape: Sequence[int], t: np.ndarray, axis: int = 0) -> bytes:
+    """``T^T @ X`` along ``axis`` (the hidden-sized output axis) for a safetensors tensor X
+    given as raw little-endian bytes, returned as bytes of the same dtype and shape: computed
+    in float64, rounded once to float32 and then to the stored dtype, as torch's ``.to()``
+    rounds."""
     if dtype == "BF16":
         x = bf16_to_f32(np.frombuffer(raw, dtype="<u2")).reshape(shape)
     elif dtype in _NUMPY:
         x = np.frombuffer(raw, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<")).reshape(shape)
     else:
         raise RepskipError(f"cannot fold a linear repair into a {dtype} tensor; repair needs float weights")
-    if x.shape[0] != t.shape[0]:
-        raise RepskipError(f"a repair map of size {t.shape[0]} does not fit a tensor of shape {list(shape)}")
-    y = (t.T @ x.astype(np.float64).reshape(x.shape[0], -1)).reshape(x.shape)
+    if not -len(shape) <= axis < len(shape) or x.shape[axis] != t.shape[0]:
+        raise RepskipError(f"a repair map of size {t.shape[0]} does not fit axis {axis} of a tensor of shape {list(shape)}")
+    moved = np.moveaxis(x.astype(np.float64), axis, 0)
+    y = np.moveaxis((t.T @ moved.reshape(moved.shape[0], -1)).reshape(moved.shape), 0, axis)
     if dtype == "F64":
         return y.astype("<f8").tobytes()
     y32 = y.astype(np.float32)

@@ -222,7 +222,7 @@ def check_teacher(student: Any, teacher: Any, student_tok: Any, teacher_tok: Any
         name = [f"{t} ({f})" if t and t != f else f for f, t in kinds]
         raise RepskipError(f"the teacher is a {name[0]} model and the student {name[1]}: distillation needs the "
                            "model the student was cut from")
-    sv, tv = student.family.geometry(student.ckpt.config).vocab, teacher.family.geometry(teacher.ckpt.config).vocab
+    sv, tv = student.family.vocab_size(student.ckpt.config), teacher.family.vocab_size(teacher.ckpt.config)
     if sv != tv or student_tok.get_vocab() != teacher_tok.get_vocab():
         raise RepskipError(f"the teacher's vocabulary ({tv} tokens) is not the student's ({sv}): distillation "
                            "compares their predictions token by token; give the model the student was cut from")

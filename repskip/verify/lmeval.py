@@ -70,7 +70,7 @@ class RepskipLM(LM):
         if recipe:
             loaded = recipe_mod.load(recipe)
             self.removed = removed_layers(loaded, self.handle)
-            maps = loaded.repair_maps(self.family.geometry(self.handle.ckpt.config).hidden)
+            maps = loaded.repair_maps(self.family.hidden_size(self.handle.ckpt.config))
             if maps:  # a repaired recipe: its maps fold in before the layers go
                 from ..repair.fit import fold_in_memory
 

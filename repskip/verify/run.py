@@ -78,6 +78,14 @@ def load_side(label: str, handle: ModelHandle, dtype: str | None, device: str, r
     return Side(label, handle, model, fam.load_tokenizer(handle.path), tag, layers, list(remove))
 
 
+def side_cost(side: Side) -> Any:
+    """What a side computes (repskip.flops.ModelCost): its checkpoint's layers, less those it
+    removes in memory."""
+    cost = side.handle.family.cost(side.handle.ckpt.config)
+    gone = set(side.removed)
+    return cost.keep([i for i in range(cost.num_layers) if i not in gone])
+
+
 def onnx_tag(path: Path) -> str:
     """Cache tag of an ONNX export: its export record (recipe, parity, versions) and file size."""
     from ..formats import META_FILE, ONNX_FILE
@@ -420,7 +428,6 @@ def _speed(cache: ItemCache, ids: list[str]) -> dict:
 
 def _flops(base: Side, comp: Side, cache: ItemCache, ids: list[str], settings: dict) -> dict:
     fam = base.handle.family
-    geo = fam.geometry(base.handle.ckpt.config)
     recs = [cache.records[i] for i in ids]
     prompt = max(1, round(sum(r.get("prompt_tokens", 0) for r in recs) / len(recs)))
     kind = fam.generative_kind
@@ -433,8 +440,8 @@ def _flops(base: Side, comp: Side, cache: ItemCache, ids: list[str], settings: d
         steps = None
     cfg = bool(settings.get("cfg_scale", 0))
     head = int(settings.get("block_length") or gen) if kind == "diffusion" else None
-    full = generation_flops(geo, kind, prompt, gen, steps=steps, cfg=cfg, logits_per_pass=head)
-    cut = generation_flops(geo, kind, prompt, gen, steps=steps, cfg=cfg, layers=comp.layers, logits_per_pass=head)
+    full = generation_flops(side_cost(base), kind, prompt, gen, steps=steps, cfg=cfg, logits_per_pass=head)
+    cut = generation_flops(side_cost(comp), kind, prompt, gen, steps=steps, cfg=cfg, logits_per_pass=head)
     return {
         "layer_fraction": 1 - comp.layers / base.layers,
         "per_generated_token": {"base": full.per_generated_token, "compressed": cut.per_generated_token,
@@ -541,7 +548,7 @@ def verify(
     if recipe is not None:
         loaded = recipe_mod.load(recipe)
         remove = removed_layers(loaded, base_handle)
-        maps = loaded.repair_maps(base_handle.family.geometry(base_handle.ckpt.config).hidden)
+        maps = loaded.repair_maps(base_handle.family.hidden_size(base_handle.ckpt.config))
         comp_label = f"{base_handle.path} with recipe {recipe}"
     else:
         remove = []
@@ -630,7 +637,7 @@ def _speed_comparison(base: Side, comp: Side, benchmarks: dict, runs: dict, chat
     length = int(settings.get("gen_length") or settings.get("max_new_tokens") or speed.NEW_TOKENS)
     tick = (lambda done, total: progress("speed", done, total)) if progress else None  # noqa: E731
     result = speed.measure(
-        base, comp, ids, kind=kind, geometry=fam.geometry(base.handle.ckpt.config), layers=(base.layers, comp.layers),
+        base, comp, ids, kind=kind, costs=(side_cost(base), side_cost(comp)),
         new_tokens=speed.NEW_TOKENS if kind == "autoregressive" else length, steps=settings.get("steps"),
         mask_id=fam.mask_token_id(base.handle.ckpt.config) if kind == "diffusion" else None, repeats=repeats,
         progress=tick)

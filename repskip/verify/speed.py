@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..flops import forward_flops, generation_flops
+from ..flops import ModelCost, forward_flops, generation_flops
 from ..runtime import model_device, output_cache
 
 REPEATS = 5
@@ -81,12 +81,12 @@ def _ratio(base: list[float], comp: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)} if ratios else {}
 
 
-def measure(base: Any, comp: Any, ids: torch.Tensor, *, kind: str, geometry: Any, layers: tuple[int, int],
+def measure(base: Any, comp: Any, ids: torch.Tensor, *, kind: str, costs: tuple[ModelCost, ModelCost],
             new_tokens: int = NEW_TOKENS, steps: int | None = None, mask_id: int | None = None,
             repeats: int = REPEATS, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Time ``base`` and ``comp`` (Sides) on the prompt ``ids`` [1, P]; ``layers``: (base,
-    compressed) layer counts for the FLOPs-ideal ratio. Diffusion: ``new_tokens`` is the canvas
-    length and ``steps`` the denoising steps per generation."""
+    """Time ``base`` and ``comp`` (Sides) on the prompt ``ids`` [1, P]; ``costs``: what each
+    computes (its layers only), for the FLOPs-ideal ratio. Diffusion: ``new_tokens`` is the
+    canvas length and ``steps`` the denoising steps per generation."""
     prompt = ids.shape[1]
     if kind == "autoregressive":
         run = lambda side: _autoregressive(side.model, ids, new_tokens)  # noqa: E731
@@ -115,10 +115,10 @@ def measure(base: Any, comp: Any, ids: torch.Tensor, *, kind: str, geometry: Any
                           "tokens_per_s": new_tokens / statistics.median(t["total_s"])}
         out["speedup"] = {name: _ratio(times["base"][k], times["compressed"][k])
                           for name, k in (("prefill", "prefill_s"), ("decode", "decode_s"), ("generation", "total_s"))}
-        full = generation_flops(geometry, kind, prompt, new_tokens, layers=layers[0]).total
-        cut = generation_flops(geometry, kind, prompt, new_tokens, layers=layers[1]).total
-        decode_full = forward_flops(geometry, 1, context=prompt + new_tokens // 2, layers=layers[0]).total
-        decode_cut = forward_flops(geometry, 1, context=prompt + new_tokens // 2, layers=layers[1]).total
+        full = generation_flops(costs[0], kind, prompt, new_tokens).total
+        cut = generation_flops(costs[1], kind, prompt, new_tokens).total
+        decode_full = forward_flops(costs[0], 1, context=prompt + new_tokens // 2).total
+        decode_cut = forward_flops(costs[1], 1, context=prompt + new_tokens // 2).total
         out["flops_ideal"] = {"generation": full / cut, "decode": decode_full / decode_cut}
     else:
         steps = steps or new_tokens
@@ -127,7 +127,7 @@ def measure(base: Any, comp: Any, ids: torch.Tensor, *, kind: str, geometry: Any
             step = statistics.median(times[label]["step_s"])
             out[label] = {"step_ms": 1e3 * step, "tokens_per_s": new_tokens / (steps * step)}
         out["speedup"] = {"step": _ratio(times["base"]["step_s"], times["compressed"]["step_s"])}
-        full = forward_flops(geometry, prompt + new_tokens, layers=layers[0], logits_tokens=new_tokens).total
-        cut = forward_flops(geometry, prompt + new_tokens, layers=layers[1], logits_tokens=new_tokens).total
+        full = forward_flops(costs[0], prompt + new_tokens, logits_tokens=new_tokens).total
+        cut = forward_flops(costs[1], prompt + new_tokens, logits_tokens=new_tokens).total
         out["flops_ideal"] = {"step": full / cut}
     return out

@@ -1,126 +1,169 @@
-"""Family plugin for transformers-native decoders whose layers live at ``model.layers``."""
+"""Family plugin for every decoder-only causal LM the installed transformers ships.
+
+Nothing here names an architecture: the layout (where the decoder layers are, every tensor's
+name and shape, what each layer is) comes from the model transformers builds for the config
+on the meta device (layout.py), the config rewrite for kept layers is checked against the
+same (layer_config.py), and the model runs on transformers' own code.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from repskip.family import Dim, Family, slice_layer_config
-from repskip.flops import DecoderGeometry, hf_geometry
+from repskip.errors import RepskipError
+from repskip.family import Family
+from repskip.flops import ModelCost
 
-# model_type -> what the family was tested on. Each shares the model.layers.{i} layout,
-# per-layer self_attn.layer_idx, and a SwiGLU MLP with gate/up/down projections.
-MODEL_TYPES = {
-    "llama": "Llama, SmolLM2",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2, Qwen2.5",
-    "qwen3": "Qwen3",
-}
+from . import layer_config, residual
+from .cost import model_cost
+from . import layout as _layout
 
-# Config keys holding one entry per layer: sliced to the kept layers on removal.
-PER_LAYER_KEYS = ("layer_types",)
 
-# What transformers' config class of each model_type uses when config.json leaves a key out
-# (num_key_value_heads null always means one KV head per query head).
-DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}  # llama: num_attention_heads
-DEFAULT_HEAD_DIM = {"qwen3": 128}  # the others: hidden_size / num_attention_heads
-# Which optional biases each model_type's modeling code reads from config.json; qwen2 always
-# has q/k/v biases and mistral never has any, whatever the config says.
-READS_ATTENTION_BIAS = {"llama", "qwen3"}
-READS_MLP_BIAS = {"llama"}
+# config keys a tensor dimension may follow, for naming them in a shape mismatch
+SHAPE_KEYS = ("vocab_size", "hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "num_attention_heads",
+              "n_head", "num_key_value_heads", "head_dim", "moe_intermediate_size", "shared_expert_intermediate_size",
+              "num_experts", "num_local_experts", "n_routed_experts", "kv_lora_rank", "q_lora_rank")
 
 
 class HFDecoderFamily(Family):
-    supports = ", ".join(f"{t} ({names})" for t, names in MODEL_TYPES.items())
+    supports = "every decoder-only causal LM of the installed transformers (docs/architectures.md lists what was tested)"
     generative_kind = "autoregressive"
     default_sampler = "ar"
+    generic = True  # the other families' model types go to them first
 
     def matches(self, config: dict) -> bool:
-        return config.get("model_type") in MODEL_TYPES
+        return _layout.config_class(str(config.get("model_type", ""))) is not None
+
+    def _layout(self, config: dict) -> _layout.Layout:
+        return _layout.layout(config)
 
     def num_layers(self, config: dict) -> int:
-        return int(config["num_hidden_layers"])
+        problem = _layout.kind_problem(config)
+        if problem:
+            raise RepskipError(problem)
+        return _layout.count_of(config)
 
     def layer_prefix(self, config: dict) -> str:
-        return "model.layers."
+        return self._layout(config).prefix
 
     def rewrite_config(self, config: dict, kept: Sequence[int]) -> dict:
-        return slice_layer_config(config, kept, "num_hidden_layers", PER_LAYER_KEYS)
+        return layer_config.rewrite(config, kept)
 
-    def geometry(self, config: dict) -> DecoderGeometry:
-        return hf_geometry(config)
+    def cost(self, config: dict) -> ModelCost:
+        lo = self._layout(config)
+        model = _layout.meta_model(config)
+        return model_cost(model, _layout._get(model, lo.layers_path))
 
+    def hidden_size(self, config: dict) -> int:
+        return int(_layout.build_config(config).hidden_size)
+
+    def vocab_size(self, config: dict) -> int:
+        return int(_layout.build_config(config).vocab_size)
+
+    # --- consistency of config.json and weights -----------------------------------------------
     def expected_tensors(self, config: dict) -> dict[str, tuple[int, ...]] | None:
-        """The tensors transformers' modeling code of this model_type builds from config.json.
-
-        None for a quantized checkpoint: its tensor names and shapes are the quantizer's."""
+        """What ``save_pretrained`` writes for this config (None for a quantized checkpoint,
+        whose names and shapes are the quantizer's)."""
         if config.get("quantization_config"):
             return None
-        model_type = config.get("model_type")
-        vocab = Dim(config["vocab_size"], "vocab_size")
-        hidden = Dim(config["hidden_size"], "hidden_size")
-        inter = Dim(config["intermediate_size"], "intermediate_size")
-        heads = int(config["num_attention_heads"])
-        if "num_key_value_heads" in config:
-            kv_heads, kv_key = config["num_key_value_heads"] or heads, "num_key_value_heads"
-        else:
-            kv_heads, kv_key = DEFAULT_KV_HEADS.get(model_type, heads), "num_key_value_heads (default)"
-        if config.get("head_dim"):
-            head_dim, hd_key = int(config["head_dim"]), "head_dim"
-        elif model_type in DEFAULT_HEAD_DIM and "head_dim" not in config:
-            head_dim, hd_key = DEFAULT_HEAD_DIM[model_type], "head_dim (default)"
-        else:
-            head_dim, hd_key = int(hidden) // heads, "hidden_size/num_attention_heads"
-        q = Dim(heads * head_dim, f"num_attention_heads*{hd_key}")
-        kv = Dim(int(kv_heads) * head_dim, f"{kv_key}*{hd_key}")
-        qkv_bias = model_type == "qwen2" or (model_type in READS_ATTENTION_BIAS and bool(config.get("attention_bias")))
-        o_bias = model_type in READS_ATTENTION_BIAS and bool(config.get("attention_bias"))
-        mlp_bias = model_type in READS_MLP_BIAS and bool(config.get("mlp_bias"))
+        return self._layout(config).saved
 
-        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-        for i in range(self.num_layers(config)):
-            p = f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = (hidden,)
-            out[p + "post_attention_layernorm.weight"] = (hidden,)
-            for name, width in (("q", q), ("k", kv), ("v", kv)):
-                out[p + f"self_attn.{name}_proj.weight"] = (width, hidden)
-                if qkv_bias:
-                    out[p + f"self_attn.{name}_proj.bias"] = (width,)
-            out[p + "self_attn.o_proj.weight"] = (hidden, q)
-            if o_bias:
-                out[p + "self_attn.o_proj.bias"] = (hidden,)
-            if model_type == "qwen3":
-                out[p + "self_attn.q_norm.weight"] = (Dim(head_dim, hd_key),)
-                out[p + "self_attn.k_norm.weight"] = (Dim(head_dim, hd_key),)
-            out[p + "mlp.gate_proj.weight"] = (inter, hidden)
-            out[p + "mlp.up_proj.weight"] = (inter, hidden)
-            out[p + "mlp.down_proj.weight"] = (hidden, inter)
-            if mlp_bias:
-                out[p + "mlp.gate_proj.bias"] = (inter,)
-                out[p + "mlp.up_proj.bias"] = (inter,)
-                out[p + "mlp.down_proj.bias"] = (hidden,)
-        out["model.norm.weight"] = (hidden,)
-        if not config.get("tie_word_embeddings", False):
-            out["lm_head.weight"] = (vocab, hidden)
-        return out
+    def tensor_layouts(self, config: dict) -> list[dict[str, tuple[int, ...]]]:
+        """Both forms transformers loads: as it saves, and as its modules name the tensors
+        (a fused-experts checkpoint, say)."""
+        if config.get("quantization_config"):
+            return []
+        lo = self._layout(config)
+        return [lo.saved] + ([lo.native] if lo.native != lo.saved else [])
 
     def optional_tensors(self, config: dict) -> dict[str, tuple[int, ...] | None]:
-        """A tied lm_head saved anyway (transformers ties it to the embeddings on load) and
-        the rotary inv_freq buffers older saves hold (recomputed, never read)."""
-        out: dict[str, tuple[int, ...] | None] = {"model.rotary_emb.inv_freq": None}
-        for i in range(self.num_layers(config)):
-            out[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = None
-        if config.get("tie_word_embeddings", False):
-            out["lm_head.weight"] = (Dim(config["vocab_size"], "vocab_size"), Dim(config["hidden_size"], "hidden_size"))
+        """Tied tensors saved anyway (transformers ties them on load) and the rotary
+        inv_freq buffers older saves hold (recomputed, never read)."""
+        lo = self._layout(config)
+        out: dict[str, tuple[int, ...] | None] = {}
+        for name, target in lo.tied.items():
+            out[name] = lo.native.get(name) or lo.native.get(target)
+        for name in list(lo.saved) + list(lo.native):
+            if name.endswith(".weight") and (".self_attn." in name or ".attention." in name):
+                out.setdefault(name.rsplit(".", 2)[0] + ".rotary_emb.inv_freq", None)
+        out.setdefault("model.rotary_emb.inv_freq", None)
         return out
 
-    def mlp_output_projection(self, layer: Any) -> Any:
-        return layer.mlp.down_proj
+    def tolerated_tensor(self, config: dict, name: str) -> bool:
+        return self._layout(config).is_ignored(name)
 
-    def mlp_output_tensor(self, config: dict, index: int) -> str:
-        return f"model.layers.{index}.mlp.down_proj.weight"
+    def shape_sources(self, config: dict, name: str) -> tuple[str, ...] | None:
+        """Which config keys each dimension of ``name`` follows, found by asking transformers
+        to build the model again with one key doubled at a time (only when a message needs it)."""
+        lo = self._layout(config)
+        table = lo.saved if name in lo.saved else lo.native
+        if name not in table:
+            return None
+        shape = table[name]
+        sources: list[list[str]] = [[] for _ in shape]
+        for key in SHAPE_KEYS:
+            value = config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                continue
+            try:
+                other = self._layout({**config, key: 2 * value})
+            except RepskipError:
+                continue
+            changed = (other.saved if name in lo.saved else other.native).get(name)
+            if changed is not None and len(changed) == len(shape):
+                for i, (a, b) in enumerate(zip(shape, changed)):
+                    if a != b:
+                        sources[i].append(key)
+        return tuple("*".join(s) for s in sources)
 
+    # --- linear repair -----------------------------------------------------------------------
+    def repair_problem(self, config: dict) -> str | None:
+        lo = self._layout(config)
+        layers = _layout._get(_layout.meta_model(config), lo.layers_path)
+        for layer in layers:
+            problem = residual.problem(layer)
+            if problem:
+                return problem
+        return None
+
+    def mlp_output_projection(self, layer: Any) -> Any | None:
+        found = residual.mlp_block(layer)
+        return found[1] if found is not None and residual.writers(layer) else None
+
+    def mlp_output_parameters(self, layer: Any) -> list[tuple[Any, int]]:
+        return [(layer.get_parameter(w.name), w.axis) for w in residual.writers(layer) or []]
+
+    def mlp_output_tensors(self, config: dict, index: int, names: Collection[str]) -> list[tuple[str, int]]:
+        """The writers of layer ``index``'s MLP output under the names this checkpoint uses:
+        the modules' own (a checkpoint saved as transformers names them in memory) or as
+        ``save_pretrained`` writes them, where transformers' checkpoint conversion splits a
+        fused experts tensor into one per expert (the output axis then loses the experts one)."""
+        lo = self._layout(config)
+        model = _layout.meta_model(config)
+        prefix = f"{lo.layers_path}.{index}."
+        found = residual.writers(_layout._get(model, lo.layers_path)[index]) or []
+        own = [(prefix + w.name, w.axis) for w in found]
+        if own and all(name in names for name, _ in own):
+            return own
+        from transformers.core_model_loading import revert_weight_conversion
+
+        out = []
+        for name, axis in own:
+            param = model.get_parameter(name)
+            for disk, tensor in revert_weight_conversion(model, {name: param}).items():
+                shape, full = tuple(tensor.shape), tuple(param.shape)
+                if shape == full:
+                    out.append((disk, axis))
+                elif axis >= 1 and shape == full[1:]:
+                    out.append((disk, axis - 1))  # one tensor per expert
+                else:
+                    raise RepskipError(f"cannot tell the output axis of {disk} {list(shape)} (stored from {name} "
+                                       f"{list(full)}); this checkpoint cannot take a linear repair")
+        return out
+
+    # --- models --------------------------------------------------------------------------------
     def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
         from transformers import AutoModelForCausalLM
 
@@ -139,24 +182,46 @@ class HFDecoderFamily(Family):
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
     def decoder_layers(self, model: Any) -> Any:
-        return model.model.layers
+        return _layout._get(model, self._layers_path(model))
+
+    @staticmethod
+    def _layers_path(model: Any) -> str:
+        path = getattr(model, "_repskip_layers_path", None)
+        if path is None:
+            path = _layout.layers_path(model, int(getattr(model.config, _layout.COUNT_ATTRIBUTE)))
+            model._repskip_layers_path = path
+        return path
 
     def remove_layers(self, model: Any, kept: Sequence[int]) -> None:
         import torch  # here, not at the top: working on files must not need torch
 
-        layers = self.decoder_layers(model)
-        model.model.layers = torch.nn.ModuleList(layers[i] for i in kept)
-        # The KV cache is indexed by layer_idx: a stale index corrupts generation.
-        for new_idx, layer in enumerate(model.model.layers):
+        path = self._layers_path(model)
+        parent_path, _, name = path.rpartition(".")
+        parent = _layout._get(model, parent_path) if parent_path else model
+        layers = getattr(parent, name)
+        new_config = self.rewrite_config(_config_dict(model.config), kept)
+        setattr(parent, name, torch.nn.ModuleList(layers[i] for i in kept))
+        # caches and masks are indexed by the layers' own index: a stale one corrupts generation
+        for new_idx, layer in enumerate(getattr(parent, name)):
+            old_idx = kept[new_idx]
             for module in layer.modules():
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = new_idx
-        new = self.rewrite_config(model.config.to_dict(), kept)
-        for key in ("num_hidden_layers", "max_window_layers", *PER_LAYER_KEYS):
-            if key in new:
-                setattr(model.config, key, new[key])
+                for attr in _layout.INDEX_ATTRIBUTES:
+                    if getattr(module, attr, None) == old_idx and not isinstance(getattr(module, attr), bool):
+                        setattr(module, attr, new_idx)
+        # every module holds the same config object: change it in place
+        old = _config_dict(model.config)
+        for key, value in new_config.items():
+            if old.get(key) != value:
+                setattr(model.config, key, value)
 
     def onnx_module(self, model: Any) -> Any:
         from .onnx import CausalLMWithPast
 
         return CausalLMWithPast(model)
+
+
+def _config_dict(config: Any) -> dict:
+    """A loaded model's config as config.json holds it."""
+    import json
+
+    return json.loads(config.to_json_string(use_diff=False))

@@ -15,8 +15,22 @@ class CausalLMWithPast(torch.nn.Module):
         self.model = model
         self.num_layers = model.config.num_hidden_layers
 
+    @torch.no_grad()
+    def kv_shapes(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Per layer, the (heads, head dim) of its cached keys and of its values, as one
+        cached step of the model fills them (multi-head latent attention caches keys and
+        values of different widths)."""
+        cache = DynamicCache()
+        ids = torch.zeros(1, 1, dtype=torch.long, device=next(self.model.parameters()).device)
+        self.model(input_ids=ids, use_cache=True, **{cache_kwarg(self.model): cache})
+        return [((layer.keys.shape[1], layer.keys.shape[3]), (layer.values.shape[1], layer.values.shape[3]))
+                for layer in cache.layers[: self.num_layers]]
+
     def forward(self, input_ids, attention_mask, position_ids, past):
-        cache = DynamicCache(config=self.model.config)
+        # every layer keeps its whole past (a sliding-window layer's own cache would trim it,
+        # and the graph's outputs would change length by layer); the sliding layers' masks
+        # still see only their window
+        cache = DynamicCache()
         for i in range(self.num_layers):  # an empty past (length 0) gives an empty cache layer
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
