@@ -146,6 +146,12 @@ class Family(abc.ABC):
         the same name."""
         return name
 
+    def disk_tensors(self, config: dict, name: str, value: Any, names: Collection[str]) -> dict[str, Any]:
+        """The checkpoint tensors (among ``names``) that hold the loaded model's parameter
+        ``name`` with the trained ``value``: one, by ``parameter_tensor``, unless the family
+        stores a parameter otherwise (split per expert, say)."""
+        return {self.parameter_tensor(config, name): value}
+
     # --- linear repair (optional) -------------------------------------------------------
     def mlp_output_projection(self, layer: Any) -> Any | None:
         """The module whose output a decoder layer adds to its residual stream after the MLP

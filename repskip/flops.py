@@ -50,7 +50,7 @@ class ModelCost:
         if layers is None:
             return list(range(len(self.layers)))
         if isinstance(layers, int):
-            if len(set(self.layers)) > 1:
+            if any(layer != self.layers[0] for layer in self.layers):
                 raise ValueError("this model's layers differ in cost: pass the kept layer indices, not a count")
             return list(range(layers))
         return list(layers)

@@ -57,6 +57,14 @@ EXTRA: dict[str, dict] = {
     "codegen": {"rotary_dim": 8},
     "gptj": {"rotary_dim": 8},
     "mamba2": {"num_heads": 8},
+    # hybrids: attention among the state-space layers of a 6-layer stack
+    "bamba": {"attn_layer_indices": [1, 4]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention",
+                                         "full_attention", "linear_attention"], "shared_intermediate_size": 48},
+    "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "full_attention", "mlp", "linear_attention",
+                                         "full_attention"], "mamba_num_heads": 8, "mamba_head_dim": 16,
+                   "moe_shared_expert_intermediate_size": 48},
+    "falcon_h1": {"mamba_d_ssm": 128},
     "gpt_neo": {"attention_types": [[["global", "local"], LAYERS // 2]]},
     "gemma3_text": {"sliding_window_pattern": 3},
 }
@@ -69,10 +77,10 @@ def tiny_config(model_type: str) -> dict:
     default = AutoConfig.for_model(model_type).to_dict()
     overrides = {k: v for k, v in SHRINK.items() if k in default and default[k] is not None}
     overrides.update({k: LAYERS for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers") if k in default})
-    overrides.update(EXTRA.get(model_type, {}))
     for per_layer in ("layer_types", "mlp_layer_types", "layers_block_type", "no_rope_layers", "attention_layers"):
         if isinstance(default.get(per_layer), list):
             overrides[per_layer] = _periodic(default[per_layer], LAYERS)
+    overrides.update(EXTRA.get(model_type, {}))
     for token in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if isinstance(default.get(token), int) and default[token] >= VOCAB:
             overrides[token] = VOCAB - 1 - ("bos_token_id", "eos_token_id", "pad_token_id").index(token)
@@ -124,7 +132,15 @@ def save(model, path: Path) -> Path:
 # layers removed by hand: 0 moves every kept layer (prefix counts such as first_k_dense_replace
 # change), 2 breaks every period of 2 or 3 (alternating sliding / global attention, 1-in-3)
 REMOVE = [0, 2]
-REMOVE_FOR = {"jamba": [2, 3]}  # its experts every 2nd layer: 0, 2 leaves no period that selects them
+REMOVE_FOR = {
+    "jamba": [2, 3],  # its experts every 2nd layer: 0, 2 leaves no period that selects them
+    # the first layer differs from the others (no norm before attention; a norm of the embeddings)
+    "modernbert-decoder": [1, 3], "rwkv": [1, 3],
+}
+# the hybrids' attention layers are protected from the analysis's choice: a model left without
+# one is refused (tested on its own)
+ANALYZE_ARGS = {"bamba": ["--protect", "1,4"], "granitemoehybrid": ["--protect", "1,4"],
+                "nemotron_h": ["--protect", "2,5"]}
 TOLERANCE = 1e-5
 
 
@@ -243,20 +259,18 @@ def check_compress(model_type: str, base: Path, work: Path, original=None) -> Pa
     return out
 
 
-def check_repair(model_type: str, base: Path, work: Path, supported: bool, original=None) -> str:
+def check_repair(model_type: str, base: Path, work: Path, original=None) -> str:
     """analyze with the repair, compress: the output computes the in-memory repaired model.
-    Where the repair is not supported, analyze refuses it in one line; returns that line."""
+    Returns "ok", or the one-line refusal where no map folds exactly into this model."""
     from repskip.recipe import load as load_recipe
 
     runs = work / "runs"
     result = cli("analyze", base, "-o", runs, "-k", "2", "--repair", "linear", "--num-samples", "16",
-                 "--max-length", "32", "--no-reuse")
-    if not supported:
-        assert result.exit_code == 1, result.output
-        line = result.output.strip().splitlines()[-1]
-        assert line.startswith("error: ") and "repair" in line, result.output
-        return line
-    ok(result)
+                 "--max-length", "32", "--no-reuse", *ANALYZE_ARGS.get(model_type, []))
+    if result.exit_code != 0:
+        line = [x for x in result.output.splitlines() if x.startswith("error: ")]
+        assert result.exit_code == 1 and line and "linear map" in line[-1], ok(result)
+        return "refused: " + line[-1].removeprefix("error: ")
     recipe = load_recipe(runs / "recipe.yaml")
     out = work / "repaired"
     ok(cli("compress", base, "--recipe", runs / "recipe.yaml", "-o", out))
@@ -266,7 +280,7 @@ def check_repair(model_type: str, base: Path, work: Path, supported: bool, origi
     original = original or load_clean(base)
     diff = max_diff(bypassed_logits(original, family, recipe.resolved.remove, maps), logits(load_clean(out)))
     assert diff <= TOLERANCE, f"logits differ by {diff:.3g} from the in-memory repaired model"
-    return ""
+    return "ok"
 
 
 def check_onnx(model_type: str, base: Path, work: Path) -> Path:
@@ -298,8 +312,8 @@ def check_heal(model_type: str, compressed: Path, base: Path, work: Path) -> Pat
 CHECKS = ("analyze", "compress", "repair", "onnx", "heal")
 
 
-def measure(model_type: str, root: Path) -> dict[str, str]:
-    """Every check on ``model_type``: check -> "ok", or why it failed (for the support table)."""
+def measure(model_type: str, root: Path, checks: tuple[str, ...] = CHECKS) -> dict[str, str]:
+    """The ``checks`` on ``model_type``: check -> "ok", or why it failed (for the support table)."""
     import traceback
 
     results: dict[str, str] = {}
@@ -321,21 +335,19 @@ def measure(model_type: str, root: Path) -> dict[str, str]:
         base = make(model_type, root)
     except Exception as exc:
         return {"build": f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    family = family_of(base)
-    supported = family.repair_problem(json.loads((base / "config.json").read_text())) is None
-    attempt("analyze", lambda: ok(cli("analyze", base, "-o", root / "plain", "-k", "2", "--repair", "none",
-                                      "--num-samples", "8", "--max-length", "32")) and "ok")
+    if "analyze" in checks:
+        attempt("analyze", lambda: ok(cli("analyze", base, "-o", root / "plain", "-k", "2", "--repair", "none",
+                                          "--num-samples", "8", "--max-length", "32",
+                                          *ANALYZE_ARGS.get(model_type, []))) and "ok")
     compressed = root / "compressed"
     attempt("compress", lambda: check_compress(model_type, base, root) and "ok")
-
-    def repair() -> str:
-        line = check_repair(model_type, base, root, supported)
-        return "ok" if supported else "refused: " + line.removeprefix("error: ")
-
-    attempt("repair", repair)
+    if "repair" in checks:
+        attempt("repair", lambda: check_repair(model_type, base, root))
     if results.get("compress") == "ok":
-        attempt("onnx", lambda: check_onnx(model_type, base, root) and "ok")
-        attempt("heal", lambda: check_heal(model_type, compressed, base, root) and "ok")
+        if "onnx" in checks:
+            attempt("onnx", lambda: check_onnx(model_type, base, root) and "ok")
+        if "heal" in checks:
+            attempt("heal", lambda: check_heal(model_type, compressed, base, root) and "ok")
     return results
 
 

@@ -11,13 +11,13 @@ from repskip.pipeline import open_model
 @pytest.mark.parametrize("seq_len", [17, 64])
 def test_analytic_forward_flops_agree_with_torch_flop_counter(tiny, family, seq_len):
     handle = open_model(tiny[family])
-    geo = handle.family.geometry(handle.ckpt.config)
+    cost = handle.family.cost(handle.ckpt.config)
     model = AutoModelForCausalLM.from_pretrained(tiny[family], attn_implementation="eager").eval()
     ids = torch.randint(0, 300, (2, seq_len))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(input_ids=ids)
     measured = counter.get_total_flops()
-    analytic = 2 * forward_flops(geo, seq_len).total  # two sequences in the batch
+    analytic = 2 * forward_flops(cost, seq_len).total  # two sequences in the batch
     assert abs(analytic - measured) / measured < 0.02, (analytic, measured)
 
 

@@ -33,6 +33,10 @@ class _Stop(Exception):
     """Raised after the ``stop_after`` layer: nothing past it is needed."""
 
 
+def _arity(output: Any) -> int:
+    return len(output) if isinstance(output, tuple) else 0
+
+
 class Surgery:
     def __init__(self, model: Any, family: Any):
         self.model, self.family = model, family
@@ -45,7 +49,7 @@ class Surgery:
         self.stop_after: int | None = None
         self.outputs: dict[int, torch.Tensor] = {}
         self.mlp: dict[int, torch.Tensor] = {}
-        self._tuple: dict[int, bool] = {}
+        self._tuple: dict[int, int] = {}  # layer -> length of the tuple it returns (0: a bare tensor)
         self._saved: list[tuple[Any, Any]] = []
         self._handles: list[Any] = []
 
@@ -94,10 +98,12 @@ class Surgery:
             if index in self.replay:
                 out = self._wrap(index, self.replay[index])
             elif index in self.skip:
+                if index not in self._tuple:  # what the model expects back: learn it from the layer once
+                    self._tuple[index] = _arity(original(*args, **kwargs))
                 out = self._wrap(index, args[0] if args else kwargs["hidden_states"])
             else:
                 out = original(*args, **kwargs)
-                self._tuple[index] = isinstance(out, tuple)
+                self._tuple[index] = _arity(out)
                 if index in self.record:
                     self.outputs[index] = self.family.layer_output(out)
             if index == self.stop_after:
@@ -109,7 +115,8 @@ class Surgery:
     def _wrap(self, index: int, hidden: torch.Tensor) -> Any:
         if index in self.record:
             self.outputs[index] = hidden
-        return (hidden,) if self._tuple.get(index) else hidden
+        arity = self._tuple.get(index, 0)  # the other entries (attention weights, caches) are off here
+        return (hidden, *([None] * (arity - 1))) if arity else hidden
 
     def _projection(self, index: int):
         def hook(module: Any, args: Any, output: Any) -> Any:

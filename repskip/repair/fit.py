@@ -137,9 +137,9 @@ def check_joins_residual(s: Surgery, model: Any, batches: Batches, objective: Ob
         allowed = 8 * eps * float(out.float().abs().max()) + 1e-3 * float(m.float().abs().max())
         if error > allowed:
             raise RepskipError(
-                f"the MLP output of layer {anchor} does not join the residual stream as it is (it is normed or scaled "
-                f"first: the layer's output differs from the rest plus the MLP output by {error:.3g}), so no map "
-                "folded into a weight is exact; use --repair none")
+                f"cannot repair this model with a linear map: the MLP output of layer {anchor} does not join the "
+                f"residual stream as it is (it is normed or scaled first: the layer's output differs from the rest "
+                f"plus the MLP output by {error:.3g}), so no map folded into a weight is exact; use --repair none")
 
 
 def check_map(s: Surgery, model: Any, batches: Batches, objective: Objective, removed: Sequence[int],

@@ -183,14 +183,26 @@ def _layer_modules(family: Any, model: Any, layers: Sequence[int]) -> tuple[list
     for i in layers:
         for module in family.decoder_layers(model)[i].modules():
             owned[id(module)] = module
-    linears = [name for name, m in model.named_modules() if id(m) in owned and isinstance(m, torch.nn.Linear)]
+    linears = [name for name, m in model.named_modules() if id(m) in owned and _is_linear(m)]
     params = [name for name, m in model.named_modules() if id(m) in owned
               for pname, _ in m.named_parameters(recurse=False) for name in [f"{name}.{pname}"]]
     return linears, params
 
 
-def attach_trainable(family: Any, model: Any, layers: Sequence[int], settings: HealSettings) -> tuple[Any, list[str]]:
-    """The model to train (peft-wrapped for LoRA) and the parameter names that will change."""
+def _is_linear(module: Any) -> bool:
+    """A linear map LoRA can adapt: torch's Linear, or transformers' GPT-2 Conv1D."""
+    return isinstance(module, torch.nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def _digest(param: torch.Tensor) -> str:
+    return hashlib.sha1(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def attach_trainable(family: Any, model: Any, layers: Sequence[int],
+                     settings: HealSettings) -> tuple[Any, list[str], Callable[[], None]]:
+    """Make the chosen parameters trainable, in place: LoRA adapters (peft) on the linear maps
+    of ``layers``, or those layers' own weights. Returns the model, the names of the weights
+    that will change and what to call when training ends (LoRA: merge the adapters in)."""
     linears, params = _layer_modules(family, model, layers)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -201,18 +213,30 @@ def attach_trainable(family: Any, model: Any, layers: Sequence[int], settings: H
             params += [name for name in named if name not in in_layers]
         for name in params:
             named[name].requires_grad_(True)
-        return model, params
+        return model, params, lambda: None
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise RepskipError("--method lora needs peft: pip install 'repskip[heal]'") from None
+    # peft adapts the decoder layers through a holder of its own: given a transformers model of
+    # a mixture-of-experts type, peft would read a name like shared_expert.down_proj as a
+    # transformers 4 expert and adapt every layer's fused experts instead
+    stack = family.decoder_layers(model)
+    path = next(name for name, m in model.named_modules() if m is stack)
+    holder = torch.nn.Module()
+    holder.layers = stack
+    targets = ["layers" + name[len(path):] for name in linears]
     torch.manual_seed(settings.seed)  # LoRA's A matrices start random: the same for the same seed
     config = LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=linears, bias="none")
+                        target_modules=targets, bias="none")
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user
         warnings.simplefilter("ignore", FutureWarning)
-        wrapped = get_peft_model(model, config)
-    return wrapped, [f"{name}.weight" for name in linears]
+        wrapped = get_peft_model(holder, config)  # the adapters go into the model's own layers, in place
+
+    def merge() -> None:
+        wrapped.merge_and_unload()
+
+    return model, [f"{name}.weight" for name in linears], merge
 
 
 # --- checks before any work --------------------------------------------------------------------
@@ -343,7 +367,11 @@ def heal(
 
     say(f"loading {s_handle.path.name}" + (f" and the teacher {t_handle.path.name}" if t_handle else ""))
     model = s_handle.load(dtype="float32", device=run_device)
-    model, changed = attach_trainable(family, model, layers, settings)
+    # what the training may touch, as it was: after it, whatever differs is written back (peft
+    # may wrap more than the linear maps it was given: a mixture of experts' fused weights)
+    before = {name: _digest(p) for name, p in model.named_parameters()
+              if name in set(_layer_modules(family, model, layers)[1]) or settings.train_embeddings}
+    model, _, finish = attach_trainable(family, model, layers, settings)
     model.train()
     teacher_model = None
     if t_handle is not None:
@@ -437,9 +465,10 @@ def heal(
     seconds = time.monotonic() - t0
 
     model = accelerator.unwrap_model(model)
-    if settings.method == "lora":
-        model = model.merge_and_unload()
+    finish()  # LoRA: the adapters merged into the weights
     model.eval()
+    named = dict(model.named_parameters())
+    changed = sorted(name for name, digest in before.items() if _digest(named[name]) != digest)
     record = {
         "schema_version": HEAL_SCHEMA, "kind": "repskip.heal",
         "student": s_handle.info(), "teacher": t_handle.info() if t_handle else None,
@@ -451,16 +480,14 @@ def heal(
     if not accelerator.is_main_process:
         return HealResult(output, record, layers, wrote=False)
 
-    named = dict(model.named_parameters())
     ckpt = s_handle.ckpt
     replacements = {}
     for name in changed:
-        disk = family.parameter_tensor(config, name)
-        entry = ckpt.tensors.get(disk)
-        if entry is None:
-            raise RepskipError(f"trained parameter {name} has no tensor {disk} in {ckpt.path}")
-        replacements[disk] = named[name].detach().to("cpu", SAFETENSORS_DTYPES[entry.dtype]).contiguous() \
-            .view(torch.uint8).numpy().tobytes()
+        for disk, value in family.disk_tensors(config, name, named[name].detach().cpu(), ckpt.tensors).items():
+            entry = ckpt.tensors.get(disk)
+            if entry is None:
+                raise RepskipError(f"trained parameter {name} has no tensor {disk} in {ckpt.path}")
+            replacements[disk] = value.to(SAFETENSORS_DTYPES[entry.dtype]).contiguous().view(torch.uint8).numpy().tobytes()
     n = s_handle.num_layers
     planned = attach_data(plan_tensors(ckpt, family.layer_prefix(config), list(range(n)), n), replacements)
     probe = held[:2] if len(held) else train_data.train[:2]
@@ -476,7 +503,7 @@ def heal(
             b = family.logits(again, probe, mask).float()
         diff = float((a - b).abs().max())
         record["written_max_logit_diff"] = diff
-        exact = all(ckpt.tensors[family.parameter_tensor(config, c)].dtype == "F32" for c in changed)
+        exact = all(ckpt.tensors[disk].dtype == "F32" for disk in replacements)
         if exact and diff > 1e-3 * max(float(a.abs().max()), 1.0):
             raise RepskipError(f"the written checkpoint's logits differ from the trained model's by {diff:.3g}: "
                                "nothing was written; please report this")

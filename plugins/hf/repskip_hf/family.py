@@ -96,15 +96,17 @@ class HFDecoderFamily(Family):
 
     def shape_sources(self, config: dict, name: str) -> tuple[str, ...] | None:
         """Which config keys each dimension of ``name`` follows, found by asking transformers
-        to build the model again with one key doubled at a time (only when a message needs it)."""
+        to build the model again with one key doubled at a time (only when a message needs
+        it). A key config.json leaves out is named with the default transformers filled in."""
         lo = self._layout(config)
         table = lo.saved if name in lo.saved else lo.native
         if name not in table:
             return None
         shape = table[name]
+        filled = _layout.build_config(config)
         sources: list[list[str]] = [[] for _ in shape]
         for key in SHAPE_KEYS:
-            value = config.get(key)
+            value = config.get(key, getattr(filled, key, None) if key not in config else None)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 continue
             try:
@@ -113,9 +115,10 @@ class HFDecoderFamily(Family):
                 continue
             changed = (other.saved if name in lo.saved else other.native).get(name)
             if changed is not None and len(changed) == len(shape):
+                label = key if key in config else f"{key}, absent from config.json: default {value}"
                 for i, (a, b) in enumerate(zip(shape, changed)):
                     if a != b:
-                        sources[i].append(key)
+                        sources[i].append(label)
         return tuple("*".join(s) for s in sources)
 
     # --- linear repair -----------------------------------------------------------------------
@@ -129,8 +132,7 @@ class HFDecoderFamily(Family):
         return None
 
     def mlp_output_projection(self, layer: Any) -> Any | None:
-        found = residual.mlp_block(layer)
-        return found[1] if found is not None and residual.writers(layer) else None
+        return residual.hook_point(layer)
 
     def mlp_output_parameters(self, layer: Any) -> list[tuple[Any, int]]:
         return [(layer.get_parameter(w.name), w.axis) for w in residual.writers(layer) or []]
@@ -162,6 +164,15 @@ class HFDecoderFamily(Family):
                     raise RepskipError(f"cannot tell the output axis of {disk} {list(shape)} (stored from {name} "
                                        f"{list(full)}); this checkpoint cannot take a linear repair")
         return out
+
+    def disk_tensors(self, config: dict, name: str, value: Any, names: Collection[str]) -> dict[str, Any]:
+        """A trained parameter as the checkpoint stores it: under its own name, or through
+        transformers' checkpoint conversion reverted (fused experts split per expert, say)."""
+        if name in names:
+            return {name: value}
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return dict(revert_weight_conversion(_layout.meta_model(config), {name: value}))
 
     # --- models --------------------------------------------------------------------------------
     def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:

@@ -12,12 +12,14 @@ refused before anything is written, naming the fields.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 
 from repskip.errors import RepskipError
 
 from . import layout as _layout
+from .cost import LINEAR_ATTENTION
 
 # "the first N layers are X": N becomes the number of kept layers below N
 PREFIX_COUNTS = ("first_k_dense_replace", "num_dense_layers", "max_window_layers", "num_dense_blocks")
@@ -37,7 +39,8 @@ NOT_PER_LAYER = frozenset({"architectures", "eos_token_id", "bos_token_id", "pad
 # what looks like a field that describes layers by position, for naming it in a refusal
 POSITIONAL = re.compile(r"layer|idx|indices|pattern|step|freq|period|offset|interval|first_k|every|block_type|types",
                         re.IGNORECASE)
-NOT_POSITIONAL = re.compile(r"norm|eps|drop|dim$|size$|_heads?$|rope_theta|init|scale$|initializer", re.IGNORECASE)
+NOT_POSITIONAL = re.compile(r"norm|eps|drop|dim$|size$|_heads?$|rope_theta|init|scale$|initializer|time_step",
+                            re.IGNORECASE)
 
 
 def _ranges(indices: Sequence[int]) -> str:
@@ -95,8 +98,18 @@ class _Rewrite:
                     self.unexpressible.append(key)
                     continue
                 self.set(key, [self.pos[values[i]] for i in self.kept])
+        self._remap_layer_dicts()
         self._slice_per_layer()
         return self.new
+
+    def _remap_layer_dicts(self) -> None:
+        """Dicts keyed by layer index (Gemma 4's per_layer_config): kept keys renumbered."""
+        for key, value in self.old.items():
+            if key in self.handled or not isinstance(value, dict) or not value:
+                continue
+            keys = [str(k) for k in value]
+            if all(k.isdigit() and int(k) < self.n for k in keys):
+                self.set(key, {str(self.pos[int(k)]): v for k, v in value.items() if int(k) in self.pos})
 
     def _slice_per_layer(self) -> None:
         derived = _layout.build_config(self.old).to_dict()
@@ -170,12 +183,47 @@ def _cyclic(key: str) -> Callable[[_Rewrite], None]:
     return rule
 
 
+def _window(start_key: str, end_key: str, interval_key: str) -> Callable[[_Rewrite], None]:
+    """ERNIE 4.5 MoE: layer i is sparse iff start <= i <= end and (i + 1) % interval == 0; find
+    a start, end and interval that select the kept sparse layers."""
+    def rule(r: _Rewrite) -> None:
+        start, end, interval = (r.old.get(k) for k in (start_key, end_key, interval_key))
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end, interval)) or interval < 1:
+            return
+        flags = [start <= i <= end and (i + 1) % interval == 0 for i in r.kept]
+        m = len(flags)
+        for step in range(1, m + 1):
+            for lo in range(m + 1):
+                for hi in range(lo - 1, m):
+                    if all(f == (lo <= j <= hi and (j + 1) % step == 0) for j, f in enumerate(flags)):
+                        r.set(start_key, lo)
+                        r.set(end_key, hi)
+                        r.set(interval_key, step)
+                        return
+        r.unexpressible.append(f"{start_key}/{end_key}/{interval_key}")
+
+    return rule
+
+
+def _depth_scaled(key: str) -> Callable[[_Rewrite], None]:
+    """MiniCPM: each layer scales its residual branches by scale_depth / sqrt(layers); keep
+    the product as it was for the shorter stack."""
+    def rule(r: _Rewrite) -> None:
+        value = r.old.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            r.set(key, value * math.sqrt(len(r.kept) / r.n))
+
+    return rule
+
+
 RULES: tuple[Callable[[_Rewrite], None], ...] = (
     _sparse_step,
     _period_offset("attn_layer_period", "attn_layer_offset"),
     _period_offset("expert_layer_period", "expert_layer_offset"),
     _attention_types,
     _cyclic("block_types"),
+    _window("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"),
+    _depth_scaled("scale_depth"),
 )
 
 # Settings a layer reads at run time together with its index: no config rewrite keeps such
@@ -202,6 +250,11 @@ def rewrite(config: dict, kept: Sequence[int]) -> dict:
         if config.get(key):
             raise RepskipError(f"{what}: config.json {key} is set, which {why}; no config can keep the "
                                "kept layers as they were")
+    signatures = [_layout.layout(config).signature(i) for i in range(num_layers)]
+    attending = [i for i in range(num_layers) if _attends(signatures[i])]
+    if attending and not set(attending) & set(kept):
+        raise RepskipError(f"{what}: that removes every attention layer ({_ranges(attending)}) of this hybrid, "
+                           "and transformers cannot run it without one; keep at least one")
     r = _Rewrite(config, kept, num_layers)
     new = r.run()
     if r.unexpressible:
@@ -210,10 +263,18 @@ def rewrite(config: dict, kept: Sequence[int]) -> dict:
     problem = difference(config, new, kept)
     if problem:
         unhandled = [k for k in positional_fields(config) if k not in r.handled]
-        fields = ", ".join(unhandled) if unhandled else "its layer fields"
-        raise RepskipError(f"{what}: {problem}, and config.json {fields} cannot express the kept layers "
-                           "otherwise; choose other layers")
+        if unhandled:
+            raise RepskipError(f"{what}: {problem}, and config.json {', '.join(unhandled)} cannot express the kept "
+                               "layers otherwise; choose other layers")
+        raise RepskipError(f"{what}: {problem}; no config.json field sets it (the layer derives it from its own "
+                           "index), so a kept layer cannot move")
     return new
+
+
+def _attends(signature: dict) -> bool:
+    """Whether a layer holds softmax attention (a module class named *Attention, not a linear one)."""
+    return any(entry["class"].endswith("Attention") and not LINEAR_ATTENTION.search(entry["class"])
+               for entry in signature.values())
 
 
 def difference(old_config: dict, new_config: dict, kept: Sequence[int]) -> str | None:
@@ -228,7 +289,7 @@ def difference(old_config: dict, new_config: dict, kept: Sequence[int]) -> str |
     if new.num_layers != len(kept):
         return f"the rewritten config builds {new.num_layers} layers instead of {len(kept)}"
     for j, i in enumerate(kept):
-        diff = _layout.signature_difference(old.signature(i), new.signature(j), i, j)
+        diff = _layout.signature_difference(old.signature(i), new.signature(j), i, j, kept, old.num_layers)
         if diff:
             return f"kept layer {i} (layer {j} after removal) would change: {diff}"
     outside_old = {n: s for n, s in old.saved.items() if not n.startswith(old.prefix)}

@@ -15,6 +15,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from repskip.errors import RepskipError
@@ -199,10 +200,14 @@ def layer_signature(layer: Any) -> dict[str, Any]:
     return out
 
 
-def signature_difference(old: dict[str, Any], new: dict[str, Any], old_index: int, new_index: int) -> str | None:
-    """The first way ``new`` (a layer at ``new_index``) differs from ``old`` (at
-    ``old_index``), in words; None when it is the same layer. A setting that holds the
-    layer's own index in both is an index, not a difference."""
+def signature_difference(old: dict[str, Any], new: dict[str, Any], old_index: int, new_index: int,
+                         kept: Sequence[int] = (), num_layers: int | None = None) -> str | None:
+    """The first way ``new`` (a layer at ``new_index``, one of the ``kept`` layers of
+    ``num_layers``) differs from ``old`` (at ``old_index``), in words; None when it is the
+    same layer. Settings that describe the stack rather than the layer follow it and are no
+    difference: the layer's own index, the layer count, a per-layer list the layer keeps a copy
+    of (GPT-Neo's attention_layers) sliced to the kept layers, and a list of layer indices
+    (Zamba 2's layer_block_map) renumbered to them."""
     for name in sorted(set(old) | set(new)):
         where = "the layer" if name == "." else name
         if name not in new:
@@ -217,10 +222,30 @@ def signature_difference(old: dict[str, Any], new: dict[str, Any], old_index: in
                 return f"{where} has {part} {b[part]} instead of {a[part]}"
         for key in sorted(set(a["settings"]) | set(b["settings"])):
             x, y = a["settings"].get(key), b["settings"].get(key)
-            if x == y or (x == old_index and y == new_index):
+            if x == y or (x == old_index and y == new_index) or _close(x, y):
+                continue
+            if kept and _follows_the_stack(x, y, list(kept), num_layers):
                 continue
             return f"{where}.{key} is {y!r} instead of {x!r}"
     return None
+
+
+def _close(x: Any, y: Any) -> bool:
+    """Floats equal but for the last bits (a scale recomputed for the new depth)."""
+    return isinstance(x, float) and isinstance(y, float) and abs(x - y) <= 1e-12 * max(abs(x), abs(y))
+
+
+def _follows_the_stack(x: Any, y: Any, kept: list[int], num_layers: int | None) -> bool:
+    """Whether setting ``y`` is setting ``x`` of a stack that kept only ``kept`` layers."""
+    if num_layers is not None and x == num_layers and y == len(kept):
+        return True
+    if not (isinstance(x, list) and isinstance(y, list)):
+        return False
+    if len(x) > max(kept) and y == [x[i] for i in kept]:  # one entry per layer
+        return True
+    position = {old: new for new, old in enumerate(kept)}
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in x) \
+        and y == [position[v] for v in x if v in position]  # layer indices
 
 
 @dataclass(frozen=True)

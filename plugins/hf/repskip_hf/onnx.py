@@ -14,6 +14,10 @@ class CausalLMWithPast(torch.nn.Module):
         super().__init__()
         self.model = model
         self.num_layers = model.config.num_hidden_layers
+        if getattr(model.config, "_experts_implementation", None) not in (None, "eager", "batched_mm"):
+            # routed experts as batched matrix products: the grouped kernel is a custom op
+            # torch.onnx cannot translate
+            model.set_experts_implementation("batched_mm")
 
     @torch.no_grad()
     def kv_shapes(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:

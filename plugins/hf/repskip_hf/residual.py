@@ -84,6 +84,25 @@ def _expert_writers(prefix: str, experts: Any) -> list[Writer] | None:
     return out
 
 
+def hook_point(layer: Any) -> Any | None:
+    """The module whose output is the MLP branch, as it joins the residual stream: the MLP block,
+    unless the block adds the residual itself (BLOOM's and MPT's take it as an argument), in
+    which case its output projection."""
+    import inspect
+
+    found = mlp_block(layer)
+    ws = writers(layer)
+    if found is None or not ws:
+        return None
+    block = found[1]
+    if "residual" not in inspect.signature(block.forward).parameters:
+        return block
+    names = {w.name.rsplit(".", 1)[0] for w in ws}
+    if len(names) != 1:
+        return None
+    return layer.get_submodule(names.pop())
+
+
 def mlp_block(layer: Any) -> tuple[str, Any] | None:
     for name in MLP_NAMES:
         block = getattr(layer, name, None)
