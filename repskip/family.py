@@ -62,6 +62,11 @@ class Family(abc.ABC):
     #: after the families that claim model types of their own.
     generic: ClassVar[bool] = False
 
+    #: What ``repskip plugins --models`` lists, per model type: check -> "ok" or why not
+    #: (checks: analyze, compress, repair, onnx, heal), as the family's tests measured it.
+    def tested_model_types(self) -> dict[str, dict[str, str]]:
+        return {}
+
     # --- files -----------------------------------------------------------------------
     @abc.abstractmethod
     def matches(self, config: dict) -> bool:

@@ -629,6 +629,13 @@ def check_recipe_fits(recipe: _recipe.Recipe, handle: ModelHandle) -> None:
                    protect_first=sel.protect_first, protect_last=sel.protect_last, protect=sel.protect)
 
 
+def check_removable(handle: ModelHandle, removed: Sequence[int]) -> None:
+    """Refuse a removal the family cannot write a config for (a kept layer would change, or no
+    config field can describe the kept layers), before any fit or write."""
+    kept = validate_kept(handle.num_layers, removed)
+    handle.family.rewrite_config(handle.ckpt.config, kept)
+
+
 def check_kind(recipe: _recipe.Recipe, handle: ModelHandle) -> None:
     """Refuse a recipe whose applies_to rule excludes this model's kind."""
     kind = handle.family.generative_kind

@@ -385,7 +385,10 @@ def doc_table(data: dict) -> str:
             return "yes"
         return ("no: " + value.split(": ", 1)[-1]).replace("|", "/")[:160]
 
-    rows = ["| model_type | " + " | ".join(CHECKS) + " |", "| --- |" + " --- |" * len(CHECKS)]
+    rows = [f"Measured with transformers {data['transformers']} and torch {data['torch']} "
+            f"({sum(1 for r in data['types'].values() if r.get('compress') == 'ok')} of {len(data['types'])} "
+            "model types compress).", "",
+            "| model_type | " + " | ".join(CHECKS) + " |", "| --- |" + " --- |" * len(CHECKS)]
     for model_type, result in sorted(data["types"].items()):
         if "build" in result:
             rows.append(f"| `{model_type}` | " + " | ".join(["(no test model)"] + [""] * (len(CHECKS) - 1)) + " |")
@@ -430,3 +433,9 @@ if __name__ == "__main__":
     import sys
 
     main(sys.argv[1:])
+
+
+def family_of_config(config: dict):
+    from repskip.family import find_family
+
+    return find_family(config)[1]

@@ -106,6 +106,9 @@ class Surgery:
                 self._tuple[index] = _arity(out)
                 if index in self.record:
                     self.outputs[index] = self.family.layer_output(out)
+                    m = self.mlp.get(index)
+                    if m is not None and m.shape != self.outputs[index].shape:  # OPT runs its MLP on [tokens, hidden]
+                        self.mlp[index] = m.reshape(self.outputs[index].shape)
             if index == self.stop_after:
                 raise _Stop
             return out

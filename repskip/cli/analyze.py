@@ -219,6 +219,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         unresolved = Recipe(selection=spec, calibration=cal)
         try:
             recipe = resolve(unresolved, result)
+            pipeline.check_removable(handle, recipe.resolved.remove)  # the family can write it (config fields)
         except RepskipError as exc:
             # The measurements are still worth keeping: save them, then say how to choose again.
             _write_analysis_outputs(tmp, result, unresolved, threshold)

@@ -12,17 +12,31 @@ from ..outputs import atomic_dir, check_output
 from .app import console, err_console, main
 
 
+CHECKS = ("analyze", "compress", "repair", "onnx", "heal")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def plugins(as_json):
+@click.option("--models", is_flag=True,
+              help="Also list the model types each family was tested on, and what works for each.")
+def plugins(as_json, models):
     """List the installed family, sampler and benchmark plugins."""
     from .. import registry
+    from ..family import families
 
     rows = [p for group in registry.GROUPS for p in registry.plugins(group)]
+    tested = []
+    if models:
+        for fam_name, fam in sorted(families().items()):
+            for model_type, checks in sorted(fam.tested_model_types().items()):
+                tested.append({"family": fam_name, "model_type": model_type, **{c: checks.get(c) for c in CHECKS}})
     if as_json:
-        click.echo(json.dumps({"schema_version": 1, "kind": "repskip.plugins", "plugins": [
+        doc = {"schema_version": 1, "kind": "repskip.plugins", "plugins": [
             {"group": p.group, "name": p.name, "target": p.target, "distribution": p.distribution,
-             "version": p.version, "ok": p.ok, "error": p.error} for p in rows]}, indent=1))
+             "version": p.version, "ok": p.ok, "error": p.error} for p in rows]}
+        if models:
+            doc["models"] = tested
+        click.echo(json.dumps(doc, indent=1))
         return
     table = Table(title="repskip plugins")
     for col in ("group", "name", "distribution", "version", "status"):
@@ -35,7 +49,24 @@ def plugins(as_json):
             status = "[green]ok[/]" if p.ok else f"[red]failed: {p.error}[/]"
             table.add_row(group, p.name, p.distribution, p.version, status)
     console.print(table)
+    if models:
+        console.print(_models_table(tested))
 
+
+def _models_table(tested: list[dict]) -> Table:
+    """Model types by family, a column per check: yes, no (the reason is in --json), or untried."""
+    table = Table(title="model types tested (docs/architectures.md)")
+    for col in ("family", "model type", *CHECKS):
+        table.add_column(col)
+
+    def cell(value: str | None) -> str:
+        if value is None:
+            return "[dim]-[/]"
+        return "[green]yes[/]" if value == "ok" else "[red]no[/]"
+
+    for row in tested:
+        table.add_row(row["family"], row["model_type"], *(cell(row[c]) for c in CHECKS))
+    return table
 
 
 @main.command()

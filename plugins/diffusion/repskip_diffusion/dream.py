@@ -17,6 +17,7 @@ from .spec import DecoderSpec
 
 
 class DreamFamily(DiffusionFamily):
+    model_type = "Dream"
     supports = "Dream (Dream-v0-Base-7B/-Instruct-7B)"
     default_sampler = "dream"
     shifted_logits = True

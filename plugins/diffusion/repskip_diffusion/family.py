@@ -37,6 +37,14 @@ class DiffusionFamily(Family):
     #: config keys that give the context length, first found wins
     context_keys: ClassVar[tuple[str, ...]] = ("max_position_embeddings",)
 
+    #: the model type this family reads (config.json's model_type)
+    model_type: ClassVar[str] = ""
+
+    def tested_model_types(self) -> dict[str, dict[str, str]]:
+        """Every check passes on the tiny LLaDA and Dream checkpoints: tests/test_diffusion_families.py,
+        test_repair.py, test_onnx.py and test_heal.py."""
+        return {self.model_type: dict.fromkeys(("analyze", "compress", "repair", "onnx", "heal"), "ok")}
+
     # --- what each family says about its config ---------------------------------------
     def spec(self, config: dict) -> DecoderSpec:
         raise NotImplementedError

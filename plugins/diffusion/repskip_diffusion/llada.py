@@ -17,6 +17,7 @@ from .spec import DecoderSpec
 
 
 class LLaDAFamily(DiffusionFamily):
+    model_type = "llada"
     supports = "llada (LLaDA-8B-Base/-Instruct, LLaDA-1.5)"
     default_sampler = "llada"
     shifted_logits = False

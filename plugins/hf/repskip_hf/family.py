@@ -33,6 +33,13 @@ class HFDecoderFamily(Family):
     default_sampler = "ar"
     generic = True  # the other families' model types go to them first
 
+    def tested_model_types(self) -> dict[str, dict[str, str]]:
+        """tested.json: what tests/architectures.py measured, model type by model type."""
+        import json
+
+        record = json.loads((Path(__file__).parent / "tested.json").read_text())
+        return record["types"]
+
     def matches(self, config: dict) -> bool:
         return _layout.config_class(str(config.get("model_type", ""))) is not None
 

@@ -95,7 +95,7 @@ def hook_point(layer: Any) -> Any | None:
     if found is None or not ws:
         return None
     block = found[1]
-    if "residual" not in inspect.signature(block.forward).parameters:
+    if block is not layer and "residual" not in inspect.signature(block.forward).parameters:
         return block
     names = {w.name.rsplit(".", 1)[0] for w in ws}
     if len(names) != 1:
@@ -104,10 +104,14 @@ def hook_point(layer: Any) -> Any | None:
 
 
 def mlp_block(layer: Any) -> tuple[str, Any] | None:
+    """(name, module) of the layer's MLP; ("", the layer) where the layer holds the MLP's linear
+    maps itself (OPT, XGLM, BioGPT: fc1 and fc2)."""
     for name in MLP_NAMES:
         block = getattr(layer, name, None)
         if block is not None:
             return name, block
+    if _dense_writers("", layer) is not None:
+        return "", layer
     return None
 
 
@@ -115,9 +119,9 @@ def problem(layer: Any) -> str | None:
     """Why no repair map folds exactly into this layer's weights; None when one does."""
     found = mlp_block(layer)
     if found is None:
-        return "its layers have no MLP block the repair knows (mlp, feed_forward, block_sparse_moe, ...)"
-    for name, _ in layer.named_children():
-        if POST_NORM.search(name):
+        return "its layers have no MLP the repair knows (an mlp, feed_forward or block_sparse_moe block, or fc1/fc2)"
+    for name, child in layer.named_children():
+        if POST_NORM.search(name) and "norm" in type(child).__name__.lower():
             return (f"its MLP output passes through a norm ({name}) before it joins the residual stream, "
                     "so no map folded into a weight is exact")
     return None if writers(layer) else "its MLP block has no output projection the repair knows"
@@ -130,22 +134,23 @@ def writers(layer: Any) -> list[Writer] | None:
     if found is None:
         return None
     name, block = found
+    prefix = f"{name}." if name else ""
     if _linear_axis(block) is not None:  # the branch is one linear map
         axes = _linear_axis(block)
         return [Writer(f"{name}.weight", axes[0])] + ([Writer(f"{name}.bias", axes[1])] if block.bias is not None else [])
-    out = _dense_writers(f"{name}.", block)
+    out = _dense_writers(prefix, block)
     if out is not None:
         return out
     experts = next(((n, getattr(block, n)) for n in EXPERT_NAMES if getattr(block, n, None) is not None), None)
     if experts is None:
         return None
-    routed = _expert_writers(f"{name}.{experts[0]}.", experts[1])
+    routed = _expert_writers(f"{prefix}{experts[0]}.", experts[1])
     if routed is None:
         return None
     for shared_name in SHARED_NAMES:
         shared = getattr(block, shared_name, None)
         if shared is not None:
-            more = _dense_writers(f"{name}.{shared_name}.", shared)
+            more = _dense_writers(f"{prefix}{shared_name}.", shared)
             if more is None:
                 return None
             routed += more
