@@ -129,10 +129,10 @@ def main() -> None:
     full_dir = export(smol, [], args.workdir / "smollm2-full-onnx")
 
     handle = open_model(smol)
-    geo = handle.family.geometry(handle.ckpt.config)
-    kept = [i for i in range(geo.layers) if i not in removed]
+    cost = handle.family.cost(handle.ckpt.config)
+    kept = [i for i in range(handle.num_layers) if i not in removed]
     layer_params = sum(e.nbytes for n, e in handle.ckpt.tensors.items() if n.startswith("model.layers."))
-    removed_share = layer_params * len(removed) / geo.layers / handle.ckpt.total_bytes
+    removed_share = layer_params * len(removed) / handle.num_layers / handle.ckpt.total_bytes
     size_full = (full_dir / "model.onnx").stat().st_size
     size_pruned = (pruned_dir / "model.onnx").stat().st_size
     shrink = (size_full - size_pruned) / size_full
@@ -142,7 +142,7 @@ def main() -> None:
                         [[f"{size_full / 1e6:.1f}", f"{size_pruned / 1e6:.1f}", f"{shrink:.2%}", f"{removed_share:.2%}",
                           f"{shrink / removed_share:.3f}"]]))
 
-    ids = torch.randint(0, geo.vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, handle.family.vocab_size(handle.ckpt.config), (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     with torch.inference_mode():
         pt = handle.family.load(smol, torch.float32, args.device)
@@ -166,8 +166,8 @@ def main() -> None:
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     context = args.prompt_len + args.decode // 2
     ideal = {
-        "prefill": forward_flops(geo, args.prompt_len).total / forward_flops(geo, args.prompt_len, layers=len(kept)).total,
-        "decode": forward_flops(geo, 1, context).total / forward_flops(geo, 1, context, layers=len(kept)).total,
+        "prefill": forward_flops(cost, args.prompt_len).total / forward_flops(cost, args.prompt_len, layers=kept).total,
+        "decode": forward_flops(cost, 1, context).total / forward_flops(cost, 1, context, layers=kept).total,
     }
     results: dict = {"size": size, "median_s": {n: {k: round(v, 5) for k, v in m.items()} for n, m in med.items()},
                      "decode_tokens_per_s": {n: round(args.batch / m["decode"], 1) for n, m in med.items()}}

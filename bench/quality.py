@@ -174,7 +174,7 @@ def main() -> None:
             from repskip.repair.fit import fold_in_memory
 
             maps = store.load(Path(config["maps"]), config["sha256"], config["anchors"],
-                              fam.geometry(handle.ckpt.config).hidden)
+                              fam.hidden_size(handle.ckpt.config))
             fold_in_memory(model, fam, maps)
         kept = [i for i in range(handle.num_layers) if i not in set(config["layers"])]
         fam.remove_layers(model, kept)

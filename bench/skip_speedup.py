@@ -59,9 +59,9 @@ def main() -> None:
     for label, path in (("llada (diffusion step)", llada), ("llama (AR prefill)", smol)):
         handle = open_model(path)
         fam = handle.family
-        geo = fam.geometry(handle.ckpt.config)
-        kept = [i for i in range(geo.layers) if i not in removed]
-        ideal = forward_flops(geo, args.seq_len).total / forward_flops(geo, args.seq_len, layers=len(kept)).total
+        cost = fam.cost(handle.ckpt.config)
+        kept = [i for i in range(cost.num_layers) if i not in removed]
+        ideal = forward_flops(cost, args.seq_len).total / forward_flops(cost, args.seq_len, layers=kept).total
         with torch.inference_mode():
             full = fam.load(path, dtype=torch.float32)
             cut = fam.load(path, dtype=torch.float32)

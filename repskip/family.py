@@ -62,9 +62,15 @@ class Family(abc.ABC):
     #: after the families that claim model types of their own.
     generic: ClassVar[bool] = False
 
-    #: What ``repskip plugins --models`` lists, per model type: check -> "ok" or why not
-    #: (checks: analyze, compress, repair, onnx, heal), as the family's tests measured it.
+    def for_checkpoint(self, path: Path, trust_remote_code: bool) -> Family:
+        """The family bound to one checkpoint folder: a family that can run a checkpoint's own
+        modeling code does so only when ``trust_remote_code`` is given (as transformers does);
+        the default ignores both and returns itself."""
+        return self
+
     def tested_model_types(self) -> dict[str, dict[str, str]]:
+        """What ``repskip plugins --models`` lists, per model type: check (analyze, compress,
+        repair, onnx, heal) -> "ok" or why not, as the family's tests measured it."""
         return {}
 
     # --- files -----------------------------------------------------------------------

@@ -6,8 +6,10 @@ results; nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,12 +119,31 @@ class ModelHandle:
             raise RepskipError(f"{what} needs the original safetensors checkpoint; {self.path} is an ONNX export")
 
 
-def open_model(model: str | Path, family: str | None = None, allow_onnx: bool = False) -> ModelHandle:
+_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("repskip_trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def trusting_remote_code(trust: bool = True) -> Iterator[None]:
+    """Within the block, ``open_model`` lets a checkpoint run the modeling code it ships
+    (``auto_map``), as transformers' ``trust_remote_code=True`` does: only for code you trust.
+    The CLI's --trust-remote-code sets it for one command."""
+    token = _TRUST_REMOTE_CODE.set(trust)
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def open_model(model: str | Path, family: str | None = None, allow_onnx: bool = False,
+               trust_remote_code: bool | None = None) -> ModelHandle:
     """A model folder (or Hub id) and its family; ``allow_onnx`` also takes an exported ONNX
-    folder, for the commands that can run one (generate, verify, flops)."""
+    folder, for the commands that can run one (generate, verify, flops). A checkpoint's own
+    modeling code runs only with ``trust_remote_code`` (default: as ``trusting_remote_code``
+    says, which is no)."""
     from .consistency import check_checkpoint
     from .formats import ONNX_FILE, is_onnx_folder
 
+    trust = _TRUST_REMOTE_CODE.get() if trust_remote_code is None else trust_remote_code
     path = resolve_model(model)
     if path.is_dir() and is_onnx_folder(path) and not any(path.glob("*.safetensors")):
         if not allow_onnx:
@@ -131,9 +152,11 @@ def open_model(model: str | Path, family: str | None = None, allow_onnx: bool = 
             )
         config = read_config(path)
         name, fam = find_family(config, family)
+        fam = fam.for_checkpoint(path, trust)
         return ModelHandle(path, Checkpoint(path, config, [path / ONNX_FILE], {}, None), name, fam, onnx=True)
     ckpt = open_checkpoint(path)
     name, fam = find_family(ckpt.config, family)
+    fam = fam.for_checkpoint(path, trust)
     check_checkpoint(ckpt, fam, name)  # config.json and weights agree, before any work
     return ModelHandle(path, ckpt, name, fam)
 

@@ -177,7 +177,7 @@ def test_attention_scaled_by_the_layer_index_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("config,message", [
-    ({"model_type": "not-a-model", "num_hidden_layers": 2}, "model_type 'not-a-model' is not known to the installed"),
+    ({"model_type": "not-a-model", "num_hidden_layers": 2}, "unsupported architecture (model_type 'not-a-model'"),
     ({"model_type": "bert", "num_hidden_layers": 2}, "is an encoder (bidirectional, masked LM)"),
     ({"model_type": "bart", "num_hidden_layers": 2}, "is an encoder-decoder model"),
     ({"model_type": "gemma3", "text_config": {}, "vision_config": {}}, "wraps other models (text_config, vision_config)"),
@@ -213,17 +213,19 @@ def test_a_checkpoint_whose_tensors_disagree_with_what_transformers_builds_is_re
 
 
 # --- FLOPs, counted against what torch counts ---------------------------------------------------------
-@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "opt", "qwen2_moe", "mixtral", "deepseek_v3", "gemma2",
-                                        "phi", "falcon_mamba", "jamba"])
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "opt", "phi", "gemma2", "cohere2", "starcoder2",
+                                        "qwen2_moe", "mixtral", "olmoe", "granitemoe", "deepseek_v3"])
 def test_analytic_flops_match_torchs_flop_counter(model_type):
     """Per-layer costs read off the meta model (experts by their routed share, latent
-    attention's widths, a state-space mixer's projections) against torch's FLOP counter on a
-    real forward, attention run as plain matrix products."""
+    attention's widths) against torch's FLOP counter on a real forward, attention and experts
+    run as plain matrix products. (The counter cannot follow a state-space mixer's forward.)"""
     from torch.utils.flop_counter import FlopCounterMode
 
     from repskip.flops import forward_flops
 
     config = A.tiny_config(model_type)
+    if model_type == "deepseek_v3":  # its eager experts fail on this transformers: its latent attention alone
+        config["first_k_dense_replace"] = A.LAYERS
     model = A.build(model_type, config=config)
     model.set_attn_implementation("eager")
     if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
@@ -234,3 +236,60 @@ def test_analytic_flops_match_torchs_flop_counter(model_type):
     analytic = 2 * forward_flops(family.cost(config), 24).total
     measured = counter.get_total_flops()
     assert abs(analytic - measured) / measured < 0.03, (analytic, measured)
+
+
+# --- a checkpoint that ships its own modeling code ----------------------------------------------------
+REMOTE_CONFIG = '''from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tiny_remote"
+'''
+REMOTE_MODEL = '''import os
+from pathlib import Path
+
+from transformers import LlamaForCausalLM
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+Path(os.environ["REPSKIP_TEST_REMOTE_MARK"]).write_text("the checkpoint's code ran")
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+'''
+
+
+def test_a_checkpoints_own_code_runs_only_with_trust_remote_code(tmp_path, monkeypatch):
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("REPSKIP_TEST_REMOTE_MARK", str(mark))
+    base = A.make("llama", tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="tiny_remote", architectures=["TinyRemoteForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+                            "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM"})
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "configuration_tiny_remote.py").write_text(REMOTE_CONFIG)
+    (base / "modeling_tiny_remote.py").write_text(REMOTE_MODEL)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"schema_version": 1, "resolved": {"remove": [1, 3]}}))
+
+    for args in (["analyze", base, "-o", tmp_path / "runs"], ["compress", base, "--recipe", recipe, "-o", tmp_path / "out"],
+                 ["flops", base, "--remove", "1"]):
+        result = A.cli(*args)
+        assert result.exit_code == 1
+        lines = [x for x in result.output.splitlines() if x.startswith("error: ")]
+        assert len(lines) == 1 and "pass --trust-remote-code if you trust that code" in lines[0], result.output
+    assert not mark.exists() and not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+    A.ok(A.cli("compress", base, "--recipe", recipe, "-o", tmp_path / "out", "--trust-remote-code"))
+    assert mark.exists()
+    assert (tmp_path / "out" / "modeling_tiny_remote.py").is_file()  # the output carries the code it needs
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    assert type(pruned).__name__ == "TinyRemoteForCausalLM"
+    original = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True).eval()
+    family = A.family_of(base)
+    diff = A.max_diff(A.bypassed_logits(original, family, [1, 3]), A.logits(pruned))
+    assert diff <= A.TOLERANCE

@@ -305,9 +305,11 @@ def test_an_onnx_export_carries_the_same_repair(tiny, repaired, tmp_path):
 
 
 def test_repair_on_a_family_that_declares_no_projection(tiny, tmp_path, monkeypatch):
+    from repskip.family import Family
     from repskip_hf.family import HFDecoderFamily
 
-    monkeypatch.setattr(HFDecoderFamily, "mlp_output_tensor", lambda self, config, index: None)
+    # what a family plugin that says nothing about the repair gets
+    monkeypatch.setattr(HFDecoderFamily, "repair_problem", Family.repair_problem)
     one_line_error(run("analyze", tiny["llama"], "-o", tmp_path / "r", "--repair", "linear", "-k", "1",
                        "--strategy", "block-influence"), "declares no MLP output projection")
     assert not (tmp_path / "r").exists()

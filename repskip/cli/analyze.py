@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import RepskipError
 from ..outputs import atomic_dir, check_output
 from ..progress import STATUS_NAME, Reporter
-from .app import _float_list, _key_values, console, err_console, main
+from .app import _float_list, _key_values, console, err_console, main, trust_remote_code_option
 
 
 def _protect_list(text: str | None) -> list[int]:
@@ -108,6 +108,7 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: byte
 
 
 @main.command()
+@trust_remote_code_option
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Folder for analysis.json, recipe.yaml and the plots.")

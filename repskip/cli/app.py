@@ -59,6 +59,24 @@ def main() -> None:
     """
 
 
+def trust_remote_code_option(command):
+    """--trust-remote-code for a command that opens checkpoints: their own modeling code
+    (auto_map) runs only with it, as in transformers."""
+    import functools
+
+    @click.option("--trust-remote-code", is_flag=True,
+                  help="Run the modeling code a checkpoint ships (auto_map), as transformers' trust_remote_code does. "
+                       "Only for code you trust: it runs with your permissions.")
+    @functools.wraps(command)
+    def wrapper(*args, trust_remote_code: bool, **kwargs):
+        from ..pipeline import trusting_remote_code
+
+        with trusting_remote_code(trust_remote_code):
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
 def _float_list(text: str, option: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]

@@ -11,10 +11,11 @@ from rich.table import Table
 
 from ..errors import RepskipError
 from ..progress import Reporter
-from .app import _key_values, console, err_console, main
+from .app import _key_values, console, err_console, main, trust_remote_code_option
 
 
 @main.command()
+@trust_remote_code_option
 @click.argument("model")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
               help="A resolved recipe, or an unresolved preset (resolved by running the analysis). Without one, "
@@ -132,6 +133,7 @@ def _removed_for(handle, recipe_path, remove):
 
 
 @main.command()
+@trust_remote_code_option
 @click.argument("model")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None, help="A resolved recipe.")
 @click.option("--remove", default=None, help="Layers to remove, e.g. 3,5,7 (instead of --recipe).")
@@ -195,6 +197,7 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
 
 
 @main.command()
+@trust_remote_code_option
 @click.argument("model")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
 @click.option("--sampler", default=None, help="Sampler plugin [default: the family's: ar, llada or dream].")

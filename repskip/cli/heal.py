@@ -8,10 +8,11 @@ import click
 from rich.table import Table
 
 from ..progress import Reporter
-from .app import console, err_console, main
+from .app import console, err_console, main, trust_remote_code_option
 
 
 @main.command()
+@trust_remote_code_option
 @click.argument("model")
 @click.option("--teacher", default=None, help="The model MODEL was cut from: distil from it (--loss kd or mix).")
 @click.option("--data", required=True,

@@ -13,7 +13,7 @@ from rich.table import Table
 from ..errors import RepskipError
 from ..outputs import check_output, write_atomic
 from ..progress import STATUS_NAME, Reporter
-from .app import _key_values, console, err_console, main
+from .app import _key_values, console, err_console, main, trust_remote_code_option
 
 
 def _bench_options(pairs: tuple[str, ...]) -> dict[str, dict]:
@@ -37,6 +37,7 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @main.command()
+@trust_remote_code_option
 @click.argument("base")
 @click.argument("compressed", required=False)
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
@@ -129,6 +130,7 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
 
 
 @main.command("lm-eval")
+@trust_remote_code_option
 @click.argument("model")
 @click.option("--tasks", required=True, help="Comma-separated lm-eval task names.")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,

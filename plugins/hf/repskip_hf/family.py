@@ -41,33 +41,47 @@ class HFDecoderFamily(Family):
         return record["types"]
 
     def matches(self, config: dict) -> bool:
-        return _layout.config_class(str(config.get("model_type", ""))) is not None
+        """Any model type transformers knows, and any checkpoint that ships a causal LM of its
+        own (which runs only with --trust-remote-code)."""
+        auto = config.get("auto_map")
+        return (_layout.config_class(str(config.get("model_type", ""))) is not None
+                or isinstance(auto, dict) and "AutoModelForCausalLM" in auto)
+
+    #: the folder of a checkpoint whose own modeling code is trusted (--trust-remote-code)
+    code: str | None = None
+
+    def for_checkpoint(self, path: Path, trust_remote_code: bool) -> HFDecoderFamily:
+        if not trust_remote_code:
+            return self
+        bound = type(self)()
+        bound.code = str(path)
+        return bound
 
     def _layout(self, config: dict) -> _layout.Layout:
-        return _layout.layout(config)
+        return _layout.layout(config, self.code)
 
     def num_layers(self, config: dict) -> int:
-        problem = _layout.kind_problem(config)
+        problem = _layout.kind_problem(config, self.code)
         if problem:
             raise RepskipError(problem)
-        return _layout.count_of(config)
+        return _layout.count_of(config, self.code)
 
     def layer_prefix(self, config: dict) -> str:
         return self._layout(config).prefix
 
     def rewrite_config(self, config: dict, kept: Sequence[int]) -> dict:
-        return layer_config.rewrite(config, kept)
+        return layer_config.rewrite(config, kept, self.code)
 
     def cost(self, config: dict) -> ModelCost:
         lo = self._layout(config)
-        model = _layout.meta_model(config)
+        model = _layout.meta_model(config, self.code)
         return model_cost(model, _layout._get(model, lo.layers_path))
 
     def hidden_size(self, config: dict) -> int:
-        return int(_layout.build_config(config).hidden_size)
+        return int(_layout.build_config(config, self.code).hidden_size)
 
     def vocab_size(self, config: dict) -> int:
-        return int(_layout.build_config(config).vocab_size)
+        return int(_layout.build_config(config, self.code).vocab_size)
 
     # --- consistency of config.json and weights -----------------------------------------------
     def expected_tensors(self, config: dict) -> dict[str, tuple[int, ...]] | None:
@@ -110,7 +124,7 @@ class HFDecoderFamily(Family):
         if name not in table:
             return None
         shape = table[name]
-        filled = _layout.build_config(config)
+        filled = _layout.build_config(config, self.code)
         sources: list[list[str]] = [[] for _ in shape]
         for key in SHAPE_KEYS:
             value = config.get(key, getattr(filled, key, None) if key not in config else None)
@@ -131,7 +145,7 @@ class HFDecoderFamily(Family):
     # --- linear repair -----------------------------------------------------------------------
     def repair_problem(self, config: dict) -> str | None:
         lo = self._layout(config)
-        layers = _layout._get(_layout.meta_model(config), lo.layers_path)
+        layers = _layout._get(_layout.meta_model(config, self.code), lo.layers_path)
         for layer in layers:
             problem = residual.problem(layer)
             if problem:
@@ -150,7 +164,7 @@ class HFDecoderFamily(Family):
         ``save_pretrained`` writes them, where transformers' checkpoint conversion splits a
         fused experts tensor into one per expert (the output axis then loses the experts one)."""
         lo = self._layout(config)
-        model = _layout.meta_model(config)
+        model = _layout.meta_model(config, self.code)
         prefix = f"{lo.layers_path}.{index}."
         found = residual.writers(_layout._get(model, lo.layers_path)[index]) or []
         own = [(prefix + w.name, w.axis) for w in found]
@@ -179,7 +193,7 @@ class HFDecoderFamily(Family):
             return {name: value}
         from transformers.core_model_loading import revert_weight_conversion
 
-        return dict(revert_weight_conversion(_layout.meta_model(config), {name: value}))
+        return dict(revert_weight_conversion(_layout.meta_model(config, self.code), {name: value}))
 
     # --- models --------------------------------------------------------------------------------
     def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
@@ -188,7 +202,7 @@ class HFDecoderFamily(Family):
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
             dtype=dtype if dtype is not None else "auto",
-            trust_remote_code=False,
+            trust_remote_code=self.code is not None,
             use_safetensors=True,
             device_map=device_map,  # accelerate places the layers across devices
         )
@@ -197,7 +211,7 @@ class HFDecoderFamily(Family):
     def load_tokenizer(self, path: Path) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=self.code is not None)
 
     def decoder_layers(self, model: Any) -> Any:
         return _layout._get(model, self._layers_path(model))
@@ -211,6 +225,10 @@ class HFDecoderFamily(Family):
         return path
 
     def remove_layers(self, model: Any, kept: Sequence[int]) -> None:
+        """Keep the ``kept`` layers of a loaded model, in place, and set every plain setting of
+        every module (a layer's index, its window, a map from layer indices to shared blocks,
+        the config) to what transformers sets for the rewritten config: the model then computes
+        what the compressed checkpoint computes."""
         import torch  # here, not at the top: working on files must not need torch
 
         path = self._layers_path(model)
@@ -219,18 +237,20 @@ class HFDecoderFamily(Family):
         layers = getattr(parent, name)
         new_config = self.rewrite_config(_config_dict(model.config), kept)
         setattr(parent, name, torch.nn.ModuleList(layers[i] for i in kept))
-        # caches and masks are indexed by the layers' own index: a stale one corrupts generation
-        for new_idx, layer in enumerate(getattr(parent, name)):
-            old_idx = kept[new_idx]
-            for module in layer.modules():
-                for attr in _layout.INDEX_ATTRIBUTES:
-                    if getattr(module, attr, None) == old_idx and not isinstance(getattr(module, attr), bool):
-                        setattr(module, attr, new_idx)
-        # every module holds the same config object: change it in place
-        old = _config_dict(model.config)
+        old = _config_dict(model.config)  # every module holds this one config object: change it in place
         for key, value in new_config.items():
             if old.get(key) != value:
                 setattr(model.config, key, value)
+        built = dict(_layout.meta_model(new_config, self.code).named_modules())
+        for module_name, module in model.named_modules():
+            twin = built.get(module_name)
+            if twin is None or type(twin) is not type(module):
+                continue
+            for key, value in vars(twin).items():
+                if key.startswith("_") or key == "training" or not _layout.plain(value):
+                    continue
+                if key not in vars(module) or vars(module)[key] != value:
+                    setattr(module, key, value)
 
     def onnx_module(self, model: Any) -> Any:
         from .onnx import CausalLMWithPast

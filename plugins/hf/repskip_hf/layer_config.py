@@ -66,8 +66,8 @@ def _periodic_fit(flags: Sequence[bool]) -> tuple[int, int] | None:
 
 
 class _Rewrite:
-    def __init__(self, config: dict, kept: Sequence[int], num_layers: int):
-        self.old, self.kept, self.n = config, list(kept), num_layers
+    def __init__(self, config: dict, kept: Sequence[int], num_layers: int, code: str | None):
+        self.old, self.kept, self.n, self.code = config, list(kept), num_layers, code
         self.new = dict(config)
         self.pos = {old: new for new, old in enumerate(self.kept)}
         self.handled: set[str] = set()
@@ -78,7 +78,7 @@ class _Rewrite:
         self.handled.add(key)
 
     def run(self) -> dict:
-        for key in _layout.count_keys(self.old):
+        for key in _layout.count_keys(self.old, self.code):
             self.set(key, len(self.kept))
         for rule in RULES:
             rule(self)
@@ -112,7 +112,7 @@ class _Rewrite:
                 self.set(key, {str(self.pos[int(k)]): v for k, v in value.items() if int(k) in self.pos})
 
     def _slice_per_layer(self) -> None:
-        derived = _layout.build_config(self.old).to_dict()
+        derived = _layout.build_config(self.old, self.code).to_dict()
         for key in DERIVED_PER_LAYER:
             if key not in self.old and isinstance(derived.get(key), list) and len(derived[key]) == self.n:
                 self.set(key, [derived[key][i] for i in self.kept])
@@ -237,10 +237,11 @@ def positional_fields(config: dict) -> list[str]:
                   and not isinstance(v, bool))
 
 
-def rewrite(config: dict, kept: Sequence[int]) -> dict:
+def rewrite(config: dict, kept: Sequence[int], code: str | None = None) -> dict:
     """config.json for the model keeping layers ``kept`` (old indices, in order), checked to
-    build every kept layer as it was; RepskipError naming the fields otherwise."""
-    num_layers = _layout.count_of(config)
+    build every kept layer as it was; RepskipError naming the fields otherwise. ``code``: the
+    trusted folder of a checkpoint with its own modeling code."""
+    num_layers = _layout.count_of(config, code)
     kept = list(kept)
     removed = [i for i in range(num_layers) if i not in set(kept)]
     what = f"cannot remove layers {_ranges(removed)} of this {config.get('model_type')} model"
@@ -250,17 +251,17 @@ def rewrite(config: dict, kept: Sequence[int]) -> dict:
         if config.get(key):
             raise RepskipError(f"{what}: config.json {key} is set, which {why}; no config can keep the "
                                "kept layers as they were")
-    signatures = [_layout.layout(config).signature(i) for i in range(num_layers)]
+    signatures = [_layout.layout(config, code).signature(i) for i in range(num_layers)]
     attending = [i for i in range(num_layers) if _attends(signatures[i])]
     if attending and not set(attending) & set(kept):
         raise RepskipError(f"{what}: that removes every attention layer ({_ranges(attending)}) of this hybrid, "
                            "and transformers cannot run it without one; keep at least one")
-    r = _Rewrite(config, kept, num_layers)
+    r = _Rewrite(config, kept, num_layers, code)
     new = r.run()
     if r.unexpressible:
         raise RepskipError(f"{what}: config.json {', '.join(r.unexpressible)} cannot describe the kept layers "
                            "(no period and offset select them); choose other layers")
-    problem = difference(config, new, kept)
+    problem = difference(config, new, kept, code)
     if problem:
         unhandled = [k for k in positional_fields(config) if k not in r.handled]
         if unhandled:
@@ -277,13 +278,13 @@ def _attends(signature: dict) -> bool:
                for entry in signature.values())
 
 
-def difference(old_config: dict, new_config: dict, kept: Sequence[int]) -> str | None:
+def difference(old_config: dict, new_config: dict, kept: Sequence[int], code: str | None = None) -> str | None:
     """How the model transformers builds from ``new_config`` differs from ``old_config``'s with
     only the ``kept`` layers, in words; None when every kept layer and every other tensor
     comes out as it was."""
-    old = _layout.layout(old_config)
+    old = _layout.layout(old_config, code)
     try:
-        new = _layout.layout(new_config)
+        new = _layout.layout(new_config, code)
     except RepskipError as exc:
         return f"transformers refuses the rewritten config ({exc})"
     if new.num_layers != len(kept):

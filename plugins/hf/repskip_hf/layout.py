@@ -50,21 +50,42 @@ def config_class(model_type: str) -> Any | None:
         return None
 
 
+def remote_classes(config: dict, code: str | None) -> tuple[Any, Any] | None:
+    """(config class, causal-LM class) from the checkpoint's own code, where it ships some
+    (``auto_map``) and ``code`` (its folder) is given: only with --trust-remote-code."""
+    auto = config.get("auto_map") if code else None
+    if not isinstance(auto, dict) or "AutoConfig" not in auto or "AutoModelForCausalLM" not in auto:
+        return None
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    try:
+        return (get_class_from_dynamic_module(auto["AutoConfig"], code),
+                get_class_from_dynamic_module(auto["AutoModelForCausalLM"], code))
+    except Exception as exc:  # the checkpoint's code failed to import
+        raise RepskipError(f"the code this checkpoint ships could not be loaded ({type(exc).__name__}: {exc})"
+                           .splitlines()[0]) from None
+
+
 def causal_lm_class_name(model_type: str) -> str | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
 
 
-def kind_problem(config: dict) -> str | None:
-    """Why transformers' causal-LM classes cannot serve this config as a decoder-only model,
-    in words fit for an error; None when they can."""
+def kind_problem(config: dict, code: str | None = None) -> str | None:
+    """Why transformers' causal-LM classes (or, trusted, the checkpoint's own) cannot serve
+    this config as a decoder-only model, in words fit for an error; None when they can."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         return "config.json names no model_type"
+    auto = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    if code and "AutoModelForCausalLM" in auto:
+        return None  # trusted: the checkpoint's own causal LM
     if config_class(model_type) is None:
-        return (f"model_type {model_type!r} is not known to the installed transformers "
-                "(a newer transformers may know it; a checkpoint with its own code needs --trust-remote-code)")
+        if "AutoModelForCausalLM" in auto:
+            return (f"model_type {model_type!r} is not known to the installed transformers and the checkpoint ships "
+                    "its own code for it (auto_map): pass --trust-remote-code if you trust that code")
+        return f"model_type {model_type!r} is not known to the installed transformers (a newer one may know it)"
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -84,9 +105,11 @@ def kind_problem(config: dict) -> str | None:
     return None
 
 
-def build_config(config: dict) -> Any:
-    """transformers' config object for a config.json dict (no remote code)."""
-    cls = config_class(config.get("model_type", ""))
+def build_config(config: dict, code: str | None = None) -> Any:
+    """transformers' config object for a config.json dict (the checkpoint's own class where
+    ``code``, its trusted folder, is given and it ships one)."""
+    remote = remote_classes(config, code)
+    cls = remote[0] if remote else config_class(config.get("model_type", ""))
     if cls is None:
         raise RepskipError(kind_problem(config) or "unknown model_type")
     verbosity = _quiet()
@@ -102,22 +125,24 @@ def build_config(config: dict) -> Any:
         transformers.logging.set_verbosity(verbosity)
 
 
-def meta_model(config: dict) -> Any:
+def meta_model(config: dict, code: str | None = None) -> Any:
     """The causal LM transformers builds for ``config``, on the meta device (no memory)."""
-    return _meta_model(json.dumps(config, sort_keys=True, default=str))
+    return _meta_model(json.dumps(config, sort_keys=True, default=str), code)
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_model(config_json: str) -> Any:
+def _meta_model(config_json: str, code: str | None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = build_config(json.loads(config_json))
+    config = json.loads(config_json)
+    cfg = build_config(config, code)
+    remote = remote_classes(config, code)
     verbosity = _quiet()
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+            model = remote[1](cfg) if remote else AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     except RepskipError:
         raise
     except Exception as exc:
@@ -177,6 +202,17 @@ def _simple(value: Any) -> bool:
         return True
     if isinstance(value, (tuple, list)):
         return len(value) <= 64 and all(_simple(v) for v in value)
+    return False
+
+
+def plain(value: Any) -> bool:
+    """A setting made of numbers, strings and containers of them (no tensor, module or object)."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return True
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(plain(k) and plain(v) for k, v in value.items())
     return False
 
 
@@ -270,36 +306,38 @@ class Layout:
         return any(re.search(p, name) for p in self.ignored)
 
 
-def count_of(config: dict) -> int:
+def count_of(config: dict, code: str | None = None) -> int:
     """The number of decoder layers config.json declares, under whichever key its config
     class reads."""
-    cfg = build_config(config)
+    cfg = build_config(config, code)
     value = getattr(cfg, COUNT_ATTRIBUTE, None)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise RepskipError(f"config.json of this {config.get('model_type')} model declares no layer count")
     return value
 
 
-def count_keys(config: dict) -> list[str]:
+def count_keys(config: dict, code: str | None = None) -> list[str]:
     """The config.json keys holding the layer count (the name its config class reads, and
     the usual alias where both are written)."""
-    cls = config_class(config.get("model_type", ""))
+    remote = remote_classes(config, code)
+    cls = remote[0] if remote else config_class(config.get("model_type", ""))
     alias = (getattr(cls, "attribute_map", None) or {}).get(COUNT_ATTRIBUTE, COUNT_ATTRIBUTE)
     return [k for k in dict.fromkeys((alias, COUNT_ATTRIBUTE)) if k in config] or [alias]
 
 
-def layout(config: dict) -> Layout:
-    """The layout of ``config``'s model (cached: building it is cheap, yet not free)."""
-    return _layout(json.dumps(config, sort_keys=True, default=str))
+def layout(config: dict, code: str | None = None) -> Layout:
+    """The layout of ``config``'s model (cached: building it is cheap, yet not free); ``code``:
+    the trusted folder of a checkpoint that ships its own modeling code."""
+    return _layout(json.dumps(config, sort_keys=True, default=str), code)
 
 
 @functools.lru_cache(maxsize=16)
-def _layout(config_json: str) -> Layout:
+def _layout(config_json: str, code: str | None) -> Layout:
     config = json.loads(config_json)
-    problem = kind_problem(config)
+    problem = kind_problem(config, code)
     if problem:
         raise RepskipError(problem)
-    model = meta_model(config)
+    model = meta_model(config, code)
     num_layers = int(getattr(model.config, COUNT_ATTRIBUTE))
     path = layers_path(model, num_layers)
     layers = _get(model, path)
