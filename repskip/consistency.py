@@ -26,7 +26,7 @@ def _show(name: str) -> str:
     return name if name.isprintable() else repr(name)
 
 
-def _layer_ranges(indices: Sequence[int]) -> str:
+def layer_ranges(indices: Sequence[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
     runs: list[list[int]] = []
     for i in sorted(indices):
@@ -90,9 +90,9 @@ def check_checkpoint(ckpt: Checkpoint, family: Family, family_name: str | None =
         layers.setdefault(int(index), set()).add(rest)
     if sorted(layers) != list(range(declared)):
         key = next((k for k in LAYER_COUNT_KEYS if config.get(k) == declared), None)
-        held = f"layers {_layer_ranges(list(layers))}" if layers else "no layers"
+        held = f"layers {layer_ranges(list(layers))}" if layers else "no layers"
         if layers and len(layers) == 1:
-            held = f"layer {_layer_ranges(list(layers))} only"
+            held = f"layer {layer_ranges(list(layers))} only"
         raise refuse(
             f"config.json declares {declared} layer{'s' if declared != 1 else ''}"
             f"{f' ({key})' if key else ''} but the weights hold {held}"

@@ -32,23 +32,34 @@ def no_plots(monkeypatch):
         monkeypatch.setattr(plots, name, lambda *args, **kwargs: None)
 
 
-@pytest.mark.parametrize("model_type", COMPRESSED)
+def _in_default_suite(model_types: list[str], share: int) -> list:
+    """Every ``share``-th model type runs in the default suite, the rest with the slow tests
+    (all of them before a release); the kinds the issue names are always in the default one."""
+    always = {"llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "gpt_oss", "cohere2", "phi3", "olmo2",
+              "granite", "glm4", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "jamba", "falcon_h1",
+              "bamba", "gpt_neox", "gpt2", "opt", "mamba", "starcoder2", "olmoe", "phimoe"}
+    return [t if t in always or i % share == 0 else pytest.param(t, marks=pytest.mark.slow)
+            for i, t in enumerate(model_types)]
+
+
+@pytest.mark.parametrize("model_type", _in_default_suite(COMPRESSED, 2))
 def test_analyze_compress_reload_and_repair(model_type, tmp_path):
-    """analyze; compress a removal by hand (reloads without a missing or unexpected key, gives
-    the original model's logits with the layers bypassed within 1e-5, the same tokens with and
-    without the KV cache, every kept layer's attention kind); analyze with the repair and
-    compress (the in-memory repaired model's logits), or the one-line refusal on record."""
+    """analyze (with the repair where one folds); compress a removal by hand (reloads without
+    a missing or unexpected key, gives the original model's logits with the layers bypassed
+    within 1e-5, the same tokens with and without the KV cache, every kept layer's attention
+    kind, and the same logits as the layers removed from a loaded model); compress the repaired
+    recipe (the in-memory repaired model's logits), or the one-line refusal on record."""
     claim = TYPES[model_type]
     base = A.make(model_type, tmp_path)
-    A.ok(A.cli("analyze", base, "-o", tmp_path / "plain", "-k", "2", "--repair", "none", "--num-samples", "8",
-               "--max-length", "32", *A.ANALYZE_ARGS.get(model_type, [])))
     original = A.load_clean(base)
-    A.check_compress(model_type, base, tmp_path, original)
     repair = A.check_repair(model_type, base, tmp_path, original)
     if claim["repair"] == "ok":
         assert repair == "ok"
     else:
         assert repair.startswith("refused: ") and claim["repair"].startswith("refused: "), repair
+        A.ok(A.cli("analyze", base, "-o", tmp_path / "plain", "-k", "2", "--repair", "none", "--num-samples", "8",
+                   "--max-length", "32", *A.ANALYZE_ARGS.get(model_type, [])))
+    A.check_compress(model_type, base, tmp_path, original)
 
 
 @pytest.mark.slow
@@ -293,3 +304,29 @@ def test_a_checkpoints_own_code_runs_only_with_trust_remote_code(tmp_path, monke
     family = A.family_of(base)
     diff = A.max_diff(A.bypassed_logits(original, family, [1, 3]), A.logits(pruned))
     assert diff <= A.TOLERANCE
+
+
+# --- verify and generate, on model types unlike Llama ----------------------------------------------
+@pytest.mark.parametrize("model_type", ["mixtral", "jamba", "gpt_neox", "gemma3_text"])
+def test_verify_scores_a_recipe_in_memory_as_the_compressed_checkpoint(model_type, tmp_path):
+    """Perplexity of the model with the recipe's layers removed in memory equals that of the
+    written checkpoint, and the FLOPs cut comes from the removed layers' own cost."""
+    from repskip.verify.run import verify
+
+    base = A.make(model_type, tmp_path)
+    compressed = A.check_compress(model_type, base, tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(A.TEXT[i:i + 600] for i in range(0, len(A.TEXT), 600)))
+    runs = {}
+    for label, kwargs in (("recipe", dict(recipe=tmp_path / "remove.yaml")), ("checkpoint", dict(compressed=compressed))):
+        report = verify(base, benches=["perplexity"], data={"perplexity": str(text)}, limit=4, max_length=64,
+                        bench_options={"perplexity": {"chunk_chars": 500}},
+                        output=tmp_path / f"v-{label}", speed_repeats=0, **kwargs)
+        runs[label] = report["benchmarks"]["perplexity"]
+    assert runs["recipe"]["compressed"] == pytest.approx(runs["checkpoint"]["compressed"], rel=1e-5)
+    assert runs["recipe"]["base"] == runs["checkpoint"]["base"]
+    flops = json.loads(A.ok(A.cli("flops", base, "--recipe", tmp_path / "remove.yaml", "--json")))
+    assert flops["layer_fraction"] == pytest.approx(2 / A.LAYERS)
+    assert 0 < flops["forward"]["reduction"] < 1 and 0 < flops["generation"]["reduction"] < 1
+    out = A.ok(A.cli("generate", compressed, "--prompt", "hello", "--max-new-tokens", "4"))
+    assert "4 layers" in out

@@ -251,3 +251,23 @@ def test_copy_falls_back_to_reads_where_the_kernel_copy_is_refused(tiny, tmp_pat
     expected = tmp_path / "expected"
     compress(tiny["llama"], resolved([2]), expected)
     assert (out / "model.safetensors").read_bytes() == (expected / "model.safetensors").read_bytes()
+
+
+def test_a_small_rewritten_tensor_before_a_kernel_copy_keeps_its_place(tiny, tmp_path):
+    """New bytes written from Python (a folded bias, a healed norm) sit in a buffer; the kernel
+    copy of the next tensor writes at the file's own offset. Each tensor must land where the
+    header says, whatever its size."""
+    from repskip.checkpoint import open_checkpoint
+    from repskip.compress.files import attach_data, plan_tensors, write_checkpoint
+
+    ckpt = open_checkpoint(tiny["qwen2"])
+    planned = plan_tensors(ckpt, "model.layers.", list(range(6)), 6)
+    small = [p.name for p in planned[:-1] if p.source.nbytes < 1024]  # followed by a copied tensor
+    assert small
+    new = {name: (bytes(range(256)) * 4)[: ckpt.tensors[name].nbytes] for name in small}
+    write_checkpoint(ckpt, attach_data(planned, new), dict(ckpt.config), tmp_path / "out", {})
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as out, \
+            safe_open(str(tiny["qwen2"] / "model.safetensors"), "pt") as src:
+        for name in out.keys():
+            want = new[name] if name in new else src.get_tensor(name).numpy().tobytes()
+            assert out.get_tensor(name).numpy().tobytes() == want, name

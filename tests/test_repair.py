@@ -17,6 +17,7 @@ from repskip.analyze.objective import Objective
 from repskip.analyze.surgery import Surgery
 from repskip.cli import main
 from repskip.errors import RepskipError
+from repskip.family import Family
 from repskip.recipe import load as load_recipe
 from repskip.repair.fit import fit_linear, fold_in_memory
 from repskip.repair.linear import LeastSquares, Run, fold_bytes, removed_runs, token_weights
@@ -135,6 +136,8 @@ class ToyFamily:
     def mlp_output_projection(self, layer):
         return layer.mlp.down_proj
 
+    mlp_output_parameters = Family.mlp_output_parameters  # its weight, output axis 0
+
     def logits(self, model, ids, mask):
         return model(ids, mask)
 
@@ -187,7 +190,7 @@ def test_repaired_checkpoint_equals_the_in_memory_repair(families, tmp_path, nam
 
     handle = pipeline.open_model(model)
     memory = handle.load()
-    fold_in_memory(memory, handle.family, recipe.repair_maps(handle.family.geometry(handle.ckpt.config).hidden))
+    fold_in_memory(memory, handle.family, recipe.repair_maps(handle.family.hidden_size(handle.ckpt.config)))
     handle.family.remove_layers(memory, [i for i in range(handle.num_layers) if i not in recipe.resolved.remove])
     loaded = pipeline.open_model(exported).load()
     ids = torch.randint(3, 300, (2, 11))
@@ -305,7 +308,6 @@ def test_an_onnx_export_carries_the_same_repair(tiny, repaired, tmp_path):
 
 
 def test_repair_on_a_family_that_declares_no_projection(tiny, tmp_path, monkeypatch):
-    from repskip.family import Family
     from repskip_hf.family import HFDecoderFamily
 
     # what a family plugin that says nothing about the repair gets

@@ -16,6 +16,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
+from repskip.consistency import layer_ranges
 from repskip.errors import RepskipError
 
 from . import layout as _layout
@@ -41,16 +42,6 @@ POSITIONAL = re.compile(r"layer|idx|indices|pattern|step|freq|period|offset|inte
                         re.IGNORECASE)
 NOT_POSITIONAL = re.compile(r"norm|eps|drop|dim$|size$|_heads?$|rope_theta|init|scale$|initializer|time_step",
                             re.IGNORECASE)
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    runs: list[list[int]] = []
-    for i in sorted(indices):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _periodic_fit(flags: Sequence[bool]) -> tuple[int, int] | None:
@@ -244,7 +235,7 @@ def rewrite(config: dict, kept: Sequence[int], code: str | None = None) -> dict:
     num_layers = _layout.count_of(config, code)
     kept = list(kept)
     removed = [i for i in range(num_layers) if i not in set(kept)]
-    what = f"cannot remove layers {_ranges(removed)} of this {config.get('model_type')} model"
+    what = f"cannot remove layers {layer_ranges(removed)} of this {config.get('model_type')} model"
     if not removed:
         return dict(config)
     for key, why in INDEX_SCALED.items():
@@ -254,7 +245,7 @@ def rewrite(config: dict, kept: Sequence[int], code: str | None = None) -> dict:
     signatures = [_layout.layout(config, code).signature(i) for i in range(num_layers)]
     attending = [i for i in range(num_layers) if _attends(signatures[i])]
     if attending and not set(attending) & set(kept):
-        raise RepskipError(f"{what}: that removes every attention layer ({_ranges(attending)}) of this hybrid, "
+        raise RepskipError(f"{what}: that removes every attention layer ({layer_ranges(attending)}) of this hybrid, "
                            "and transformers cannot run it without one; keep at least one")
     r = _Rewrite(config, kept, num_layers, code)
     new = r.run()
