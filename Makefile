@@ -1,12 +1,12 @@
 # Two entry points: `make demo` (set up, then run the main job on SmolLM2-135M-Instruct)
-# and `make test` (set up, then run the tests). Both use a virtualenv at .venv.
+# and `make test` (set up, then run the default test suite). Both use a virtualenv at .venv.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.repskip-installed
 DEMO_PROMPT ?= Give me three tips for staying focused while studying.
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-all bench clean
 
 # torch is pinned and installed first: the CPU wheel on these machines is 2.13.0, and an
 # unpinned torch would pull several GB of CUDA packages.
@@ -36,11 +36,13 @@ demo: setup
 	echo "analysis report and plots: runs/smollm2/ (analysis.json, recipe.yaml, repair.safetensors, *.png)"; \
 	echo "compressed model:          exported/smollm2-skip4/ (safetensors), exported/smollm2-skip4-onnx/ (ONNX)"
 
+# the default suite, what CI runs; the slow tests (real weights, every model type's ONNX
+# export and healing, walkthroughs that train) run with test-all before a release
 test: setup
-	$(BIN)/python -m pytest
-
-test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+test-all: setup
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf runs exported/*/ .pytest_cache

@@ -55,6 +55,7 @@ EXTRA: dict[str, dict] = {
     "glm_moe_dsa": {"head_dim": 8, "num_key_value_heads": 4},
     "youtu": {"head_dim": 8, "num_key_value_heads": 4},
     "longcat_flash": {"head_dim": 8, "num_key_value_heads": 4},
+    "glm4_moe_lite": {"num_key_value_heads": 4},
     "codegen": {"rotary_dim": 8},
     "gptj": {"rotary_dim": 8},
     "mamba2": {"num_heads": 8},

@@ -330,3 +330,21 @@ def test_verify_scores_a_recipe_in_memory_as_the_compressed_checkpoint(model_typ
     assert 0 < flops["forward"]["reduction"] < 1 and 0 < flops["generation"]["reduction"] < 1
     out = A.ok(A.cli("generate", compressed, "--prompt", "hello", "--max-new-tokens", "4"))
     assert "4 layers" in out
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_neox"])
+def test_the_loss_search_with_the_repair_in_the_loop_runs_on_any_layout(model_type, tmp_path):
+    """greedy-loss scores each candidate with its repair fitted (the MLP writers found per
+    layout); its recipe compresses to the model the search measured."""
+    from repskip.recipe import load as load_recipe
+
+    base = A.make(model_type, tmp_path)
+    runs = tmp_path / "runs"
+    A.ok(A.cli("analyze", base, "-o", runs, "--strategy", "greedy-loss", "-k", "2", "--repair", "linear",
+               "--num-samples", "16", "--max-length", "32", "--search-samples", "8"))
+    recipe = load_recipe(runs / "recipe.yaml")
+    A.ok(A.cli("compress", base, "--recipe", runs / "recipe.yaml", "-o", tmp_path / "out"))
+    family = A.family_of(base)
+    maps = recipe.repair_maps(family.hidden_size(json.loads((base / "config.json").read_text())))
+    want = A.bypassed_logits(A.load_clean(base), family, recipe.resolved.remove, maps)
+    assert A.max_diff(want, A.logits(A.load_clean(tmp_path / "out"))) <= A.TOLERANCE

@@ -14,14 +14,14 @@ import functools
 import json
 import re
 import warnings
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from repskip.errors import RepskipError
 
-# Config keys that hold the number of decoder layers under another name (GPT-2's n_layer...):
-# transformers' own attribute_map says which one a config class reads.
+# Every config class answers the layer count under this attribute; its attribute_map says
+# which config.json key holds it (GPT-2's n_layer, MPT's n_layers).
 COUNT_ATTRIBUTE = "num_hidden_layers"
 
 # Attributes of a module that number the layer it sits in: they differ between a layer and
@@ -198,6 +198,9 @@ def _shape(t: Any) -> tuple[int, ...]:
 
 
 def _simple(value: Any) -> bool:
+    """A setting a layer's signature compares: a number, a string, or a short list of them
+    (maps a module derives from them, such as Zamba 2's layer_dic, are left to the settings
+    they come from)."""
     if isinstance(value, (bool, int, float, str, type(None))):
         return True
     if isinstance(value, (tuple, list)):

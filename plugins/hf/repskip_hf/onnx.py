@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from repskip.errors import RepskipError
 from repskip.runtime import cache_kwarg
 
 
@@ -26,9 +27,19 @@ class CausalLMWithPast(torch.nn.Module):
         values of different widths)."""
         cache = DynamicCache()
         ids = torch.zeros(1, 1, dtype=torch.long, device=next(self.model.parameters()).device)
-        self.model(input_ids=ids, use_cache=True, **{cache_kwarg(self.model): cache})
+        try:
+            self.model(input_ids=ids, use_cache=True, **{cache_kwarg(self.model): cache})
+            layers = cache.layers[: self.num_layers]
+            plain = len(layers) == self.num_layers and all(getattr(layer, "keys", None) is not None for layer in layers)
+        except (IndexError, AttributeError, ValueError, TypeError):  # the model wants a cache of its own kind
+            plain = False
+        if not plain:
+            raise RepskipError(
+                f"the ONNX export carries a key and value cache per layer; this {self.model.config.model_type} "
+                "model's layers keep a cache of another kind (a state-space or linear-attention state, an indexer's "
+                "keys), which the causal-lm-with-past signature cannot hold: export is not supported for it")
         return [((layer.keys.shape[1], layer.keys.shape[3]), (layer.values.shape[1], layer.values.shape[3]))
-                for layer in cache.layers[: self.num_layers]]
+                for layer in layers]
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         # every layer keeps its whole past (a sliding-window layer's own cache would trim it,
