@@ -412,28 +412,49 @@ def write_doc(data: dict) -> None:
     DOC.write_text(f"{head}{begin}\n{doc_table(data)}\n{end}{tail}")
 
 
+def record(model_type: str, result: dict[str, str]) -> None:
+    """Put one model type's results into tested.json and the docs table. Several measuring
+    processes (each given its own model types) may share the files: each update happens under
+    a lock, on what the file holds then, and lands by a rename."""
+    import fcntl
+    import tempfile
+
+    import transformers
+
+    with open(Path(tempfile.gettempdir()) / "repskip-tested.json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(SUPPORT.read_text()) if SUPPORT.is_file() else {"types": {}}
+        data.update(transformers=transformers.__version__, torch=torch.__version__)
+        data["types"][model_type] = result
+        partial = SUPPORT.with_name(SUPPORT.name + ".partial")
+        partial.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        partial.replace(SUPPORT)
+        write_doc(data)
+
+
 def main(argv: list[str]) -> None:
-    """python tests/architectures.py [MODEL_TYPE ...]: measure every check on the given model
-    types (all decoder-only ones by default), update tested.json and the docs table."""
+    """python tests/architectures.py [--part K/N] [MODEL_TYPE ...]: measure every check on the
+    given model types (all decoder-only ones by default; with --part, the K-th of N slices of
+    them, so that N processes can share the machine), update tested.json and the docs table."""
     import sys
     import tempfile
+    import time
 
     import transformers
 
     sys.path.insert(0, str(Path(__file__).parent))
     transformers.logging.set_verbosity_error()
-    data = json.loads(SUPPORT.read_text()) if SUPPORT.is_file() else {"types": {}}
-    data["transformers"] = transformers.__version__
-    data["torch"] = torch.__version__
-    for model_type in argv or candidates():
+    part = (1, 1)
+    if argv[:1] == ["--part"]:
+        part = tuple(int(x) for x in argv[1].split("/"))
+        argv = argv[2:]
+    model_types = (argv or candidates())[part[0] - 1::part[1]]
+    for model_type in model_types:
         with tempfile.TemporaryDirectory() as tmp:
-            import time
-
             start = time.perf_counter()
-            data["types"][model_type] = measure(model_type, Path(tmp))
-            print(f"{model_type}: {data['types'][model_type]} ({time.perf_counter() - start:.0f} s)", flush=True)
-        SUPPORT.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    write_doc(data)
+            result = measure(model_type, Path(tmp))
+        record(model_type, result)
+        print(f"{model_type}: {result} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

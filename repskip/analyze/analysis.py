@@ -132,6 +132,13 @@ class LayerStatsAccumulator:
         batch = self._batch
         if batch is None:
             raise RuntimeError("begin_batch must be called before layer")
+        tokens = next(iter(batch["sel"].values())).shape
+        if h_in.dim() != 3 or tuple(h_in.shape[:2]) != tuple(tokens) or h_out.shape != h_in.shape:
+            raise RepskipError(
+                f"cannot measure this model: decoder layer {index} maps hidden states of shape {list(h_in.shape)} "
+                f"to {list(h_out.shape)}, not one vector per token of the {list(tokens)} fed in (its layers carry "
+                "extra streams or tokens), so the per-token similarity repskip measures is undefined; "
+                "compress it with a recipe you write (remove: [...])")
         h_in, h_out = h_in.detach().to(self.device), h_out.detach().to(self.device)
         for name, sums in self.groups.items():
             sel = batch["sel"][name]

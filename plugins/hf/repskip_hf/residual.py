@@ -78,7 +78,13 @@ def _expert_writers(prefix: str, experts: Any) -> list[Writer] | None:
     if not isinstance(down, torch.nn.Parameter) or down.dim() != 3:
         return None
     # transformers' fused experts: [experts, out, in], or [experts, in, out] when transposed
-    out = [Writer(f"{prefix}down_proj", 2 if getattr(experts, "is_transposed", False) else 1)]
+    # (is_transposed; Llama 4's experts are [experts, in, out] without saying so: their hidden
+    # size tells the axes apart where the two sizes differ)
+    axis = 2 if getattr(experts, "is_transposed", False) else 1
+    hidden = getattr(experts, "hidden_size", None)
+    if isinstance(hidden, int) and down.shape[1] != down.shape[2] and hidden in down.shape[1:]:
+        axis = 1 + list(down.shape[1:]).index(hidden)
+    out = [Writer(f"{prefix}down_proj", axis)]
     if isinstance(getattr(experts, "down_proj_bias", None), torch.nn.Parameter):
         out.append(Writer(f"{prefix}down_proj_bias", 1))
     return out
