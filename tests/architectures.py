@@ -142,7 +142,10 @@ REMOVE_FOR = {
 # the hybrids' attention layers are protected from the analysis's choice: a model left without
 # one is refused (tested on its own)
 ANALYZE_ARGS = {"bamba": ["--protect", "1,4"], "granitemoehybrid": ["--protect", "1,4"],
-                "nemotron_h": ["--protect", "2,5"], "jamba": ["--protect", "4"]}
+                "nemotron_h": ["--protect", "2,5"], "jamba": ["--protect", "4"],
+                # linear attention in three layers of four, full attention in the fourth
+                "qwen3_next": ["--protect", "3"], "qwen3_5_text": ["--protect", "3"],
+                "qwen3_5_moe_text": ["--protect", "3"]}
 TOLERANCE = 1e-5
 
 
