@@ -190,6 +190,20 @@ def test_a_layer_that_derives_a_setting_from_its_index_cannot_move(tmp_path):
     _refused(tmp_path, base, [0], "self_attn.lambda_init")
 
 
+@pytest.mark.parametrize("model_type", ["cpmant", "deepseek_v4"])
+def test_analyze_refuses_layers_that_carry_more_than_one_vector_per_token(model_type, tmp_path):
+    """CPM-Ant prepends prompt tokens, DeepSeek-V4 carries hyper-connection streams: the
+    per-token similarity is undefined, so analyze says so in one line and writes nothing."""
+    base = A.make(model_type, tmp_path)
+    out = tmp_path / "runs"
+    result = A.cli("analyze", base, "-o", out, "-k", "2", "--repair", "none", "--num-samples", "8", "--max-length", "32")
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and len(errors) == 1, result.output
+    assert "cannot measure this model" in errors[0] and "not one vector per token" in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_attention_scaled_by_the_layer_index_is_refused(tmp_path):
     config = A.tiny_config("gpt2")
     config["scale_attn_by_inverse_layer_idx"] = True
