@@ -208,27 +208,34 @@ def _sparse_checkpoint(folder, config: dict):
 
 def test_compress_reads_no_weights_into_memory(tmp_path):
     """The layout comes from a model built on the meta device and the tensors are copied file
-    to file: compressing a checkpoint several times the size of the process stays flat."""
+    to file: the process's peak memory does not grow with the checkpoint. Measured as the
+    difference between a 2-layer and an 8-layer checkpoint of the same shapes, so the cost of
+    importing torch and transformers (about 300-450 MB, by machine) cancels out."""
     import subprocess
     import sys
 
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model("llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
-                                  num_attention_heads=8, vocab_size=32000).to_dict()
-    weights = _sparse_checkpoint(tmp_path / "big", config)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("schema_version: 1\nresolved: {remove: [1, 5]}\n")
     script = ("import sys\nfrom repskip.cli import main\n"
               "try:\n    main(sys.argv[1:], standalone_mode=False)\n"
               "finally:\n    print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n")
-    for args in (["compress", tmp_path / "big", "--recipe", recipe, "-o", tmp_path / "out"],
-                 ["flops", tmp_path / "big", "--recipe", recipe]):
-        done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        peak_mb = int(done.stdout.split()[-1]) / 1024  # torch and transformers alone take about 300 MB
-        assert peak_mb < 0.6 * weights / 2**20 and peak_mb < 500, (args[0], peak_mb, weights / 2**20)
-    assert (tmp_path / "out" / "model.safetensors").stat().st_size < weights
+    peaks, sizes = {}, {}
+    for layers, remove in ((2, "[1]"), (8, "[1, 5]")):
+        config = AutoConfig.for_model("llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
+                                      num_attention_heads=8, vocab_size=32000).to_dict()
+        src, out = tmp_path / f"big{layers}", tmp_path / f"out{layers}"
+        sizes[layers] = _sparse_checkpoint(src, config)
+        recipe = tmp_path / f"r{layers}.yaml"
+        recipe.write_text(f"schema_version: 1\nresolved: {{remove: {remove}}}\n")
+        for args in (["compress", src, "--recipe", recipe, "-o", out], ["flops", src, "--recipe", recipe]):
+            done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, done.stderr
+            peaks[args[0], layers] = int(done.stdout.split()[-1]) / 1024
+        assert (out / "model.safetensors").stat().st_size < sizes[layers]
+    grown_mb = (sizes[8] - sizes[2]) / 2**20  # six layers, 384 MB
+    for command in ("compress", "flops"):
+        assert peaks[command, 8] - peaks[command, 2] < 0.15 * grown_mb, (command, peaks, grown_mb)
 
 
 def test_copy_falls_back_to_reads_where_the_kernel_copy_is_refused(tiny, tmp_path, monkeypatch):
