@@ -104,8 +104,10 @@ class LayerStatsAccumulator:
         self._batch: dict[str, Any] | None = None
 
     # --- one batch -------------------------------------------------------------------
-    def begin_batch(self, valid: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> None:
-        """Start a batch: ``valid`` marks real tokens [B, T]; ``masks`` selects each group."""
+    def begin_batch(self, valid: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Start a batch: ``valid`` marks real tokens [B, T]; ``masks`` selects each group.
+        Returns the batch's context, which ``resume_batch`` makes current again (a layer-by-layer
+        run has every batch open at once)."""
         valid = valid.to(self.device, torch.bool)
         selectors = {}
         picks = {}
@@ -126,6 +128,10 @@ class LayerStatsAccumulator:
         self.profile_pairs += torch.bincount(pair_dist, minlength=self.max_distance + 1).double()
         self.sequences += valid.shape[0]
         self._batch = {"sel": selectors, "pairs": pairs, "pair_dist": pair_dist, "units": {}, "picks": picks}
+        return self._batch
+
+    def resume_batch(self, context: dict[str, Any]) -> None:
+        self._batch = context
 
     def layer(self, index: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         """Take in layer ``index``'s input and output states, [B, T, D] each."""
@@ -394,8 +400,10 @@ def collect(
     matrix_groups: Sequence[str] | None = None,
     matrix_tokens: int | None = 2048,
     progress: Callable[[int, int], None] | None = None,
+    layerwise: bool = False,
 ) -> LayerStatsAccumulator:
     """Run the calibration batches through ``model`` with hooks and return the sums.
+    ``layerwise``: one decoder layer at a time over every batch (the same sums; see layerwise.py).
 
     Each function of ``prepares`` is one pass over the calibration set (a mask ratio, say):
     it may change the input ids and says which positions form each of ``groups``. By
@@ -411,11 +419,14 @@ def collect(
     device = next(model.parameters()).device
     acc = LayerStatsAccumulator(L, list(groups), max_distance=max_distance, device=device,
                                 matrix_groups=matrix_groups, matrix_tokens=matrix_tokens)
-    handles = _hook_layers(model, family, acc, stop_after_last=True)
     total = len(calib.sequences) * len(prepares)
-    done = 0
     if progress:
         progress(0, total)  # the size of the work, before the first batch takes its time
+    if layerwise:
+        _collect_layerwise(model, family, acc, calib, pad_id, batch_size, prepares, device, progress, total)
+        return acc
+    handles = _hook_layers(model, family, acc, stop_after_last=True)
+    done = 0
     try:
         for prepare in prepares:
             for ids, mask in calibration.batches(calib.sequences, batch_size, pad_id):
@@ -434,6 +445,29 @@ def collect(
         for h in handles:
             h.remove()
     return acc
+
+
+def _collect_layerwise(model, family, acc, calib, pad_id, batch_size, prepares, device, progress, total) -> None:
+    from . import layerwise
+
+    contexts, forwards = [], []
+    for prepare in prepares:
+        for ids, mask in calibration.batches(calib.sequences, batch_size, pad_id):
+            valid = mask.bool()
+            run_ids, masks = prepare(ids, valid)
+            contexts.append(acc.begin_batch(valid, masks))
+            forwards.append(lambda i=run_ids, m=mask: family.logits(model, i.to(device), m.to(device)))
+    sizes = [int(c["pairs"].shape[0]) for c in contexts]
+    count = len(family.decoder_layers(model))
+
+    def on_layer(index: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        acc.resume_batch(contexts[batch])
+        acc.layer(index, h_in, h_out)
+        if progress and index == count - 1:
+            progress(sum(sizes[: batch + 1]), total)
+
+    layerwise.run(model, family, forwards, on_layer)
+    acc.end_batch()
 
 
 @contextlib.contextmanager
