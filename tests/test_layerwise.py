@@ -49,3 +49,28 @@ def test_the_layers_are_back_in_place_after_a_failed_recording(tmp_path):
         layerwise.record(model, handle.family, broken)
     assert list(handle.family.decoder_layers(model)) == before
     assert all(isinstance(layer, torch.nn.Module) and type(layer).__name__ != "_Recorder" for layer in before)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_a_disk_offloaded_model_run_layer_by_layer_gives_the_in_memory_statistics(model_type, tmp_path):
+    """The ground the sequential engine stands on: transformers' big-model loading with every
+    decoder layer on "disk" (accelerate streams each layer's weights in for its forward; plain
+    tensors are read from the checkpoint's own shards, converted ones such as Mixtral's fused
+    experts are written to the offload folder), run layer by layer: the in-memory statistics."""
+    from transformers import AutoModelForCausalLM
+
+    path = A.make(model_type, tmp_path)
+    handle = open_model(path)
+    model = handle.load()
+    count = len(handle.family.decoder_layers(model))
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" for i in range(count)}}
+    offloaded = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path / "off"),
+                                                     dtype=torch.float32)
+    assert all(p.device.type == "meta" for p in handle.family.decoder_layers(offloaded).parameters())
+    ids = A.ids(batch=6, length=32)
+    cal = calibration.CalibrationSet("random", [ids[i, :n].tolist() for i, n in enumerate([32, 20, 27, 9, 32, 14])], 32)
+    whole = collect(model, handle.family, cal, pad_id=0, batch_size=4, max_distance=8, matrix_groups=["tokens"])
+    layered = collect(offloaded, handle.family, cal, pad_id=0, batch_size=4, max_distance=8, matrix_groups=["tokens"],
+                      layerwise=True)
+    assert _statistics(layered) == _statistics(whole)
