@@ -126,8 +126,11 @@ class Family(abc.ABC):
         """Keep only ``kept`` layers, in place, leaving a model that runs (caches included)."""
 
     def logits(self, model: Any, input_ids: Any, attention_mask: Any) -> Any:
-        """Logits of a forward pass; position i predicts token i+1 for autoregressive models."""
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        """Logits of a forward pass; position i predicts token i+1 for autoregressive models.
+        No KV cache: nothing reuses it, and a layer run twice on recorded arguments
+        (repskip.engine.layerwise) must not find its own keys from the first run."""
+        cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+        return model(input_ids=input_ids, attention_mask=attention_mask, **cache).logits
 
     def onnx_module(self, model: Any) -> Any:
         """A torch module with the ONNX signature of this family's kind, for export.

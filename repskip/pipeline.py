@@ -470,11 +470,12 @@ TOKENS_PER_HIDDEN = 8
 def fit_repair(handle: ModelHandle, torch_model: Any, removed: Sequence[int], sel: _recipe.SelectionSpec,
                cal: _recipe.CalibrationSpec, progress: Callable[[int, int], None] | None = None) -> Any:
     """The linear repair of ``removed`` on the calibration text (repskip.repair.fit)."""
-    from .repair.fit import check_supported, fit_linear
+    from .repair.fit import check_supported
+    from .repair.sweep import fit_linear_layerwise
 
     check_supported(handle.family, handle.ckpt.config)
     _, batches = _calibration_batches(handle, cal)
-    fit = fit_linear(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), removed,
+    fit = fit_linear_layerwise(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), removed,
                      handle.num_layers, sel.ridge, progress)
     hidden = handle.family.hidden_size(handle.ckpt.config)
     if fit.tokens < TOKENS_PER_HIDDEN * hidden:

@@ -1,4 +1,4 @@
-"""Layer-by-layer execution (repskip/analyze/layerwise.py) computes what the whole model's
+"""Layer-by-layer execution (repskip/engine/layerwise.py) computes what the whole model's
 forward computes: the analysis statistics, bit for bit."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_layer_by_layer_statistics_equal_the_whole_forwards(model_type, tmp_path
 
 
 def test_the_layers_are_back_in_place_after_a_failed_recording(tmp_path):
-    from repskip.analyze import layerwise
+    from repskip.engine import layerwise
 
     path = A.make("llama", tmp_path)
     handle = open_model(path)
@@ -51,26 +51,107 @@ def test_the_layers_are_back_in_place_after_a_failed_recording(tmp_path):
     assert all(isinstance(layer, torch.nn.Module) and type(layer).__name__ != "_Recorder" for layer in before)
 
 
+def _offloaded(path, tmp_path, count):
+    """transformers' big-model loading with every decoder layer on "disk"."""
+    from transformers import AutoModelForCausalLM
+
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" for i in range(count)}}
+    return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path / "off"),
+                                                dtype=torch.float32)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mixtral"])
-def test_a_disk_offloaded_model_run_layer_by_layer_gives_the_in_memory_statistics(model_type, tmp_path):
+def test_a_disk_offloaded_model_run_layer_by_layer_gives_the_in_memory_statistics(model_type, tmp_path, monkeypatch):
     """The ground the sequential engine stands on: transformers' big-model loading with every
     decoder layer on "disk" (accelerate streams each layer's weights in for its forward; plain
     tensors are read from the checkpoint's own shards, converted ones such as Mixtral's fused
-    experts are written to the offload folder), run layer by layer: the in-memory statistics."""
-    from transformers import AutoModelForCausalLM
+    experts are written to the offload folder), run layer by layer: the in-memory statistics,
+    each layer's weights loaded once for all the batches, not once per batch."""
+    from accelerate.hooks import AlignDevicesHook
 
     path = A.make(model_type, tmp_path)
     handle = open_model(path)
     model = handle.load()
     count = len(handle.family.decoder_layers(model))
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
-                  **{f"model.layers.{i}": "disk" for i in range(count)}}
-    offloaded = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path / "off"),
-                                                     dtype=torch.float32)
+    offloaded = _offloaded(path, tmp_path, count)
     assert all(p.device.type == "meta" for p in handle.family.decoder_layers(offloaded).parameters())
     ids = A.ids(batch=6, length=32)
     cal = calibration.CalibrationSet("random", [ids[i, :n].tolist() for i, n in enumerate([32, 20, 27, 9, 32, 14])], 32)
     whole = collect(model, handle.family, cal, pad_id=0, batch_size=4, max_distance=8, matrix_groups=["tokens"])
+    loads: dict[int, int] = {}
+    onload = AlignDevicesHook._onload_weights
+
+    def counted(self, module):
+        loads[id(module)] = loads.get(id(module), 0) + 1
+        return onload(self, module)
+
+    monkeypatch.setattr(AlignDevicesHook, "_onload_weights", counted)
     layered = collect(offloaded, handle.family, cal, pad_id=0, batch_size=4, max_distance=8, matrix_groups=["tokens"],
                       layerwise=True)
     assert _statistics(layered) == _statistics(whole)
+    hooked = [m for m in handle.family.decoder_layers(offloaded).modules() if getattr(m, "_hf_hook", None)
+              and m._hf_hook.offload]
+    assert hooked and {loads.get(id(m)) for m in hooked} == {1}  # two batches, one load
+    assert all(p.device.type == "meta" for p in handle.family.decoder_layers(offloaded).parameters())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_a_disk_offloaded_model_gets_the_in_memory_repair(model_type, tmp_path):
+    from repskip.analyze.objective import Objective
+    from repskip.repair.fit import calibration_batches
+    from repskip.repair.sweep import fit_linear_layerwise
+
+    path = A.make(model_type, tmp_path)
+    handle = open_model(path)
+    model = handle.load()
+    offloaded = _offloaded(path, tmp_path, handle.num_layers)
+    ids = A.ids(batch=8, length=32)
+    batches = calibration_batches([ids[i, :n].tolist() for i, n in enumerate([32, 20, 27, 9, 32, 14, 30, 31])], 3, 0)
+    fits = [fit_linear_layerwise(m, handle.family, batches, Objective(handle.family), [2, 4], handle.num_layers)
+            for m in (model, offloaded)]
+    assert sorted(fits[0].maps) == sorted(fits[1].maps) == [1, 3]
+    assert all((fits[0].maps[a] == fits[1].maps[a]).all() for a in fits[0].maps)
+    assert fits[0].details == fits[1].details
+
+
+def _fit_both(path, removed):
+    from repskip.analyze.objective import Objective
+    from repskip.repair.fit import calibration_batches, fit_linear
+    from repskip.repair.sweep import fit_linear_layerwise
+
+    handle = open_model(path)
+    model, fam = handle.load(), handle.family
+    ids = A.ids(batch=8, length=32)
+    lengths = [32, 20, 27, 9, 32, 14, 30, 31]
+    batches = calibration_batches([ids[i, :n].tolist() for i, n in enumerate(lengths)], 3, 0)
+    mask_id = fam.mask_token_id(handle.ckpt.config) if fam.generative_kind == "diffusion" else None
+    objective = Objective(fam, "nll", mask_id)
+    whole = fit_linear(model, fam, batches, objective, removed, handle.num_layers)
+    layered = fit_linear_layerwise(model, fam, batches, objective, removed, handle.num_layers)
+    return whole, layered
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llada", "dream"])
+def test_the_two_sweep_repair_fit_equals_the_run_by_run_fit(name, tiny, tmp_path):
+    """Same maps, bit for bit, and the same KL check record, for each family's tiny model: a
+    two-layer run and a lone layer (so one map is fitted on states an earlier map changed)."""
+    from helpers import dream_from_qwen2, llada_from_llama
+
+    convert = {"llada": (llada_from_llama, "llama"), "dream": (dream_from_qwen2, "qwen2")}
+    path = convert[name][0](tiny[convert[name][1]], tmp_path / name) if name in convert else tiny[name]
+    whole, layered = _fit_both(path, [1, 2, 4])
+    assert sorted(whole.maps) == sorted(layered.maps) == [0, 3]
+    for anchor in whole.maps:
+        assert (whole.maps[anchor] == layered.maps[anchor]).all()
+    assert whole.details == layered.details and whole.tokens == layered.tokens
+    assert [r.anchor for r in whole.dropped] == [r.anchor for r in layered.dropped]
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt2", "gpt_neox", "opt", "deepseek_v3"])
+def test_the_two_sweep_repair_fit_equals_the_run_by_run_fit_across_layouts(model_type, tmp_path):
+    whole, layered = _fit_both(A.make(model_type, tmp_path), [2, 4])
+    assert sorted(whole.maps) == sorted(layered.maps)
+    for anchor in whole.maps:
+        assert (whole.maps[anchor] == layered.maps[anchor]).all()
+    assert whole.details == layered.details

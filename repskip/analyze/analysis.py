@@ -403,7 +403,7 @@ def collect(
     layerwise: bool = False,
 ) -> LayerStatsAccumulator:
     """Run the calibration batches through ``model`` with hooks and return the sums.
-    ``layerwise``: one decoder layer at a time over every batch (the same sums; see layerwise.py).
+    ``layerwise``: one decoder layer at a time over every batch (the same sums; see repskip.engine.layerwise).
 
     Each function of ``prepares`` is one pass over the calibration set (a mask ratio, say):
     it may change the input ids and says which positions form each of ``groups``. By
@@ -448,7 +448,7 @@ def collect(
 
 
 def _collect_layerwise(model, family, acc, calib, pad_id, batch_size, prepares, device, progress, total) -> None:
-    from . import layerwise
+    from ..engine import layerwise
 
     contexts, forwards = [], []
     for prepare in prepares:

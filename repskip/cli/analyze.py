@@ -229,7 +229,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         if saved_only is None and repair == "linear":
             from ..repair.store import DEFAULT_NAME
 
-            with reporter.stage("fitting repair", "runs") as update:
+            with reporter.stage("fitting repair", "layers") as update:
                 fit = pipeline.fit_repair(handle, torch_model, recipe.resolved.remove, spec, cal, progress=update)
             recipe, maps_file = pipeline.with_repair(recipe, fit, DEFAULT_NAME)
         if saved_only is None:

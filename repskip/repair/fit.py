@@ -127,19 +127,24 @@ def check_joins_residual(s: Surgery, model: Any, batches: Batches, objective: Ob
         s.set(record={anchor}, stop_after=anchor)
         s.run(objective.logits, model, p)
         out, m = s.outputs[anchor], s.mlp.get(anchor)
-        if m is None:
-            raise RepskipError(f"layer {anchor} never ran its MLP output projection; it cannot take a linear repair")
         s.set(record={anchor}, zero={anchor}, stop_after=anchor)
         s.run(objective.logits, model, p)
-        rest = s.outputs[anchor]
-        error = float((out.float() - m.float() - rest.float()).abs().max())
-        eps = torch.finfo(out.dtype).eps if out.dtype.is_floating_point else 0.0
-        allowed = 8 * eps * float(out.float().abs().max()) + 1e-3 * float(m.float().abs().max())
-        if error > allowed:
-            raise RepskipError(
-                f"cannot repair this model with a linear map: the MLP output of layer {anchor} does not join the "
-                f"residual stream as it is (it is normed or scaled first: the layer's output differs from the rest "
-                f"plus the MLP output by {error:.3g}), so no map folded into a weight is exact; use --repair none")
+        check_sum(anchor, out, m, s.outputs[anchor])
+
+
+def check_sum(anchor: int, out: torch.Tensor, m: torch.Tensor | None, rest: torch.Tensor) -> None:
+    """Refuse the repair unless layer ``anchor``'s output ``out`` is the residual stream
+    ``rest`` (its output with the MLP output zeroed) plus its MLP output ``m``."""
+    if m is None:
+        raise RepskipError(f"layer {anchor} never ran its MLP output projection; it cannot take a linear repair")
+    error = float((out.float() - m.float() - rest.float()).abs().max())
+    eps = torch.finfo(out.dtype).eps if out.dtype.is_floating_point else 0.0
+    allowed = 8 * eps * float(out.float().abs().max()) + 1e-3 * float(m.float().abs().max())
+    if error > allowed:
+        raise RepskipError(
+            f"cannot repair this model with a linear map: the MLP output of layer {anchor} does not join the "
+            f"residual stream as it is (it is normed or scaled first: the layer's output differs from the rest "
+            f"plus the MLP output by {error:.3g}), so no map folded into a weight is exact; use --repair none")
 
 
 def check_map(s: Surgery, model: Any, batches: Batches, objective: Objective, removed: Sequence[int],
@@ -168,6 +173,13 @@ def check_map(s: Surgery, model: Any, batches: Batches, objective: Objective, re
                 count += int(p.states.sum() if check.diffusion else p.scored.sum())
         return {name: total / max(count, 1) for name, total in totals.items()}
 
+    return choose_map(ls, ridge, divergences)
+
+
+def choose_map(ls: LeastSquares, ridge: float, divergences: Callable[[dict[str, np.ndarray | None]], dict[str, float]]
+               ) -> tuple[str, np.ndarray | None, dict[str, float]]:
+    """The ridge steps' maps tried in order against no map (``divergences`` gives each trial's
+    KL to the full model): the first that lowers it, else None."""
     # float32, as stored in the maps file: every use of a fit folds the same numbers
     maps_at = {f"ridge x{step:g}": ls.solve(ridge * step).astype(np.float32).astype(np.float64) for step in RIDGE_STEPS}
     first = next(iter(maps_at))

@@ -15,7 +15,8 @@ inputs, hyper-connection streams): the recorded arguments would be those of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,27 @@ def record(model: Any, family: Any, forward: Callable[[], Any]) -> LayerInputs:
     return LayerInputs(args[0] if args else kwargs["hidden_states"], calls)
 
 
+@contextlib.contextmanager
+def onloaded(module: torch.nn.Module) -> Iterator[None]:
+    """``module``'s weights on its execution device once for every call inside, where
+    accelerate has offloaded them (to the CPU or disk): its hooks would otherwise load and drop
+    them at every call, once per batch. A module in memory is left as it is."""
+    from accelerate.utils import has_offloaded_params
+
+    hooked = [m for m in module.modules() if has_offloaded_params(m)]
+    loaded = []
+    try:
+        for m in hooked:
+            m._hf_hook.pre_forward(m)  # loads the weights
+            loaded.append(m)
+            m._hf_hook.offload = False  # and the calls inside leave them
+        yield
+    finally:
+        for m in loaded:
+            m._hf_hook.offload = True
+            m._hf_hook.post_forward(m, None)  # drops them again
+
+
 def run(
     model: Any,
     family: Any,
@@ -95,9 +117,10 @@ def run(
     count = len(family.decoder_layers(model))
     for index in range(count):
         layer = layer_at(index) if layer_at is not None else family.decoder_layers(model)[index]
-        for b, x in enumerate(inputs):
-            args, kwargs = x.call(index, hidden[b])
-            out = family.layer_output(layer(*args, **kwargs))
-            on_layer(index, b, hidden[b], out)
-            hidden[b] = out
+        with onloaded(layer):
+            for b, x in enumerate(inputs):
+                args, kwargs = x.call(index, hidden[b])
+                out = family.layer_output(layer(*args, **kwargs))
+                on_layer(index, b, hidden[b], out)
+                hidden[b] = out
     return hidden

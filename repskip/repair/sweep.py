@@ -1,0 +1,194 @@
+"""The linear repair fitted in two sweeps of the model, one decoder layer at a time.
+
+The fit of repskip.repair.fit.fit_linear (the same runs in the same order, the same sums, the
+same ridge steps and KL check), run through repskip.engine.layerwise so that each layer runs
+once over every calibration pass for the full model and once for the pruned one, instead of
+streaming the calibration text twice per removed run:
+
+1. The full sweep runs every layer over every pass (past the last run, only the passes the KL
+   check reads) and keeps each run's target (the state after its last layer), the check
+   passes' final states, and every pass's state in front of the first run's anchor.
+2. The pruned sweep starts there (in front of it the pruned model is the full one), skips the
+   removed layers and ends at the last anchor. At a run's anchor the layer runs once with its
+   MLP output recorded; the run's sums are then complete, so its map is solved and checked
+   there (each trial runs the rest of the pruned model on the check passes alone; a run's
+   "no map" trial is the previous run's kept trial, already measured) and the anchor runs
+   again with the map kept before any layer after it runs.
+
+The states of every pass stay in memory between layers, in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..analyze.objective import Objective, Pass
+from ..analyze.surgery import Surgery
+from ..engine import layerwise
+from ..engine.layerwise import onloaded
+from .fit import CHECK_BATCHES, Batches, FitResult, check_sum, choose_map, scored_states, torch_maps
+from .linear import LeastSquares, removed_runs, token_weights
+
+
+class _Passes:
+    """Every forward pass of the calibration batches, with the arguments each layer gets."""
+
+    def __init__(self, model: Any, family: Any, batches: Batches, objective: Objective):
+        self.passes: list[Pass] = []
+        self.checked: list[bool] = []  # read by the KL check (the first CHECK_BATCHES batches)
+        self.inputs: list[layerwise.LayerInputs] = []
+        for index, (ids, mask) in enumerate(batches()):
+            for p in objective.passes(ids, mask, index):
+                self.passes.append(p)
+                self.checked.append(index < CHECK_BATCHES)
+                self.inputs.append(layerwise.record(model, family, lambda p=p: objective.logits(model, p)))
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+
+@torch.inference_mode()
+def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: Objective, removed: Sequence[int],
+                         num_layers: int, ridge: float = 1e-3,
+                         progress: Callable[[int, int], None] | None = None) -> FitResult:
+    """One map per maximal run of ``removed`` (original layer indices), as fit_linear fits it."""
+    runs = removed_runs(removed, num_layers)
+    start = time.perf_counter()
+    like = next(model.parameters())
+    check = Objective(objective.family, "kl", objective.mask_id, objective.ratios, objective.seed)
+    skipped = set(removed)
+    anchors = {run.anchor: run for run in runs}
+    first = runs[0].anchor
+    done, total = 0, num_layers + runs[-1].anchor + 1 - first
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    with Surgery(model, family) as s:
+        data = _Passes(model, family, batches, objective)
+        layers = family.decoder_layers(model)
+
+        def run_layer(index: int, b: int, hidden: torch.Tensor, t: np.ndarray | None = None) -> torch.Tensor:
+            """Layer ``index`` on pass ``b``'s state, its MLP output times ``t`` if given."""
+            s.maps = torch_maps({index: t}, like) if t is not None else {}  # the other settings stay
+            args, kwargs = data.inputs[b].call(index, hidden)
+            return family.layer_output(layers[index](*args, **kwargs))
+
+        def logits(b: int, final: torch.Tensor) -> torch.Tensor:
+            # the model's own final norm and head on a last state: every layer stands aside
+            s.set(skip=range(num_layers - 1), replay={num_layers - 1: final})
+            out = check.logits(model, data.passes[b])
+            s.set()
+            return out
+
+        # 1. the full model: each run's target, and the check passes' final states
+        targets: dict[int, list[torch.Tensor]] = {}
+        checked = [b for b in range(len(data)) if data.checked[b]]
+        hidden = [x.hidden for x in data.inputs]
+        for index in range(num_layers):
+            if index == first:  # the pruned model is the full one up to here
+                entry = list(hidden)
+            with onloaded(layers[index]):
+                if index in anchors:  # its MLP output must join its residual stream as it is
+                    s.set(record={index})
+                    out = run_layer(index, 0, hidden[0])
+                    m = s.mlp.get(index)
+                    s.set(record={index}, zero={index})
+                    check_sum(index, out, m, run_layer(index, 0, hidden[0]))
+                    s.set()
+                # past the last run only the check's passes go on, for their final states
+                for b in range(len(data)) if index <= runs[-1].last else checked:
+                    hidden[b] = run_layer(index, b, hidden[b])
+            for run in runs:
+                if run.last == index:
+                    targets[run.anchor] = [h[p.states.to(h.device)] for h, p in zip(hidden, data.passes)]
+            tick()
+        references = {b: check.reference(logits(b, hidden[b]), data.passes[b]) for b in checked}
+        scored = sum(int(data.passes[b].states.sum() if check.diffusion else data.passes[b].scored.sum())
+                     for b in checked)
+        del hidden
+
+        def divergences(index: int, entering: list[torch.Tensor], outputs: list[torch.Tensor],
+                        trials: dict[str, np.ndarray | None]) -> dict[str, float]:
+            """Each trial's KL to the full model on the check passes: the anchor ``index`` with
+            the trial's map (None: ``outputs``, its output without one), then the rest of the
+            pruned model, one layer at a time over every trial and pass."""
+            states = {}
+            with onloaded(layers[index]):
+                for name, t in trials.items():
+                    states[name] = {b: outputs[b] if t is None else run_layer(index, b, entering[b], t) for b in checked}
+            for later in range(index + 1, num_layers):
+                if later not in skipped:
+                    with onloaded(layers[later]):
+                        for h in states.values():
+                            for b in checked:
+                                h[b] = run_layer(later, b, h[b])
+            totals = dict.fromkeys(trials, 0.0)
+            for name, h in states.items():
+                for b in checked:
+                    totals[name] += check.loss(logits(b, h[b]), data.passes[b], references[b])[0]
+            return {name: total / max(scored, 1) for name, total in totals.items()}
+
+        # 2. the pruned model, each map fitted, checked and applied at its anchor
+        maps: dict[int, np.ndarray] = {}
+        residual: dict[int, float] = {}
+        details: list[dict] = []
+        dropped = []
+        tokens = 0
+        settled: float | None = None  # the KL of the pruned model as repaired so far, once measured
+        hidden = entry
+        for index in range(first, runs[-1].anchor + 1):  # nothing after the last anchor is needed
+            run = anchors.get(index)
+            if index in skipped:
+                pass
+            elif run is None:
+                with onloaded(layers[index]):
+                    hidden = [run_layer(index, b, h) for b, h in enumerate(hidden)]
+            else:
+                ls = LeastSquares(hidden[0].shape[-1])
+                outputs = []
+                with onloaded(layers[index]):
+                    for b, p in enumerate(data.passes):
+                        s.set(record={index})
+                        out = run_layer(index, b, hidden[b])
+                        m = s.mlp[index]
+                        y = targets[index][b].double().cpu().numpy()
+                        ls.add(scored_states(p, m), y - scored_states(p, out - m), token_weights(y))
+                        outputs.append(out)
+                    s.set()
+                del targets[index]
+                tokens = ls.tokens
+
+                def measured(trials: dict[str, np.ndarray | None], index: int = index, entering: list = hidden,
+                             outputs: list = outputs) -> dict[str, float]:
+                    # the model the previous run's check kept is this run's model without a map:
+                    # its "none" trial was measured there
+                    known = {name: settled for name, t in trials.items() if t is None and settled is not None}
+                    rest = {name: t for name, t in trials.items() if name not in known}
+                    return {**known, **(divergences(index, entering, outputs, rest) if rest else {})}
+
+                name, chosen, losses = choose_map(ls, ridge, measured)
+                settled = losses[name]
+                detail = {"anchor": run.anchor, "run": [run.first, run.last], "tokens": ls.tokens,
+                          "check_loss": {k: round(v, 6) for k, v in losses.items()}}
+                if chosen is None:
+                    dropped.append(run)
+                    detail["kept"] = False
+                    hidden = outputs
+                else:
+                    maps[index] = chosen
+                    residual[index] = ls.residual(chosen)
+                    detail.update(residual=round(residual[index], 6), kept=True)
+                    with onloaded(layers[index]):
+                        hidden = [run_layer(index, b, h, chosen) for b, h in enumerate(hidden)]
+                details.append(detail)
+            tick()
+    return FitResult(maps, runs, residual, tokens, time.perf_counter() - start, ridge, details, dropped)
