@@ -1,8 +1,11 @@
 """Peak memory of the linear-repair fit as the calibration set grows.
 
-The fit (repskip.repair.fit.fit_linear) streams the calibration batches and keeps only two
-hidden x hidden float64 sums per run, so its memory should not grow with the number of
-tokens. Each --samples value runs the same fit (removing --remove) in its own child process:
+Two fits of the same maps, side by side: the run-by-run fit (repskip.repair.fit.fit_linear)
+streams the calibration batches once per run and keeps only two hidden x hidden float64 sums
+per run, so its memory should not grow with the number of tokens; the two-sweep fit
+(repskip.repair.sweep, what analyze runs) keeps every pass's hidden states between layers, in
+the model's dtype, so its memory grows with the tokens, by a few copies of [tokens, hidden].
+Each --samples value and fit runs the same fit (removing --remove) in its own child process:
 the model is loaded, one 8-token forward faults its lazily mapped weights in, the peak is
 reset to the current RSS (writing 5 to /proc/self/clear_refs), and the fit runs; the child
 reports its peak RSS above the loaded model (getrusage) and the tokens it consumed. The parent
@@ -41,8 +44,16 @@ def child(args: argparse.Namespace) -> dict:
     rss_after_load = _common.rss_mb()
     reset = _common.reset_peak_rss()
     t0 = time.perf_counter()
-    fit = pipeline.fit_repair(handle, model, removed, R.SelectionSpec(k=len(removed)), cal)
+    if args.fit == "sweep":
+        fit = pipeline.fit_repair(handle, model, removed, R.SelectionSpec(k=len(removed)), cal)
+    else:
+        from repskip.repair.fit import fit_linear
+
+        _, batches = pipeline._calibration_batches(handle, cal)
+        fit = fit_linear(model, handle.family, batches, pipeline._objective(handle, R.SelectionSpec(k=len(removed)),
+                                                                            cal.seed), removed, handle.num_layers)
     return {
+        "fit": args.fit,
         "samples": args.child,
         "tokens": fit.tokens,
         "runs": len(fit.runs),
@@ -64,7 +75,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--remove", default="13,14", help="the removed layers (one run: one map)")
+    ap.add_argument("--fits", default="runs,sweep", help="which fits: runs (run by run), sweep (two sweeps)")
     ap.add_argument("--json", default=_common.default_json(NAME))
+    ap.add_argument("--fit", help=argparse.SUPPRESS)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -76,11 +89,12 @@ def main() -> None:
               "--batch-size", str(args.batch_size), "--remove", args.remove]
     runs = []
     for n in [int(x) for x in args.samples.split(",")]:
-        print(f"fitting on {n} sequences ...", file=sys.stderr)
-        runs.append(_common.run_child(__file__, [*common, "--child", str(n)]))
-    rows = [[r["samples"], r["tokens"], r["rss_after_load_mb"], r["peak_rss_mb"], r["growth_mb"],
+        for fit in args.fits.split(","):
+            print(f"fitting on {n} sequences ({fit}) ...", file=sys.stderr)
+            runs.append(_common.run_child(__file__, [*common, "--child", str(n), "--fit", fit]))
+    rows = [[r["fit"], r["samples"], r["tokens"], r["rss_after_load_mb"], r["peak_rss_mb"], r["growth_mb"],
              round(r["tokens"] * r["hidden"] * 2 * 8 / 1e6, 1), r["seconds"]] for r in runs]
-    print(_common.table(["sequences", "tokens", "RSS after load MB", "peak RSS MB", "growth MB",
+    print(_common.table(["fit", "sequences", "tokens", "RSS after load MB", "peak RSS MB", "growth MB",
                          "inputs kept, f64 MB", "seconds"], rows))
     settings = {"model": model, "calib": args.calib, "max_length": args.max_length, "batch_size": args.batch_size,
                 "remove": args.remove}

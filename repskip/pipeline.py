@@ -236,6 +236,10 @@ def analyze(
         "dtype": str(next(torch_model.parameters()).dtype).replace("torch.", ""),
         "device": device,
     }
+    layerwise = bool(getattr(torch_model, "repskip_layerwise", False))
+    if layerwise and mode == "sampling":
+        raise RepskipError("analysis mode 'sampling' runs the sampler on a model in memory; use --offload none "
+                           "(or --mode masked, which runs one layer at a time)")
     if mode == "sampling":
         return _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_samples, max_length,
                                  batch_size, seed, max_distance, sampler_settings or {}, chat, settings, progress)
@@ -251,7 +255,7 @@ def analyze(
         settings.update(mask_ratios=list(mask_ratios), prompt_fraction=prompt_fraction, mask_token_id=mask_id)
     acc = _analysis.collect(
         torch_model, fam, calib_set, pad_id=_pad_id(tokenizer), batch_size=batch_size, positions=positions,
-        max_distance=max_distance, matrix_tokens=matrix_tokens, progress=progress, **kwargs,
+        max_distance=max_distance, matrix_tokens=matrix_tokens, progress=progress, layerwise=layerwise, **kwargs,
     )
     return _analysis.build_result(acc, model_info=handle.info(), calib=calib_set, settings=settings, primary=primary)
 
@@ -428,6 +432,10 @@ def loss_search(handle: ModelHandle, torch_model: Any, sel: _recipe.SelectionSpe
         from .repair.fit import check_supported
 
         check_supported(handle.family, handle.ckpt.config)
+    if getattr(torch_model, "repskip_layerwise", False):
+        raise RepskipError(f"the {sel.strategy} strategy's search runs on a model in memory and this one is run one "
+                           "layer at a time from disk; use a similarity strategy (block-influence, angular-block, "
+                           "paper) or --offload none")
     calib, _ = _calibration_batches(handle, cal)
     scored, rest = calib.sequences[: sel.search_samples], calib.sequences[sel.search_samples :]
     pad = _pad_id(handle.family.load_tokenizer(handle.path))

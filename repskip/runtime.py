@@ -19,6 +19,8 @@ on CUDA the KV cache and logits stay on the GPU between steps, with no host copi
 
 from __future__ import annotations
 
+import itertools
+
 import json
 import warnings
 from dataclasses import dataclass
@@ -52,11 +54,16 @@ def require_onnxruntime() -> Any:
 
 
 def model_device(model: Any) -> torch.device:
-    """Where a model wants its input tensors: a PyTorch module or an ONNX Runtime one."""
+    """Where a model wants its input tensors: a PyTorch module or an ONNX Runtime one. The
+    device of its first tensor that is not on the meta device: one whose layers accelerate
+    keeps on disk has its embeddings there too, and computes where its norms are."""
     device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
+    if isinstance(device, torch.device) and device.type != "meta":
         return device
-    return next(model.parameters()).device
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
 
 
 def model_dtype(model: Any) -> torch.dtype:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from . import calibration
-from ..versions import versions
 from ..errors import RepskipError
+from ..runtime import model_device
+from ..versions import versions
 
 SCHEMA_VERSION = 1
 POSITIONS = ("all", "last")
@@ -416,7 +417,7 @@ def collect(
         groups = ["tokens", "last_token"]
         prepares = [lambda ids, valid: (ids, position_masks(valid, positions))]
     L = len(family.decoder_layers(model))
-    device = next(model.parameters()).device
+    device = model_device(model)
     acc = LayerStatsAccumulator(L, list(groups), max_distance=max_distance, device=device,
                                 matrix_groups=matrix_groups, matrix_tokens=matrix_tokens)
     total = len(calib.sequences) * len(prepares)

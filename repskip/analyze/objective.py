@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..runtime import model_device
+
 OBJECTIVES = ("nll", "kl")
 DIFFUSION_RATIOS = (0.25, 0.5, 0.75)
 
@@ -66,7 +68,7 @@ class Objective:
             yield Pass(noisy, mask, masked, ids[masked], 1.0 / ratio, valid)
 
     def logits(self, model: Any, p: Pass) -> torch.Tensor:
-        device = next(model.parameters()).device
+        device = model_device(model)
         ids, mask = p.ids.to(device), p.mask.to(device)
         if self.diffusion:
             return self.family.token_logits(model, ids, mask)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from pathlib import Path
 
@@ -149,6 +151,15 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: byte
                    "the search costs about k x layers forward passes over them.")
 @click.option("--dtype", default="auto", show_default=True, help="auto (as saved), float32, bfloat16, float16.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--offload", type=click.Choice(["auto", "none", "sequential"]), default="auto", show_default=True,
+              help="sequential: keep the decoder layers on disk and run one at a time over every batch (models "
+                   "bigger than memory); none: load it whole, refusing a model that does not fit; auto: "
+                   "sequential when the model does not fit the device with headroom.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory the run may use on the device (e.g. 12GB) [default: what is available].")
+@click.option("--offload-folder", type=click.Path(path_type=Path), default=None,
+              help="Where tensors transformers converts on load go while the model runs one layer at a time "
+                   "(a fresh folder inside it, removed afterwards) [default: the system's temporary folder].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--reuse/--no-reuse", default=True, show_default=True,
               help="When -o holds a finished analysis of the same model, calibration and settings, choose again "
@@ -156,7 +167,8 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: byte
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists (measuring afresh).")
 def analyze(model, output, calib, calib_field, num_samples, max_length, batch_size, positions, matrix_tokens, mode,
             mask_ratios, prompt_fraction, sampler_set, chat, strategy, k, threshold, allow_adjacent, protect,
-            no_protect_ends, repair, objective, ridge, search_samples, dtype, device, seed, reuse, force):
+            no_protect_ends, repair, objective, ridge, search_samples, dtype, device, offload, max_memory,
+            offload_folder, seed, reuse, force):
     """Measure each layer of MODEL and write analysis.json, plots and a resolved recipe.yaml."""
     from .. import pipeline
     from ..recipe import CalibrationSpec, Recipe, resolve
@@ -182,19 +194,35 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         from ..repair.fit import check_supported
 
         check_supported(handle.family, handle.ckpt.config)
+    from ..compress.files import parse_size
+    from ..engine import offload as _offload
+
+    budget = parse_size(max_memory) if max_memory is not None else None
+    run_dtype, run_device = pipeline.parse_dtype(dtype), pipeline.parse_device(device)
+    _offload.check_folder(offload_folder, handle.path)
+    need = _offload.estimate(handle, run_dtype, num_samples * max_length)
+    plan = _offload.choose(offload, need, budget if budget is not None else _offload.available(run_device),
+                           f"{handle.path.name} ({handle.family_name})", budget=budget is not None)
+    if plan == "sequential" and strategy in LOSS_STRATEGIES:
+        raise RepskipError(f"the {strategy} strategy's search runs on a model in memory, and {handle.path.name} is to "
+                           "run one layer at a time from disk; use a similarity strategy (block-influence, "
+                           "angular-block, paper) or --offload none")
     reused = None
     if reuse and not force and output.is_dir():
         reused = _reusable(output, handle, cal, mode, ratios, prompt_fraction, positions, matrix_tokens, dtype)
     if reused is None:
         check_output(output, force, [handle.path])
     saved_only = None  # the error to raise once the measurements are saved
-    with atomic_dir(output, force or reused is not None, [handle.path], command="analyze") as tmp:
+    with atomic_dir(output, force or reused is not None, [handle.path], command="analyze") as tmp, \
+            contextlib.ExitStack() as stack:
         reporter.move_status(tmp / STATUS_NAME)
         reporter.say(f"working in {tmp} ({output} appears when it is done)")
         torch_model = None
         if reused is None or strategy in LOSS_STRATEGIES or repair != "none":
             reporter.say(f"loading {handle.path.name} ({dtype}, {device})")
-            torch_model = handle.load(dtype, device)
+            torch_model = stack.enter_context(_offload.loaded(
+                handle, run_dtype, run_device, plan=plan, tokens=num_samples * max_length, max_memory=budget,
+                folder=offload_folder, say=reporter.say))
         if reused is not None:
             result = reused
         else:

@@ -23,6 +23,7 @@ import torch
 from ..analyze.objective import Objective
 from ..analyze.surgery import Surgery
 from ..errors import RepskipError
+from ..runtime import model_device
 from .linear import LeastSquares, Run, removed_runs, token_weights
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -72,10 +73,13 @@ def scored_states(p: Any, hidden: torch.Tensor) -> np.ndarray:
 def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, removed: Sequence[int],
                num_layers: int, ridge: float = 1e-3,
                progress: Callable[[int, int], None] | None = None) -> FitResult:
-    """Fit one map per maximal run of ``removed`` (original layer indices), in order."""
+    """Fit one map per maximal run of ``removed`` (original layer indices), in order, run by
+    run: memory stays flat whatever the number of calibration tokens, but the calibration text
+    streams through the model twice per run. repskip.repair.sweep fits the same maps in two
+    sweeps of the model (what analyze runs), keeping the states between layers."""
     runs = removed_runs(removed, num_layers)
     start = time.perf_counter()
-    like = next(model.parameters())
+    like = torch.empty(0, device=model_device(model))  # where the maps go
     maps: dict[int, np.ndarray] = {}
     residual: dict[int, float] = {}
     details: list[dict] = []

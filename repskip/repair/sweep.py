@@ -31,6 +31,7 @@ from ..analyze.objective import Objective, Pass
 from ..analyze.surgery import Surgery
 from ..engine import layerwise
 from ..engine.layerwise import onloaded
+from ..runtime import model_device
 from .fit import CHECK_BATCHES, Batches, FitResult, check_sum, choose_map, scored_states, torch_maps
 from .linear import LeastSquares, removed_runs, token_weights
 
@@ -59,7 +60,7 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
     """One map per maximal run of ``removed`` (original layer indices), as fit_linear fits it."""
     runs = removed_runs(removed, num_layers)
     start = time.perf_counter()
-    like = next(model.parameters())
+    like = torch.empty(0, device=model_device(model))  # where the maps go
     check = Objective(objective.family, "kl", objective.mask_id, objective.ratios, objective.seed)
     skipped = set(removed)
     anchors = {run.anchor: run for run in runs}

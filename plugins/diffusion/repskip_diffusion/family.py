@@ -117,18 +117,26 @@ class DiffusionFamily(Family):
         s = self.spec(config)
         return DecoderGeometry(s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab, s.layers)
 
-    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | dict | None = None,
+             offload_folder: Path | None = None) -> Any:
         from repskip.checkpoint import read_config
 
-        from .model import load_decoder
-
-        if device_map:
-            raise RepskipError(f"{type(self).__name__} loads onto one device; drop --device-map and pass --device")
+        from .model import layerwise_device_map, load_decoder
 
         config = read_config(path)
-        model = load_decoder(path, self.spec(config), self.disk_name, dtype, device)
+        streamed = device_map is not None and device_map == layerwise_device_map(self.spec(config), device)
+        if device_map and not streamed:
+            raise RepskipError(f"{type(self).__name__} loads onto one device; drop --device-map and pass --device")
+        model = load_decoder(path, self.spec(config), self.disk_name, dtype, device,
+                             offload_folder=offload_folder if streamed else None)
         model.repskip_config = config  # samplers read the mask token and context from it
         return model
+
+    def layerwise_device_map(self, config: dict, device: str) -> dict[str, str]:
+        """Every block on "disk", the rest on ``device`` (see repskip.engine.offload)."""
+        from .model import layerwise_device_map
+
+        return layerwise_device_map(self.spec(config), device)
 
     def context_length(self, config: dict) -> int | None:
         """Longest sequence the model was trained for, when the config says."""

@@ -142,11 +142,13 @@ def load_decoder(
     disk_name: Callable[[str], str],
     dtype: torch.dtype | None,
     device: str,
+    offload_folder: Path | None = None,
 ) -> BidirectionalDecoder:
     """Build the decoder and fill it from safetensors, mapping each parameter to its tensor.
 
     Every parameter must be found and every tensor on disk used: a layout mismatch is an
-    error, never a half-loaded model.
+    error, never a half-loaded model. With ``offload_folder``, the blocks' weights stay in the
+    checkpoint's files and accelerate reads each block's as it runs (see layerwise_device_map).
     """
     ckpt = open_checkpoint(path)
     with torch.device("meta"):
@@ -159,17 +161,35 @@ def load_decoder(
     if unused:
         raise RepskipError(f"{path}: tensor {unused[0]} is not part of the model ({len(unused)} in all); the checkpoint does not match its config")
     state = {}
+    index: dict[str, dict] = {}
     by_file: dict[Path, list[str]] = {}
     for name, disk in wanted.items():
         by_file.setdefault(ckpt.tensors[disk].file, []).append(name)
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:
+                if offload_folder is not None and name.startswith("blocks."):
+                    index[name] = {"safetensors_file": str(file), "weight_name": wanted[name]}
+                    if dtype is not None:
+                        index[name]["dtype"] = str(dtype).replace("torch.", "")
+                    continue
                 t = f.get_tensor(wanted[name])
                 state[name] = t.to(dtype) if dtype is not None else t
     model.load_state_dict(state, strict=False, assign=True)
     model.inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float) / spec.head_dim))
-    return model.to(device).eval()
+    if offload_folder is None:
+        return model.to(device).eval()
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, layerwise_device_map(spec, device), main_device=device,
+                          offload_dir=str(offload_folder), offload_index=index).eval()
+
+
+def layerwise_device_map(spec: DecoderSpec, device: str) -> dict[str, str]:
+    """Every block on "disk" (read from the checkpoint as it runs), the embeddings, final norm
+    and head on ``device`` (a tied head reads the embedding's weight without calling it)."""
+    return {"embed": device, "norm": device, **({} if spec.tie_embeddings else {"lm_head": device}),
+            **{f"blocks.{i}": "disk" for i in range(spec.layers)}}
 
 
 class ExportForward(nn.Module):

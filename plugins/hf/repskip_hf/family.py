@@ -196,7 +196,8 @@ class HFDecoderFamily(Family):
         return dict(revert_weight_conversion(_layout.meta_model(config, self.code), {name: value}))
 
     # --- models --------------------------------------------------------------------------------
-    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | None = None) -> Any:
+    def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | dict | None = None,
+             offload_folder: Path | None = None) -> Any:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
@@ -205,8 +206,29 @@ class HFDecoderFamily(Family):
             trust_remote_code=self.code is not None,
             use_safetensors=True,
             device_map=device_map,  # accelerate places the layers across devices
+            **({"offload_folder": str(offload_folder)} if offload_folder is not None else {}),
         )
         return (model if device_map else model.to(device)).eval()
+
+    def layerwise_device_map(self, config: dict, device: str) -> dict[str, str]:
+        """Every decoder layer, the input embeddings and the LM head on "disk" (accelerate
+        reads them from the checkpoint as they run), everything else on ``device``."""
+        model = _layout.meta_model(config, self.code)
+        path = _layout.layout(config, self.code).layers_path
+        streamed = {_module_name(model, model.get_input_embeddings())}
+        if model.get_output_embeddings() is not None:
+            streamed.add(_module_name(model, model.get_output_embeddings()))
+        placed: dict[str, str] = {}
+        module, prefix = model, ""
+        for part in path.split("."):
+            for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                placed[prefix + name] = device
+            for name, _ in module.named_children():
+                if name != part:
+                    placed[prefix + name] = "disk" if prefix + name in streamed else device
+            module, prefix = getattr(module, part), f"{prefix}{part}."
+        placed.update({f"{prefix}{i}": "disk" for i in range(len(module))})
+        return placed  # embeddings nested deeper than the layers' parent stay with theirs, on the device
 
     def load_tokenizer(self, path: Path) -> Any:
         from transformers import AutoTokenizer
@@ -263,3 +285,7 @@ def _config_dict(config: Any) -> dict:
     import json
 
     return json.loads(config.to_json_string(use_diff=False))
+
+
+def _module_name(model: Any, module: Any) -> str:
+    return next(name for name, m in model.named_modules() if m is module)

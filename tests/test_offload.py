@@ -1,0 +1,156 @@
+"""--offload: a model run one decoder layer at a time from disk gives what it gives in memory,
+and the choice, the estimate and the offload folder refuse bad input in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from repskip.cli import main
+
+STRATEGY_ARGS = {"block-influence": [], "angular-block": [], "paper": ["--threshold", "0"]}
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, message):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def _analysis(folder: Path) -> dict:
+    data = json.loads((folder / "analysis.json").read_text())
+    return {"groups": data["groups"], "profile": data["token_distance_profile"]}
+
+
+def _close(a, b, path="") -> None:
+    """Equal structure, numbers within a relative 1e-5."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-12), (path, a, b)
+    else:
+        assert a == b, path
+
+
+def _recipe(folder: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((folder / "recipe.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral", "llada", "dream"])
+def test_sequential_analysis_and_repair_equal_the_in_memory_ones(name, tiny, tmp_path):
+    """The statistics, every similarity strategy's selection and the repair maps, for each
+    family (the diffusion ones' masked sweep included)."""
+    from helpers import dream_from_qwen2, llada_from_llama
+
+    convert = {"llada": (llada_from_llama, "llama"), "dream": (dream_from_qwen2, "qwen2")}
+    model = convert[name][0](tiny[convert[name][1]], tmp_path / name) if name in convert else tiny[name]
+    outputs = {}
+    for mode in ("none", "sequential"):
+        result = run("analyze", model, "-o", tmp_path / mode, "-k", "2", "--num-samples", "12",
+                     "--max-length", "48", "--batch-size", "5", "--offload", mode)
+        assert result.exit_code == 0, result.output
+        outputs[mode] = tmp_path / mode
+    assert "one layer at a time" in run("analyze", model, "-o", tmp_path / "again", "-k", "2", "--num-samples", "4",
+                                        "--max-length", "16", "--offload", "sequential", "--repair", "none").stderr
+    _close(_analysis(outputs["none"]), _analysis(outputs["sequential"]))
+    kept, streamed = _recipe(outputs["none"]), _recipe(outputs["sequential"])
+    assert kept["resolved"]["remove"] == streamed["resolved"]["remove"]
+    maps = [load_file(str(outputs[m] / "repair.safetensors")) for m in ("none", "sequential")]
+    assert maps[0].keys() == maps[1].keys() and maps[0]
+    for key in maps[0]:
+        assert abs(maps[0][key] - maps[1][key]).max() <= 1e-5
+    for strategy, extra in STRATEGY_ARGS.items():
+        chosen = []
+        for mode in ("none", "sequential"):
+            out = tmp_path / f"{mode}-{strategy}.yaml"
+            result = run("select", outputs[mode] / "analysis.json", "--strategy", strategy, "-k", "2", *extra, "-o", out)
+            assert result.exit_code == 0, result.output
+            chosen.append(json.dumps(_recipe_file(out)["resolved"]["remove"]))
+        assert chosen[0] == chosen[1], strategy
+
+
+def _recipe_file(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_auto_streams_a_model_that_does_not_fit_the_budget(tiny, tmp_path):
+    """The tiny Llama needs about 1.5 MB whole and 0.33 MB one layer at a time: a budget of
+    600 kB takes the second."""
+    result = run("analyze", tiny["llama"], "-o", tmp_path / "a", "-k", "1", "--num-samples", "2", "--max-length", "8",
+                 "--max-memory", "600kB", "--repair", "none")
+    assert result.exit_code == 0, result.output
+    assert "one layer at a time" in result.stderr
+    result = run("analyze", tiny["llama"], "-o", tmp_path / "b", "-k", "1", "--num-samples", "2", "--max-length", "8",
+                 "--max-memory", "1GB", "--repair", "none")
+    assert result.exit_code == 0 and "one layer at a time" not in result.stderr
+
+
+def test_offload_none_refuses_a_model_that_does_not_fit_before_loading(tiny, tmp_path):
+    result = run("analyze", tiny["llama"], "-o", tmp_path / "a", "--num-samples", "2", "--max-length", "8",
+                 "--max-memory", "600kB", "--offload", "none")
+    one_line_error(result, "--offload sequential")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())
+
+
+def test_a_budget_below_one_layer_is_refused(tiny, tmp_path):
+    result = run("analyze", tiny["llama"], "-o", tmp_path / "a", "--num-samples", "2", "--max-length", "8",
+                 "--max-memory", "100kB", "--offload", "sequential")
+    one_line_error(result, "raise --max-memory")
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_loss_search_is_refused_on_a_streamed_model(tiny, tmp_path):
+    result = run("analyze", tiny["llama"], "-o", tmp_path / "a", "--offload", "sequential", "--strategy", "greedy-loss")
+    one_line_error(result, "--offload none")
+
+
+def test_an_offload_folder_inside_the_checkpoint_missing_or_read_only_is_refused(tiny, tmp_path, monkeypatch):
+    base = ["analyze", tiny["llama"], "-o", tmp_path / "a", "--offload", "sequential", "--offload-folder"]
+    before = sorted(p.name for p in tiny["llama"].iterdir())
+    one_line_error(run(*base, tiny["llama"] / "scratch"), "inside the checkpoint")
+    one_line_error(run(*base, tiny["llama"]), "inside the checkpoint")
+    one_line_error(run(*base, tmp_path / "missing"), "does not exist")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: let the check see what another user would
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked and mode & os.W_OK else real(p, mode))
+    one_line_error(run(*base, locked), "not writable")
+    assert sorted(p.name for p in tiny["llama"].iterdir()) == before
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_offload_folder_keeps_the_users_files_and_loses_a_killed_runs_debris(tiny, tmp_path):
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "repskip-offload-keep").mkdir()  # not a name a run gives: the user's
+    dead = folder / "repskip-offload-999999999-abcd"  # a run with this pid cannot be alive
+    dead.mkdir()
+    (dead / "x.dat").write_bytes(b"0" * 16)
+    result = run("analyze", tiny["llama"], "-o", tmp_path / "a", "-k", "1", "--num-samples", "2", "--max-length", "8",
+                 "--offload", "sequential", "--offload-folder", folder, "--repair", "none")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "repskip-offload-keep"]
+    assert (folder / "notes.txt").read_text() == "mine"
