@@ -100,11 +100,19 @@ class ModelHandle:
         }
 
     def load(self, dtype: str | None = None, device: str = "cpu", device_map: str | None = None,
-             provider: str = "auto") -> Any:
+             provider: str = "auto", offload_folder: Path | None = None, max_memory: int | None = None) -> Any:
         """The runnable model: the family's torch module, or an ONNX Runtime session behind
-        the same interface for an exported ONNX folder (``provider``: auto, cpu or cuda)."""
+        the same interface for an exported ONNX folder (``provider``: auto, cpu or cuda).
+        With ``device_map``, ``max_memory`` bytes caps the device's share and what does not fit
+        goes to ``offload_folder`` (accelerate's big-model inference)."""
         if not self.onnx:
-            return self.family.load(self.path, parse_dtype(dtype), parse_device(device), device_map=device_map)
+            big = {}
+            if device_map and offload_folder is not None:
+                big["offload_folder"] = offload_folder
+            if device_map and max_memory is not None:
+                place = parse_device(device)
+                big["max_memory"] = {int(place.partition(":")[2] or 0) if place.startswith("cuda") else "cpu": max_memory}
+            return self.family.load(self.path, parse_dtype(dtype), parse_device(device), device_map=device_map, **big)
         from .runtime import load_onnx_model
 
         if dtype not in (None, "auto"):

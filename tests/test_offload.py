@@ -54,7 +54,9 @@ def _recipe(folder: Path) -> dict:
     return yaml.safe_load((folder / "recipe.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral", "llada", "dream"])
+@pytest.mark.parametrize("name", ["llama", "llada",
+                                  *[pytest.param(n, marks=pytest.mark.slow) for n in ("qwen2", "qwen3", "mistral",
+                                                                                      "dream")]])
 def test_sequential_analysis_and_repair_equal_the_in_memory_ones(name, tiny, tmp_path):
     """The statistics, every similarity strategy's selection and the repair maps, for each
     family (the diffusion ones' masked sweep included)."""

@@ -216,6 +216,46 @@ def test_device_map_spreads_hf_models_and_is_refused_where_unsupported(tiny, tmp
                output=tmp_path / "w", device_map="auto")
 
 
+def test_a_model_spread_over_memory_and_an_offload_folder_scores_every_item_as_in_memory(tiny, tmp_path, wiki_small):
+    """accelerate's big-model inference: with 600 kB allowed on the CPU (the tiny Llama's
+    weights take 1.2 MB) the layers that do not fit wait in the offload folder and are loaded
+    for each forward; every item's score is the in-memory one."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("mine")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("schema_version: 1\nresolved: {remove: [2, 3]}\n")
+    args = dict(recipe=recipe, benches=["perplexity", "arc-easy"],
+                data={"perplexity": str(wiki_small), "arc-easy": str(ARC)}, limit=3, speed_repeats=0)
+    whole = verify(tiny["llama"], output=tmp_path / "whole", **args)
+    seen = {}
+    load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spying(cls, *a, **k):
+        model = load(cls, *a, **k)
+        seen.setdefault("maps", []).append(dict(getattr(model, "hf_device_map", {})))
+        seen.setdefault("files", []).append(sorted(p.name for p in folder.iterdir()))
+        return model
+
+    from unittest import mock
+
+    with mock.patch.object(AutoModelForCausalLM, "from_pretrained", classmethod(spying)):
+        spread = verify(tiny["llama"], output=tmp_path / "spread", device_map="auto", max_memory=600_000,
+                        offload_folder=folder, **args)
+    assert any("disk" in m.values() for m in seen["maps"]), seen["maps"]  # it did not fit: some layers on disk
+    assert all(any(f.startswith("repskip-offload-") for f in files) for files in seen["files"])
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]  # the fresh folder is gone, the user's file kept
+    assert scores(spread) == scores(whole)
+    for bench in ("perplexity", "arc-easy"):
+        cached = [sorted((tmp_path / run / "cache").rglob(f"{bench}-*.jsonl")) for run in ("whole", "spread")]
+        per_item = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                     for p in files for line in p.read_text().splitlines()] for files in cached]
+        assert per_item[0] == per_item[1] and per_item[0]
+    assert spread["settings"]["max_memory"] == 600_000
+
+
 def test_benchmark_options_reach_the_benchmark(tiny, tmp_path, wiki_small):
     res = CliRunner().invoke(main, ["verify", str(tiny["llama"]), str(tiny["llama"]), "--bench", "perplexity",
                                     "--data", f"perplexity={wiki_small}", "--bench-option", "perplexity.chunk_chars=500",

@@ -61,6 +61,11 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF decoders).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="With --device-map: memory the model may take on the device (e.g. 12GB); the rest waits on disk.")
+@click.option("--offload-folder", type=click.Path(path_type=Path), default=None,
+              help="With --device-map: where what does not fit waits (a fresh folder inside it, removed afterwards) "
+                   "[default: the system's temporary folder].")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="COMPRESSED as an ONNX export: ONNX Runtime execution provider.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -73,12 +78,13 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
               help="perplexity: tokens of each item scored (the rest is not read); never more than the model's "
                    "context length.")
 def verify(base, compressed, recipe_path, benches, data, limit, min_retention, output, overrides, bench_opts, presets,
-           sampler, batch_size, chat, dtype, device, device_map, provider, seed, allow_unsafe, speed_repeats,
-           max_length):
+           sampler, batch_size, chat, dtype, device, device_map, max_memory, offload_folder, provider, seed, allow_unsafe,
+           speed_repeats, max_length):
     """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
     95% confidence interval and a paired test, FLOPs reduction and measured speed. COMPRESSED
     may be a safetensors checkpoint or an ONNX export (run on ONNX Runtime)."""
     from ..verify import run as verify_mod
+    from ..compress.files import parse_size
     from ..pipeline import check_device_name
 
     check_device_name(device)
@@ -90,7 +96,9 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
             base, compressed, recipe=recipe_path, benches=names, data=_data_map(data), limit=limit, output=output,
             batch_size=batch_size, chat=chat, seed=seed, sampler=sampler, overrides=_key_values(overrides, "--set"),
             presets=presets, bench_options=_bench_options(bench_opts),
-            dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map, provider=provider,
+            dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map,
+            max_memory=parse_size(max_memory) if max_memory is not None else None, offload_folder=offload_folder,
+            provider=provider,
             allow_unsafe_code_execution=allow_unsafe, progress=update, say=reporter.say, speed_repeats=speed_repeats,
             max_length=max_length,
         )

@@ -9,6 +9,7 @@ resumes where it stopped, never recomputes a cached item, and reaches the same s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -57,11 +58,13 @@ class Side:
 
 
 def load_side(label: str, handle: ModelHandle, dtype: str | None, device: str, remove: Sequence[int] = (),
-              device_map: str | None = None, provider: str = "auto", maps: dict | None = None) -> Side:
+              device_map: str | None = None, provider: str = "auto", maps: dict | None = None,
+              offload_folder: Path | None = None, max_memory: int | None = None) -> Side:
     """One model of the comparison; ``remove`` and the repair ``maps`` (anchor layer -> T)
     apply a recipe in memory."""
     fam = handle.family
-    model = handle.load(dtype, device, device_map=device_map, provider=provider)
+    big = {"offload_folder": offload_folder, "max_memory": max_memory} if device_map else {}
+    model = handle.load(dtype, device, device_map=device_map, provider=provider, **big)
     layers = handle.num_layers
     tag = (onnx_tag(handle.path) if handle.onnx else handle.ckpt.fingerprint().replace("sha256:", "")[:16])
     if maps:
@@ -498,6 +501,8 @@ def verify(
     dtype: str | None = None,
     device: str = "cpu",
     device_map: str | None = None,
+    max_memory: int | None = None,
+    offload_folder: str | Path | None = None,
     provider: str = "auto",
     allow_unsafe_code_execution: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
@@ -509,7 +514,27 @@ def verify(
     (a resolved recipe applied to the base in memory). Benchmarks that run generated code
     need the sandbox's OS isolation; ``allow_unsafe_code_execution`` runs them without it
     where the platform has none (see repskip.verify.sandbox). ``progress(label, done, total)``
-    follows each benchmark and side; ``say`` gets a line at each step before them (loading)."""
+    follows each benchmark and side; ``say`` gets a line at each step before them (loading).
+    A model too big for the device: ``device_map`` ("auto"), with ``max_memory`` bytes on the
+    device and the rest in a fresh folder inside ``offload_folder`` (default: the system's
+    temporary folder), removed at the end."""
+    from ..engine.offload import check_folder, offload_folder as fresh_folder
+
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise RepskipError("--max-memory and --offload-folder place a model spread by --device-map; add --device-map auto")
+    from ..checkpoint import resolve_model
+
+    check_folder(offload_folder, resolve_model(base))
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(fresh_folder(offload_folder, resolve_model(base))) if device_map else None
+        return _verify(base, compressed, recipe, benches, data, limit, output, batch_size, chat, seed, sampler,
+                       overrides, presets, bench_options, max_length, dtype, device, device_map, max_memory, scratch,
+                       provider, allow_unsafe_code_execution, progress, say, speed_repeats)
+
+
+def _verify(base, compressed, recipe, benches, data, limit, output, batch_size, chat, seed, sampler, overrides, presets,
+            bench_options, max_length, dtype, device, device_map, max_memory, scratch, provider,
+            allow_unsafe_code_execution, progress, say, speed_repeats) -> dict:
     from .. import recipe as recipe_mod
     from ..pipeline import removed_layers
 
@@ -556,10 +581,11 @@ def verify(
         if comp_handle.path.resolve() != base_handle.path.resolve():  # a model against itself is a fair check
             check_made_from(base_handle, comp_handle)
     say(f"loading the base model {base_handle.path.name}")
-    base_side = load_side("base", base_handle, dtype, device, device_map=device_map)
+    base_side = load_side("base", base_handle, dtype, device, device_map=device_map, offload_folder=scratch,
+                          max_memory=max_memory)
     say(f"loading the compressed model {comp_label}")
     comp_side = load_side("compressed", comp_handle, dtype, device, remove, device_map=device_map, provider=provider,
-                          maps=maps)
+                          maps=maps, offload_folder=scratch, max_memory=max_memory)
     check_same_tokenizer(base_side, comp_side)
     sampler_name = sampler or base_handle.family.default_sampler
     get_sampler(sampler_name, base_handle.family)  # the right kind for this model, or a clear error
@@ -607,6 +633,7 @@ def verify(
         "settings": {"sampler": sampler_name, "chat": chat, "seed": seed, "batch_size": batch_size, "limit": limit,
                      "processes": world,
                      "dtype": str(model_dtype(base_side.model)).replace("torch.", ""), "device": device, "device_map": device_map,
+                     "max_memory": max_memory,
                      "presets": str(presets or PRESETS), "data": data or {}, "max_length": max_length,
                      # generated code that ran without the sandbox's isolation, by the user's choice
                      "unsafe_code_execution": any(b.runs_code for b, _ in benchmarks.values())

@@ -197,7 +197,7 @@ class HFDecoderFamily(Family):
 
     # --- models --------------------------------------------------------------------------------
     def load(self, path: Path, dtype: Any = None, device: str = "cpu", device_map: str | dict | None = None,
-             offload_folder: Path | None = None) -> Any:
+             offload_folder: Path | None = None, max_memory: dict | None = None) -> Any:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
@@ -207,6 +207,7 @@ class HFDecoderFamily(Family):
             use_safetensors=True,
             device_map=device_map,  # accelerate places the layers across devices
             **({"offload_folder": str(offload_folder)} if offload_folder is not None else {}),
+            **({"max_memory": max_memory} if max_memory is not None else {}),  # beyond it: the offload folder
         )
         return (model if device_map else model.to(device)).eval()
 
