@@ -3,8 +3,8 @@
 The model's own forward decides what each decoder layer receives (position embeddings, the
 causal or sliding-window mask of that layer's kind, cache positions, a linear-attention mask):
 for each batch, every layer is swapped for a recorder that keeps the arguments it is handed and
-passes the hidden states through unchanged, so one cheap forward pass (embeddings only) yields
-all of them. The real layers then run one after another, each over all batches, on those
+passes the hidden states through unchanged (in the form a layer returns, learned once from the
+first layer), so one cheap forward pass (embeddings only) yields all of them. The real layers then run one after another, each over all batches, on those
 arguments: the same arithmetic as the whole model's forward, so the results match it bit for
 bit, while only one layer needs to be in memory (``layer_at`` may load each from disk and the
 caller may drop it after use).
@@ -27,22 +27,51 @@ class _Done(Exception):
     """Raised by the last recorder: nothing after the decoder layers needs to run."""
 
 
-class _Recorder(torch.nn.Module):
-    """Stands in for one decoder layer during a recording pass."""
+class LayerShape:
+    """What a decoder layer of this model returns (a tensor, or a tuple led by one), learned
+    from the first layer's real output: the model's forward unpacks it, so the recorders must
+    hand back the same kind."""
 
-    def __init__(self, layer: torch.nn.Module, record: list, last: bool):
+    def __init__(self) -> None:
+        self.length: int | None = None  # None: unknown yet; 0: a bare tensor; n: a tuple of n
+
+    def learn(self, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self.length = 0
+        elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            self.length = len(output)
+        else:
+            raise RuntimeError(f"a decoder layer returned {type(output).__name__}, not a hidden state")
+
+    def like(self, hidden: torch.Tensor) -> Any:
+        # what the layer returns besides the hidden state (attention weights, a cache) is not
+        # asked for by these forwards (no cache, no attentions): None stands in for it
+        return hidden if not self.length else (hidden, *([None] * (self.length - 1)))
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for one decoder layer during a recording pass. The first one runs its real
+    layer once, to learn what a layer returns."""
+
+    def __init__(self, layer: torch.nn.Module, record: list, last: bool, shape: LayerShape):
         super().__init__()
-        # the model's forward reads plain settings off its layers (attention_type, say)
+        # the model's forward reads plain settings off its layers (attention_type, say) and,
+        # in a few models, their submodules (RWKV rescales its blocks' output weights)
         for name, value in vars(layer).items():
             if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
                 setattr(self, name, value)
-        self._record, self._last = record, last
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_layer", layer)
+        self._record, self._last, self._shape = record, last, shape
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._record.append((args, kwargs))
         if self._last:
             raise _Done
-        return args[0] if args else kwargs["hidden_states"]
+        if self._shape.length is None:
+            self._shape.learn(self._layer(*args, **kwargs))
+        return self._shape.like(args[0] if args else kwargs["hidden_states"])
 
 
 @dataclass
@@ -59,15 +88,17 @@ class LayerInputs:
         return args, {**kwargs, "hidden_states": hidden}
 
 
-def record(model: Any, family: Any, forward: Callable[[], Any]) -> LayerInputs:
+def record(model: Any, family: Any, forward: Callable[[], Any], shape: LayerShape | None = None) -> LayerInputs:
     """Run ``forward()`` (a forward pass of ``model``) with its decoder layers swapped for
-    recorders; the layers are back in place on return."""
+    recorders; the layers are back in place on return. Pass the same ``shape`` to every
+    recording of a model, so that only the first runs a real layer."""
     layers = family.decoder_layers(model)
     real = list(layers)
     calls: list[tuple[tuple, dict]] = []
+    shape = shape if shape is not None else LayerShape()
     try:
         for i, layer in enumerate(real):
-            layers[i] = _Recorder(layer, calls, last=i == len(real) - 1)
+            layers[i] = _Recorder(layer, calls, last=i == len(real) - 1, shape=shape)
         try:
             forward()
         except _Done:
@@ -112,7 +143,8 @@ def run(
     """Each batch's forward (``batches[b]()``) is recorded, then layer by layer, batch by batch:
     ``on_layer(index, batch, h_in, h_out)``. ``layer_at(index)`` gives the layer to run (default:
     the model's own). Returns each batch's last hidden state."""
-    inputs = [record(model, family, forward) for forward in batches]
+    shape = LayerShape()
+    inputs = [record(model, family, forward, shape) for forward in batches]
     hidden = [x.hidden for x in inputs]
     count = len(family.decoder_layers(model))
     for index in range(count):

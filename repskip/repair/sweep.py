@@ -43,11 +43,12 @@ class _Passes:
         self.passes: list[Pass] = []
         self.checked: list[bool] = []  # read by the KL check (the first CHECK_BATCHES batches)
         self.inputs: list[layerwise.LayerInputs] = []
+        shape = layerwise.LayerShape()
         for index, (ids, mask) in enumerate(batches()):
             for p in objective.passes(ids, mask, index):
                 self.passes.append(p)
                 self.checked.append(index < CHECK_BATCHES)
-                self.inputs.append(layerwise.record(model, family, lambda p=p: objective.logits(model, p)))
+                self.inputs.append(layerwise.record(model, family, lambda p=p: objective.logits(model, p), shape))
 
     def __len__(self) -> int:
         return len(self.passes)
