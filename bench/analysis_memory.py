@@ -46,7 +46,7 @@ def child(args: argparse.Namespace) -> dict:
     model = family.load(handle.path, pipeline.parse_dtype(args.dtype), "cpu")
     tokenizer = family.load_tokenizer(handle.path)
     calib = calibration.build(tokenizer, args.calib, num_samples=args.num_samples, max_length=args.max_length)
-    pad_id = pipeline._pad_id(tokenizer)
+    pad_id = pipeline.pad_id(tokenizer)
     layers = family.decoder_layers(model)
     L = len(layers)
     with torch.inference_mode():  # fault in the weights: transformers mmaps safetensors

@@ -71,7 +71,7 @@ def main() -> None:
     calib = calibration.build(
         tokenizer, args.calib, num_samples=args.num_samples, max_length=args.max_length
     )
-    pad_id = pipeline._pad_id(tokenizer)
+    pad_id = pipeline.pad_id(tokenizer)
     last_layer = family.decoder_layers(model)[-1]
     # The batches repskip makes, each kept as its list of sequences: run alone through
     # calibration.batches (or collect) a chunk gives back exactly the same padded batch.

@@ -80,7 +80,7 @@ def main() -> None:
     cal = R.CalibrationSpec(source=args.calib or "builtin", num_samples=args.num_samples)
     tokenizer = handle.family.load_tokenizer(handle.path)
     calib = calibration.build(tokenizer, cal.source, num_samples=cal.num_samples, max_length=cal.max_length, seed=cal.seed)
-    pad = pipeline._pad_id(tokenizer)
+    pad = pipeline.pad_id(tokenizer)
     sel = R.SelectionSpec(k=args.k)
 
     def analyse():

@@ -1,340 +1,38 @@
-"""The library calls behind each CLI command: analyze, resolve, compress, flops, generate.
+"""The library calls behind the CLI, and the step that joins the stages: resolving a recipe
+(the analysis, the loss search and the repair fit chose its layers and maps) before compress
+writes it.
 
-Each takes a model argument (a local folder or a Hugging Face Hub id) and returns plain
-results; nothing here prints.
+Each call takes a model argument (a local folder or a Hugging Face Hub id) and returns plain
+results; nothing here prints. The stages live in their packages (repskip.analyze,
+repskip.repair, repskip.compress, repskip.verify); opening and running a model is
+repskip.engine's; the names most used are importable from here as well.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import recipe as _recipe
-from .checkpoint import Checkpoint, open_checkpoint, read_config, resolve_model
-from .compress.files import DEFAULT_SHARD_SIZE, write_pruned
-from .outputs import check_output
-from .errors import RepskipError
-from .family import Family, find_family, validate_kept
-from .flops import FlopsComparison, compare
+from .analyze.run import MODES, analyze
 from .analyze.selection import LOSS_STRATEGIES
+from .compress.run import FORMATS, check_options, compress, export_as_is, repair_folds
+from .engine.model import (DTYPES, ModelHandle, check_device_name, open_model, pad_id, parse_device, parse_dtype,
+                           trusting_remote_code)
+from .errors import RepskipError
+from .family import validate_kept
+from .flops import FlopsComparison, compare
+from .recipe import check_kind, removed_layers
 
 if TYPE_CHECKING:  # the analysis needs torch; opening a model does not
     from .analyze import analysis as _analysis
 
-# torch is imported only where a model runs: compressing files never needs it.
-DTYPES = {
-    "auto": None,
-    "float32": "float32", "fp32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16",
-}
-
-
-def parse_dtype(name: str | None) -> Any:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise RepskipError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    if DTYPES[name] is None:
-        return None
-    import torch
-
-    return getattr(torch, DTYPES[name])
-
-
-DEVICE_HINT = "use cpu, cuda, cuda:N or auto"
-
-
-def check_device_name(name: str) -> str:
-    """Refuse a device name that can never work, without importing torch."""
-    import re
-
-    if name not in ("cpu", "auto") and not re.fullmatch(r"cuda(:\d+)?", str(name)):
-        raise RepskipError(f"unknown device {name!r}; {DEVICE_HINT}")
-    return name
-
-
-def parse_device(name: str) -> str:
-    """A device torch can run on here: cpu, auto (CUDA when present), cuda or cuda:N."""
-    if check_device_name(name) == "cpu":
-        return name
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not torch.cuda.is_available():
-        raise RepskipError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu")
-    index = int(name.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise RepskipError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    return name
-
-
-@dataclass
-class ModelHandle:
-    """A checkpoint on disk (safetensors, or an exported ONNX folder) and its family."""
-
-    path: Path
-    ckpt: Checkpoint
-    family_name: str
-    family: Family
-    onnx: bool = False
-
-    @property
-    def num_layers(self) -> int:
-        return self.family.num_layers(self.ckpt.config)
-
-    def info(self) -> dict:
-        return {
-            "path": str(self.path),
-            "family": self.family_name,
-            "model_type": self.ckpt.config.get("model_type"),
-            "fingerprint": None if self.onnx else self.ckpt.fingerprint(),
-            "num_layers": self.num_layers,
-            "format": "onnx" if self.onnx else "safetensors",
-        }
-
-    def load(self, dtype: str | None = None, device: str = "cpu", device_map: str | None = None,
-             provider: str = "auto", offload_folder: Path | None = None, max_memory: int | None = None) -> Any:
-        """The runnable model: the family's torch module, or an ONNX Runtime session behind
-        the same interface for an exported ONNX folder (``provider``: auto, cpu or cuda).
-        With ``device_map``, ``max_memory`` bytes caps the device's share and what does not fit
-        goes to ``offload_folder`` (accelerate's big-model inference)."""
-        if not self.onnx:
-            big = {}
-            if device_map and offload_folder is not None:
-                big["offload_folder"] = offload_folder
-            if device_map and max_memory is not None:
-                place = parse_device(device)
-                big["max_memory"] = {int(place.partition(":")[2] or 0) if place.startswith("cuda") else "cpu": max_memory}
-            return self.family.load(self.path, parse_dtype(dtype), parse_device(device), device_map=device_map, **big)
-        from .runtime import load_onnx_model
-
-        if dtype not in (None, "auto"):
-            raise RepskipError(f"{self.path.name} is an ONNX export: it runs in the dtype it was exported in; drop --dtype")
-        if device_map:
-            raise RepskipError(f"{self.path.name} is an ONNX export: --device-map is for PyTorch checkpoints")
-        return load_onnx_model(self.path, self.ckpt.config, provider)
-
-    def require_weights(self, what: str) -> None:
-        """Refuse work that needs the PyTorch checkpoint on an ONNX export."""
-        if self.onnx:
-            raise RepskipError(f"{what} needs the original safetensors checkpoint; {self.path} is an ONNX export")
-
-
-_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("repskip_trust_remote_code", default=False)
-
-
-@contextlib.contextmanager
-def trusting_remote_code(trust: bool = True) -> Iterator[None]:
-    """Within the block, ``open_model`` lets a checkpoint run the modeling code it ships
-    (``auto_map``), as transformers' ``trust_remote_code=True`` does: only for code you trust.
-    The CLI's --trust-remote-code sets it for one command."""
-    token = _TRUST_REMOTE_CODE.set(trust)
-    try:
-        yield
-    finally:
-        _TRUST_REMOTE_CODE.reset(token)
-
-
-def open_model(model: str | Path, family: str | None = None, allow_onnx: bool = False,
-               trust_remote_code: bool | None = None) -> ModelHandle:
-    """A model folder (or Hub id) and its family; ``allow_onnx`` also takes an exported ONNX
-    folder, for the commands that can run one (generate, verify, flops). A checkpoint's own
-    modeling code runs only with ``trust_remote_code`` (default: as ``trusting_remote_code``
-    says, which is no)."""
-    from .consistency import check_checkpoint
-    from .formats import ONNX_FILE, is_onnx_folder
-
-    trust = _TRUST_REMOTE_CODE.get() if trust_remote_code is None else trust_remote_code
-    path = resolve_model(model)
-    if path.is_dir() and is_onnx_folder(path) and not any(path.glob("*.safetensors")):
-        if not allow_onnx:
-            raise RepskipError(
-                f"{path} is an ONNX export; this command needs the safetensors checkpoint it was exported from"
-            )
-        config = read_config(path)
-        name, fam = find_family(config, family)
-        fam = fam.for_checkpoint(path, trust)
-        return ModelHandle(path, Checkpoint(path, config, [path / ONNX_FILE], {}, None), name, fam, onnx=True)
-    ckpt = open_checkpoint(path)
-    name, fam = find_family(ckpt.config, family)
-    fam = fam.for_checkpoint(path, trust)
-    check_checkpoint(ckpt, fam, name)  # config.json and weights agree, before any work
-    return ModelHandle(path, ckpt, name, fam)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-MODES = ("forward", "masked", "sampling")
-FORMATS = ("safetensors", "onnx")
-
-
-def analyze(
-    model: str | Path | ModelHandle,
-    *,
-    calib: str | Path | None = None,
-    calib_field: str | None = None,
-    num_samples: int = 64,
-    max_length: int = 256,
-    batch_size: int = 8,
-    seed: int = 0,
-    positions: str = "all",
-    max_distance: int = 64,
-    matrix_tokens: int | None = 2048,
-    mode: str | None = None,
-    mask_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-    prompt_fraction: float = 0.5,
-    sampler_settings: dict | None = None,
-    chat: bool = True,
-    dtype: str | None = None,
-    device: str = "cpu",
-    family: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    torch_model: Any = None,
-) -> _analysis.Analysis:
-    """Measure every layer of ``model`` on calibration text (see repskip.analyze.analysis).
-
-    ``mode``: ``forward`` runs the text as it is (the default for autoregressive models);
-    ``masked`` (the default for diffusion models) masks a fraction of each sequence's
-    response for every ratio of ``mask_ratios``; ``sampling`` runs the family's sampler on
-    the calibration texts as prompts and measures every denoising step.
-    """
-    from .analyze import analysis as _analysis
-    from .analyze import calibration
-
-    handle = model if isinstance(model, ModelHandle) else open_model(model, family)
-    fam = handle.family
-    diffusion = fam.generative_kind == "diffusion"
-    mode = mode or ("masked" if diffusion else "forward")
-    if mode not in MODES:
-        raise RepskipError(f"unknown analysis mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode != "forward" and not diffusion:
-        raise RepskipError(
-            f"analysis mode {mode!r} needs a diffusion model; {handle.path.name} is autoregressive "
-            f"({handle.family_name}): use --mode forward"
-        )
-    bad_ratio = [r for r in mask_ratios if not 0 < r <= 1]
-    if mode == "masked" and (bad_ratio or not mask_ratios):
-        raise RepskipError(f"mask ratios must lie in (0, 1], got {list(mask_ratios)}")
-    mask_id = fam.mask_token_id(handle.ckpt.config) if diffusion else None
-    device = parse_device(device)
-    if torch_model is None:
-        torch_model = fam.load(handle.path, parse_dtype(dtype), device)
-    tokenizer = fam.load_tokenizer(handle.path)
-    settings = {
-        "mode": mode,
-        "num_samples": num_samples,
-        "calib_field": calib_field,
-        "positions": positions,
-        "batch_size": batch_size,
-        "seed": seed,
-        "max_distance": max_distance,
-        "matrix_tokens": matrix_tokens,
-        "dtype": str(next(torch_model.parameters()).dtype).replace("torch.", ""),
-        "device": device,
-    }
-    layerwise = bool(getattr(torch_model, "repskip_layerwise", False))
-    if layerwise and mode == "sampling":
-        raise RepskipError("analysis mode 'sampling' runs the sampler on a model in memory; use --offload none "
-                           "(or --mode masked, which runs one layer at a time)")
-    if mode == "sampling":
-        return _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_samples, max_length,
-                                 batch_size, seed, max_distance, sampler_settings or {}, chat, settings, progress)
-    calib_set = calibration.build(
-        tokenizer, calib, field=calib_field, num_samples=num_samples, max_length=max_length, seed=seed
-    )
-    kwargs: dict[str, Any] = {}
-    primary = "tokens"
-    if mode == "masked":
-        names, prepares = _analysis.masked_sweep(mask_id, mask_ratios, prompt_fraction, seed)
-        kwargs = dict(groups=names, prepares=prepares, matrix_groups=["masked", "prompt"])
-        primary = "masked"
-        settings.update(mask_ratios=list(mask_ratios), prompt_fraction=prompt_fraction, mask_token_id=mask_id)
-    acc = _analysis.collect(
-        torch_model, fam, calib_set, pad_id=_pad_id(tokenizer), batch_size=batch_size, positions=positions,
-        max_distance=max_distance, matrix_tokens=matrix_tokens, progress=progress, layerwise=layerwise, **kwargs,
-    )
-    return _analysis.build_result(acc, model_info=handle.info(), calib=calib_set, settings=settings, primary=primary)
-
-
-def _analyze_sampling(handle, torch_model, tokenizer, calib, calib_field, num_samples, max_length, batch_size,
-                      seed, max_distance, sampler_settings, chat, settings, progress) -> _analysis.Analysis:
-    """Statistics along real denoising trajectories of the family's sampler."""
-    import torch
-
-    from .analyze import analysis as _analysis
-    from .analyze import calibration
-    from .sampler import format_prompt, get_sampler
-    from .textio import tokenize_prefix
-
-    fam = handle.family
-    name = fam.default_sampler
-    sampler = get_sampler(name)
-    cfg = sampler.settings(sampler_settings)
-    steps = int(cfg["steps"])
-    gen_length = int(cfg.get("gen_length") or cfg.get("max_new_tokens"))
-    block_length = int(cfg.get("block_length") or gen_length)
-    steps_per_block = max(1, steps // max(1, gen_length // block_length))
-    mask_id = fam.mask_token_id(handle.ckpt.config)
-    texts, label = calibration.pick_texts(calib, field=calib_field, num_samples=num_samples, seed=seed,
-                                          max_chars=calibration.char_cap(max_length))
-    prompts = []
-    for text in texts:  # keep each prompt within max_length tokens, tokenising a bounded prefix only
-        ids = tokenize_prefix(tokenizer, text, max_length, add_special_tokens=False)
-        prompts.append(format_prompt(tokenizer, tokenizer.decode(ids), chat))
-    calib_set = calibration.CalibrationSet(
-        label, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], max_length
-    )
-    blocks = gen_length // block_length
-    names = ["current_block", "masked", "prompt", "generated",
-             *(f"masked@block{b}" for b in range(blocks)), *(f"masked@step{i}" for i in range(steps))]
-    L = len(fam.decoder_layers(torch_model))
-    device = next(torch_model.parameters()).device
-    acc = _analysis.LayerStatsAccumulator(L, names, max_distance=max_distance, device=device,
-                                          matrix_groups=["current_block", "masked", "prompt"],
-                                          matrix_tokens=settings["matrix_tokens"])
-
-    rows = [0]  # prompts in the current call: classifier-free guidance appends as many unconditional rows
-
-    def masks_for(ids: torch.Tensor, valid: torch.Tensor, call: int) -> dict[str, torch.Tensor]:
-        valid = valid.clone()
-        valid[rows[0]:] = False  # measure the conditional rows only
-        step = call % steps
-        block = min(step // steps_per_block, blocks - 1)
-        P = ids.shape[1] - gen_length
-        pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
-        masked = (ids == mask_id) & valid
-        in_block = (pos >= P + block * block_length) & (pos < P + (block + 1) * block_length)
-        none = torch.zeros_like(masked)
-        out = {"current_block": masked & in_block, "masked": masked, "prompt": valid & (pos < P),
-               "generated": valid & (pos >= P) & ~masked}
-        out.update({f"masked@block{b}": masked if b == block else none for b in range(blocks)})
-        out.update({f"masked@step{i}": masked if i == step else none for i in range(steps)})
-        return out
-
-    done = 0
-    with _analysis.observe_forwards(torch_model, fam, acc, masks_for):
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            rows[0] = len(chunk)
-            sampler.generate(torch_model, tokenizer, chunk, family=fam, seed=seed + start, **cfg)
-            done += len(chunk)
-            if progress:
-                progress(done, len(prompts))
-    settings.update(sampler={"name": name, **cfg}, chat=chat, mask_token_id=mask_id)
-    return _analysis.build_result(acc, model_info=handle.info(), calib=calib_set, settings=settings,
-                                  primary="current_block")
+__all__ = ["DTYPES", "FORMATS", "MODES", "ModelHandle", "analyze", "check_compress", "check_device_name", "check_kind",
+           "check_options", "compress", "export_as_is", "fit_repair", "flops", "loss_search", "offload_plan",
+           "open_model", "pad_id", "parse_device", "parse_dtype", "removed_layers", "repair_folds", "resolve_recipe",
+           "trusting_remote_code", "with_repair"]
 
 
 def check_calibration(recipe: _recipe.Recipe) -> None:
@@ -353,55 +51,73 @@ def check_calibration(recipe: _recipe.Recipe) -> None:
         ) from None
 
 
+def offload_plan(handle: ModelHandle, strategy: str, offload: str = "auto", dtype: str | None = None,
+                 device: str = "cpu", tokens: int = 0, max_memory: int | None = None,
+                 folder: str | Path | None = None) -> str:
+    """"whole" or "sequential" (repskip.engine.offload) for running ``handle`` to choose layers
+    by ``strategy``, or a one-line refusal, before anything is loaded: a loss search needs the
+    model in memory."""
+    from .engine import offload as _offload
+
+    plan = _offload.plan(handle, offload, parse_dtype(dtype), parse_device(device), tokens, max_memory, folder)
+    if plan == "sequential" and strategy in LOSS_STRATEGIES:
+        raise RepskipError(f"the {strategy} strategy's search runs on a model in memory, and {handle.path.name} is to "
+                           "run one layer at a time from disk; use a similarity strategy (block-influence, "
+                           "angular-block, paper) or --offload none")
+    return plan
+
+
 def resolve_recipe(
     recipe: _recipe.Recipe,
     model: str | Path | ModelHandle,
     *,
     dtype: str | None = None,
     device: str = "cpu",
+    offload: str = "auto",
+    max_memory: int | None = None,
+    offload_folder: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[_recipe.Recipe, _analysis.Analysis | None, dict]:
     """The recipe with its layers chosen for ``model`` (running the analysis, the loss search
-    and the repair fit as the recipe asks), the analysis if one ran, and the repair maps
+    and the repair fit as the recipe asks, in memory or one layer at a time from disk as
+    ``offload`` says: see repskip.engine.offload), the analysis if one ran, and the repair maps
     (anchor layer -> T; from the recipe's file for a resolved recipe, {} without repair)."""
+    from .engine import offload as _offload
+
     handle = model if isinstance(model, ModelHandle) else open_model(model)
     check_kind(recipe, handle)
     if recipe.is_resolved:
         _recipe.check_applies(recipe, handle.ckpt.fingerprint(), handle.num_layers)
         return recipe, None, recipe.repair_maps(handle.family.hidden_size(handle.ckpt.config))
+    check_recipe_fits(recipe, handle)
     check_calibration(recipe)
-    sel = recipe.selection
+    sel, cal = recipe.selection, recipe.calibration
     assert sel is not None
-    cal = recipe.calibration
-    torch_model = handle.load(dtype, device)
-    result = analyze(
-        handle,
-        calib=cal.source,
-        calib_field=cal.field,
-        num_samples=cal.num_samples,
-        max_length=cal.max_length,
-        batch_size=cal.batch_size,
-        seed=cal.seed,
-        positions=sel.positions,
-        mode=sel.mode,
-        mask_ratios=sel.mask_ratios,
-        prompt_fraction=sel.prompt_fraction,
-        sampler_settings=sel.sampler,
-        chat=sel.chat,
-        dtype=dtype,
-        device=device,
-        progress=progress,
-        torch_model=torch_model,
-    )
-    if sel.strategy in LOSS_STRATEGIES:
-        result.data["search"] = loss_search(handle, torch_model, sel, cal)
-    resolved = _recipe.resolve(recipe, result)
-    maps: dict = {}
     if sel.repair == "linear":
+        from .repair.fit import check_supported
+
+        check_supported(handle.family, handle.ckpt.config)
+    tokens = cal.num_samples * cal.max_length
+    plan = offload_plan(handle, sel.strategy, offload, dtype, device, tokens, max_memory, offload_folder)
+    with _offload.loaded(handle, parse_dtype(dtype), parse_device(device), plan=plan, tokens=tokens,
+                         max_memory=max_memory, folder=offload_folder, say=say) as torch_model:
+        result = analyze(
+            handle, calib=cal.source, calib_field=cal.field, num_samples=cal.num_samples, max_length=cal.max_length,
+            batch_size=cal.batch_size, seed=cal.seed, positions=sel.positions, mode=sel.mode,
+            mask_ratios=sel.mask_ratios, prompt_fraction=sel.prompt_fraction, sampler_settings=sel.sampler,
+            chat=sel.chat, dtype=dtype, device=device, progress=progress, torch_model=torch_model,
+        )
+        if sel.strategy in LOSS_STRATEGIES:
+            result.data["search"] = loss_search(handle, torch_model, sel, cal)
+        resolved = _recipe.resolve(recipe, result)
         assert resolved.resolved is not None
-        fit = fit_repair(handle, torch_model, resolved.resolved.remove, sel, cal)
-        resolved, _ = with_repair(resolved, fit, file=None)
-        maps = fit.maps
+        check_removable(handle, resolved.resolved.remove)
+        maps: dict = {}
+        if sel.repair == "linear":
+            fit = fit_repair(handle, torch_model, resolved.resolved.remove, sel, cal)
+            resolved, _ = with_repair(resolved, fit, file=None)
+            maps = fit.maps
     return resolved, result, maps
 
 
@@ -417,7 +133,7 @@ def _calibration_batches(handle: ModelHandle, cal: _recipe.CalibrationSpec,
                               max_length=cal.max_length, seed=cal.seed)
     if limit is not None:
         calib = calibration.CalibrationSet(calib.source, calib.sequences[:limit], calib.max_length)
-    return calib, calibration_batches(calib.sequences, cal.batch_size, _pad_id(tokenizer))
+    return calib, calibration_batches(calib.sequences, cal.batch_size, pad_id(tokenizer))
 
 
 def _objective(handle: ModelHandle, sel: _recipe.SelectionSpec, seed: int) -> Any:
@@ -446,7 +162,7 @@ def loss_search(handle: ModelHandle, torch_model: Any, sel: _recipe.SelectionSpe
                            "paper) or --offload none")
     calib, _ = _calibration_batches(handle, cal)
     scored, rest = calib.sequences[: sel.search_samples], calib.sequences[sel.search_samples :]
-    pad = _pad_id(handle.family.load_tokenizer(handle.path))
+    pad = pad_id(handle.family.load_tokenizer(handle.path))
     batches = calibration_batches(scored, cal.batch_size, pad)
     # a candidate's map is fitted on the calibration sequences its loss is not measured on
     fit_batches = calibration_batches(rest, cal.batch_size, pad) if rest else None
@@ -524,122 +240,16 @@ def with_repair(recipe: _recipe.Recipe, fit: Any, file: str | None) -> tuple[_re
     return recipe.model_copy(update={"resolved": recipe.resolved.model_copy(update={"repair": ref})}), raw
 
 
-def repair_folds(handle: ModelHandle, maps: dict) -> dict[str, Any]:
-    """Tensor name -> (map, axis), for the file-level fold in compress (weights, and biases
-    if any)."""
-    fam, config = handle.family, handle.ckpt.config
-    folds = {}
-    for anchor, t in maps.items():
-        targets = fam.mlp_output_tensors(config, anchor, handle.ckpt.tensors)
-        if not targets:
-            raise RepskipError(f"the repair folds into layer {anchor}, whose MLP output tensors this checkpoint lacks")
-        folds.update({name: (t, axis) for name, axis in targets})
-    return folds
-
-
 def check_compress(recipe: _recipe.Recipe, output: Path, *, force: bool = False, format: str = "safetensors",
                    opset: int = 18, export_dtype: str = "fp32", provider: str = "cpu",
                    handle: ModelHandle | None = None) -> None:
-    """Every refusal ``compress`` can make from its arguments alone, made before a long
-    analysis or export starts, not after it."""
-    if format not in FORMATS:
-        raise RepskipError(f"unknown output format {format!r}; choose {' or '.join(FORMATS)}")
-    check_output(output, force, [handle.path] if handle else [])
+    """Every refusal resolving and compressing ``recipe`` can make from the arguments alone,
+    made before a long analysis or export starts, not after it."""
+    check_options(output, force=force, format=format, opset=opset, export_dtype=export_dtype, provider=provider,
+                  handle=handle)
     if handle is not None:
         check_recipe_fits(recipe, handle)
     check_calibration(recipe)
-    if format == "onnx":
-        from .compress.onnx_export import check_options
-
-        check_options(opset, export_dtype, provider)
-
-
-def compress(
-    model: str | Path | ModelHandle,
-    recipe: _recipe.Recipe | str | Path,
-    output: str | Path,
-    *,
-    max_shard_size: int = DEFAULT_SHARD_SIZE,
-    force: bool = False,
-    dtype: str | None = None,
-    device: str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
-    format: str = "safetensors",
-    opset: int = 18,
-    export_dtype: str = "fp32",
-    provider: str = "cpu",
-    parity_tolerance: float | None = None,
-    status: Callable[[str], None] | None = None,
-) -> tuple[Any, _recipe.Recipe]:
-    """Write ``model`` without the recipe's layers to ``output``: a safetensors checkpoint
-    (a CompressResult) or, with ``format="onnx"``, an ONNX graph checked against PyTorch on
-    ``provider`` (an OnnxExportResult; see repskip.compress.onnx_export)."""
-    handle = model if isinstance(model, ModelHandle) else open_model(model)
-    handle.require_weights("compress")
-    if not isinstance(recipe, _recipe.Recipe):
-        recipe = _recipe.load(recipe)
-    output = Path(output)
-    check_compress(recipe, output, force=force, format=format, opset=opset, export_dtype=export_dtype,
-                   provider=provider, handle=handle)
-    resolved, _, maps = resolve_recipe(recipe, handle, dtype=dtype, device=device, progress=progress)
-    assert resolved.resolved is not None
-    kept = validate_kept(handle.num_layers, resolved.resolved.remove)
-    stamp: dict[str, Any] = {}
-    if not resolved.resolved.versions:  # a hand-written recipe: record what exported it
-        from .versions import versions
-
-        stamp["versions"] = versions()
-    if resolved.resolved.model is None:  # and what it was cut from, so verify can tell
-        stamp["model"] = _recipe.ModelRef(fingerprint=handle.ckpt.fingerprint(), family=handle.family_name,
-                                          model_type=handle.ckpt.config.get("model_type"), name_or_path=str(handle.path))
-    if resolved.resolved.repair is not None:  # the export keeps the record; its maps are folded in
-        stamp["repair"] = resolved.resolved.repair.model_copy(update={"file": None})
-    if stamp:
-        resolved = resolved.model_copy(update={"resolved": resolved.resolved.model_copy(update=stamp)})
-    new_config = handle.family.rewrite_config(handle.ckpt.config, kept)
-    if format == "onnx":
-        from .compress.onnx_export import export_onnx
-
-        onnx_result = export_onnx(handle, kept, new_config, resolved.to_yaml(), output, opset=opset,
-                                  dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force,
-                                  status=status, maps=maps)
-        return onnx_result, resolved
-    result = write_pruned(
-        handle.ckpt,
-        prefix=handle.family.layer_prefix(handle.ckpt.config),
-        num_layers=handle.num_layers,
-        kept=kept,
-        new_config=new_config,
-        output=output,
-        recipe_yaml=resolved.to_yaml(),
-        max_shard_size=max_shard_size,
-        force=force,
-        folds=repair_folds(handle, maps),
-    )
-    return result, resolved
-
-
-def export_as_is(
-    model: str | Path | ModelHandle,
-    output: str | Path,
-    *,
-    force: bool = False,
-    opset: int = 18,
-    export_dtype: str = "fp32",
-    provider: str = "cpu",
-    parity_tolerance: float | None = None,
-    status: Callable[[str], None] | None = None,
-) -> Any:
-    """Export ``model`` to ONNX keeping every layer (a model compressed or healed before);
-    the recipe it carries, if any, goes with it."""
-    from .compress.onnx_export import check_options, export_onnx
-
-    handle = model if isinstance(model, ModelHandle) else open_model(model)
-    handle.require_weights("compress")
-    check_options(opset, export_dtype, provider)
-    check_output(Path(output), force, [handle.path])
-    return export_onnx(handle, list(range(handle.num_layers)), handle.ckpt.config, None, Path(output), opset=opset,
-                       dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force, status=status)
 
 
 def flops(
@@ -674,28 +284,3 @@ def check_removable(handle: ModelHandle, removed: Sequence[int]) -> None:
     config field can describe the kept layers), before any fit or write."""
     kept = validate_kept(handle.num_layers, removed)
     handle.family.rewrite_config(handle.ckpt.config, kept)
-
-
-def check_kind(recipe: _recipe.Recipe, handle: ModelHandle) -> None:
-    """Refuse a recipe whose applies_to rule excludes this model's kind."""
-    kind = handle.family.generative_kind
-    wanted = recipe.selection.applies_to if recipe.selection else "any"
-    if wanted not in ("any", kind):
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise RepskipError(
-            f"the recipe applies to {wanted} models only; {handle.path.name} is {article} {kind} model "
-            f"({handle.family_name})"
-        )
-
-
-def removed_layers(recipe: _recipe.Recipe, handle: ModelHandle) -> list[int]:
-    """The layers a resolved recipe removes, checked against the model."""
-    check_kind(recipe, handle)
-    if not recipe.is_resolved:
-        raise RepskipError(
-            "this recipe is unresolved (it says how to choose, not which layers): run "
-            "'repskip analyze' or 'repskip compress' first, or pass a resolved recipe"
-        )
-    _recipe.check_applies(recipe, handle.ckpt.fingerprint(), handle.num_layers)
-    assert recipe.resolved is not None
-    return list(recipe.resolved.remove)

@@ -3,14 +3,15 @@
 An *unresolved* recipe says how to choose layers (strategy, k, threshold, adjacency rule,
 protected layers, calibration, positions). A *resolved* one adds the exact layers to remove
 and where they came from: the model fingerprint, the scores, the calibration hash and the
-tool versions. ``compress`` resolves an unresolved recipe by running the analysis.
+tool versions. ``repskip.pipeline.resolve_recipe`` resolves an unresolved recipe by running the
+analysis; ``compress`` takes a resolved one.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -278,6 +279,31 @@ def check_applies(recipe: Recipe, fingerprint: str, num_layers: int) -> None:
         raise RepskipError(
             f"the recipe was made for a {res.num_layers}-layer model; this one has {num_layers}"
         )
+
+
+def check_kind(recipe: Recipe, handle: Any) -> None:
+    """Refuse a recipe whose applies_to rule excludes this model's kind."""
+    kind = handle.family.generative_kind
+    wanted = recipe.selection.applies_to if recipe.selection else "any"
+    if wanted not in ("any", kind):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise RepskipError(
+            f"the recipe applies to {wanted} models only; {handle.path.name} is {article} {kind} model "
+            f"({handle.family_name})"
+        )
+
+
+def removed_layers(recipe: Recipe, handle: Any) -> list[int]:
+    """The layers a resolved recipe removes, checked against the model."""
+    check_kind(recipe, handle)
+    if not recipe.is_resolved:
+        raise RepskipError(
+            "this recipe is unresolved (it says how to choose, not which layers): run "
+            "'repskip analyze' or 'repskip compress' first, or pass a resolved recipe"
+        )
+    check_applies(recipe, handle.ckpt.fingerprint(), handle.num_layers)
+    assert recipe.resolved is not None
+    return list(recipe.resolved.remove)
 
 
 def strategy_help() -> str:

@@ -156,3 +156,28 @@ def test_the_offload_folder_keeps_the_users_files_and_loses_a_killed_runs_debris
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "repskip-offload-keep"]
     assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_compress_resolves_an_unresolved_recipe_one_layer_at_a_time_as_in_memory(tiny, tmp_path):
+    """compress with a preset: the resolution (analysis and repair fit) streamed from disk
+    writes the same checkpoint, byte for byte, as the one run in memory; its refusals come
+    before anything is written."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("schema_version: 1\nselection: {strategy: block-influence, k: 2, repair: linear}\n"
+                      "calibration: {num_samples: 12, max_length: 48, batch_size: 5}\n")
+    shards = {}
+    for mode in ("none", "sequential"):
+        out = tmp_path / f"out-{mode}"
+        result = run("compress", tiny["llama"], "--recipe", preset, "-o", out, "--offload", mode)
+        assert result.exit_code == 0, result.output
+        assert ("one layer at a time" in result.stderr) == (mode == "sequential")
+        shards[mode] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    assert shards["none"] == shards["sequential"] and shards["none"]
+    result = run("compress", tiny["llama"], "--recipe", preset, "-o", tmp_path / "refused", "--offload", "none",
+                 "--max-memory", "1200kB")
+    one_line_error(result, "--offload sequential")
+    loss = tmp_path / "loss.yaml"
+    loss.write_text("schema_version: 1\nselection: {strategy: greedy-loss, k: 1}\n")
+    result = run("compress", tiny["llama"], "--recipe", loss, "-o", tmp_path / "refused", "--offload", "sequential")
+    one_line_error(result, "--offload none")
+    assert not (tmp_path / "refused").exists()

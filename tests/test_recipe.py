@@ -5,7 +5,7 @@ import yaml
 
 from repskip import recipe as recipe_mod
 from repskip.errors import RepskipError
-from repskip.pipeline import analyze, compress, open_model, removed_layers
+from repskip.pipeline import analyze, compress, open_model, removed_layers, resolve_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,14 +62,19 @@ def test_resolved_recipe_round_trips_and_records_provenance(tiny, tmp_path):
     assert again.selection.positions == "all" and again.selection.mode == "forward"
 
 
-def test_unresolved_preset_is_resolved_by_compress(tiny, tmp_path):
+def test_an_unresolved_preset_is_resolved_as_a_step_of_its_own_then_compressed(tiny, tmp_path):
     preset = write(tmp_path, "schema_version: 1\nselection: {strategy: block-influence, k: 2}\n"
                              "calibration: {num_samples: 4, max_length: 24}\n")
     out = tmp_path / "out"
-    _, resolved = compress(tiny["llama"], preset, out)
-    assert resolved.is_resolved and len(resolved.resolved.remove) == 2
-    written = recipe_mod.load(out / "repskip-recipe.yaml")
-    assert written.resolved.remove == resolved.resolved.remove
+    with pytest.raises(RepskipError, match="compress takes a resolved recipe"):
+        compress(tiny["llama"], preset, out)
+    assert not out.exists()
+    resolved, analysis, maps = resolve_recipe(recipe_mod.load(preset), tiny["llama"])
+    assert resolved.is_resolved and len(resolved.resolved.remove) == 2 and maps == {}
+    assert resolved.resolved.remove == recipe_mod.resolve(recipe_mod.load(preset), analysis).resolved.remove
+    _, written = compress(tiny["llama"], resolved, out)
+    assert recipe_mod.load(out / "repskip-recipe.yaml").resolved.remove == written.resolved.remove == \
+        resolved.resolved.remove
 
 
 def test_unresolved_recipe_has_no_layers_for_flops(tiny, tmp_path):

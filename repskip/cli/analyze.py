@@ -199,14 +199,8 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
 
     budget = parse_size(max_memory) if max_memory is not None else None
     run_dtype, run_device = pipeline.parse_dtype(dtype), pipeline.parse_device(device)
-    _offload.check_folder(offload_folder, handle.path)
-    need = _offload.estimate(handle, run_dtype, num_samples * max_length)
-    plan = _offload.choose(offload, need, budget if budget is not None else _offload.available(run_device),
-                           f"{handle.path.name} ({handle.family_name})", budget=budget is not None)
-    if plan == "sequential" and strategy in LOSS_STRATEGIES:
-        raise RepskipError(f"the {strategy} strategy's search runs on a model in memory, and {handle.path.name} is to "
-                           "run one layer at a time from disk; use a similarity strategy (block-influence, "
-                           "angular-block, paper) or --offload none")
+    plan = pipeline.offload_plan(handle, strategy, offload, dtype, device, num_samples * max_length, budget,
+                                 offload_folder)
     reused = None
     if reuse and not force and output.is_dir():
         reused = _reusable(output, handle, cal, mode, ratios, prompt_fraction, positions, matrix_tokens, dtype)

@@ -36,9 +36,17 @@ from .app import _key_values, console, err_console, main, trust_remote_code_opti
               help="onnx: largest |ORT - PyTorch| logit difference accepted [default: by dtype, see docs/onnx.md].")
 @click.option("--dtype", default="auto", show_default=True, help="dtype for the analysis of an unresolved recipe.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the analysis of an unresolved recipe.")
+@click.option("--offload", type=click.Choice(["auto", "none", "sequential"]), default="auto", show_default=True,
+              help="For the analysis of an unresolved recipe, as for 'repskip analyze': sequential runs one decoder "
+                   "layer at a time from disk, none loads the model whole, auto chooses by the memory free.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="For the analysis of an unresolved recipe: memory it may use (e.g. 12GB) [default: what is "
+                   "available].")
+@click.option("--offload-folder", type=click.Path(path_type=Path), default=None,
+              help="For the analysis of an unresolved recipe: where a fresh scratch folder goes (removed afterwards).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtype, provider, parity_tolerance,
-             dtype, device, force):
+             dtype, device, offload, max_memory, offload_folder, force):
     """Write MODEL without the recipe's layers: a safetensors checkpoint, or an ONNX graph."""
     from .. import pipeline
     from .. import recipe as recipe_mod
@@ -68,16 +76,21 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
                   provider=provider, parity_tolerance=parity_tolerance)
     if fmt == "onnx":
         kwargs["status"] = lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False)
-    if recipe.is_resolved:
-        result, resolved = pipeline.compress(handle, recipe, output, **kwargs)
-    else:
-        # refuse bad input before the progress bar and the analysis start
+    maps = None
+    if not recipe.is_resolved:
+        # a step of its own: choose the layers (and fit the repair) first; every refusal
+        # comes before the progress bar and the analysis start
         pipeline.check_compress(recipe, output, force=force, format=fmt, opset=opset, export_dtype=export_dtype,
                                 provider=provider, handle=handle)
+        budget = parse_size(max_memory) if max_memory is not None else None
+        tokens = recipe.calibration.num_samples * recipe.calibration.max_length
+        pipeline.offload_plan(handle, recipe.selection.strategy, offload, dtype, device, tokens, budget, offload_folder)
+        run = dict(dtype=dtype, device=device, offload=offload, max_memory=budget, offload_folder=offload_folder)
         console.print(f"recipe {recipe_path} is unresolved: analysing {handle.path.name} to choose layers")
-        with Reporter("compress", console=err_console).stage("analysing", "sequences") as update:
-            result, resolved = pipeline.compress(handle, recipe, output, dtype=dtype, device=device, progress=update,
-                                                 **kwargs)
+        reporter = Reporter("compress", console=err_console)
+        with reporter.stage("analysing", "sequences") as update:
+            recipe, _, maps = pipeline.resolve_recipe(recipe, handle, progress=update, say=reporter.say, **run)
+    result, resolved = pipeline.compress(handle, recipe, output, maps=maps, **kwargs)
     if fmt == "onnx":
         _print_onnx_export(handle, result, output)
         return

@@ -174,6 +174,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def plan(handle: Any, mode: str, dtype: Any, device: str, tokens: int, max_memory: int | None = None,
+         folder: str | os.PathLike | None = None) -> str:
+    """"whole" or "sequential" for running ``handle`` as ``mode`` asks (see ``choose``), from
+    its estimated need and the memory free on ``device`` (or ``max_memory``), or a one-line
+    refusal; the offload folder is checked too. Nothing is loaded."""
+    check_folder(folder, handle.path)
+    free = max_memory if max_memory is not None else available(device)
+    return choose(mode, estimate(handle, dtype, tokens), free, f"{handle.path.name} ({handle.family_name})",
+                  budget=max_memory is not None)
+
+
 @contextlib.contextmanager
 def loaded(handle: Any, dtype: Any, device: str, *, mode: str = "auto", plan: str | None = None, tokens: int = 0,
            max_memory: int | None = None, folder: str | os.PathLike | None = None,

@@ -299,7 +299,7 @@ def heal(
     """Heal ``student`` into ``output`` (see the module doc). ``on_step(step)`` is called after
     each optimiser step and its state save (tests stop a run there)."""
     from ..compress.files import DEFAULT_SHARD_SIZE, attach_data, plan_tensors, write_checkpoint
-    from ..pipeline import open_model
+    from ..engine.model import open_model
     from ..versions import versions
 
     settings = settings or HealSettings()
@@ -494,7 +494,7 @@ def heal(
 
     def reload_check(folder_written: Path) -> None:
         """The written weights give the trained model's logits (a wrong name or dtype would not)."""
-        from ..pipeline import open_model as _open
+        from ..engine.model import open_model as _open
 
         again = _open(folder_written).load(dtype="float32")
         with torch.no_grad():

@@ -29,7 +29,8 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise RepskipError("the lm-eval adapter needs lm-evaluation-harness: pip install 'repskip[lm-eval]'") from exc
 
 from .likelihood import autoregressive_nll, continuation_logprobs, masked_diffusion_nll
-from ..pipeline import open_model, removed_layers
+from ..engine.model import open_model
+from ..recipe import removed_layers
 from ..runtime import model_device
 from ..sampler import get_sampler
 

@@ -32,7 +32,7 @@ from ..benchmark import Benchmark, Item, get_benchmark
 from ..errors import RepskipError
 from ..flops import generation_flops
 from ..outputs import ensure_dir, write_atomic
-from ..pipeline import ModelHandle, open_model, parse_device
+from ..engine.model import ModelHandle, open_model, parse_device
 from ..runtime import model_device, model_dtype
 from ..sampler import get_sampler
 from ..textio import tokenize_prefix
@@ -536,7 +536,7 @@ def _verify(base, compressed, recipe, benches, data, limit, output, batch_size, 
             bench_options, max_length, dtype, device, device_map, max_memory, scratch, provider,
             allow_unsafe_code_execution, progress, say, speed_repeats) -> dict:
     from .. import recipe as recipe_mod
-    from ..pipeline import removed_layers
+    from ..recipe import removed_layers
 
     if (compressed is None) == (recipe is None):
         raise RepskipError("give a compressed model or --recipe, not both and not neither")
