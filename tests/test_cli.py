@@ -241,3 +241,13 @@ def test_hub_id_is_served_from_the_cache_offline(tiny, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["layers"] == 6
     assert constants is not None
+
+
+def test_generate_with_a_model_spread_over_memory_and_disk_writes_the_in_memory_text(tiny, tmp_path):
+    args = ["generate", tiny["llama"], "--prompt", "hello", "--prompt", "a longer prompt", "--max-new-tokens", "6"]
+    whole = run(*args)
+    spread = run(*args, "--device-map", "auto", "--max-memory", "600kB", "--offload-folder", tmp_path)
+    assert whole.exit_code == 0 and spread.exit_code == 0, spread.output
+    assert spread.stdout == whole.stdout
+    assert not list(tmp_path.iterdir())  # the fresh folder the layers waited in is gone
+    assert_clean_error(run(*args, "--max-memory", "600kB"), "--device-map auto")

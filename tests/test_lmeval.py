@@ -183,3 +183,38 @@ def test_a_repaired_recipe_scores_as_its_compressed_checkpoint(tiny, tmp_path):
     plain = RepskipLM(pretrained=str(tiny["llama"]), recipe=str(plain_recipe)).loglikelihood(request)
     assert in_memory[0][0] == pytest.approx(written[0][0], abs=1e-4)
     assert abs(in_memory[0][0] - plain[0][0]) > 1e-4  # the maps were applied, not only the removal
+
+
+def test_a_model_spread_over_memory_and_disk_scores_as_in_memory(tiny, tmp_path):
+    """device_map with 600 kB allowed: the decoder layers wait in a fresh folder inside the
+    given one (removed with the adapter), and every score and generation is the in-memory one;
+    a repaired recipe, whose maps cannot fold into weights left on disk, is refused in one line."""
+    import gc
+
+    from repskip.errors import RepskipError
+
+    requests = [Req("The cat sat on", " the mat"), Req("hello", " world")]
+    mine = tmp_path / "mine.txt"
+    mine.write_text("the user's")
+    whole = RepskipLM(pretrained=str(tiny["llama"]))
+    spread = RepskipLM(pretrained=str(tiny["llama"]), device_map="auto", max_memory="600kB",
+                       offload_folder=str(tmp_path))
+    assert "disk" in set(spread.model.hf_device_map.values())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("repskip-offload-")]
+    assert spread.loglikelihood(requests) == whole.loglikelihood(requests)
+    generation = [Req("hello", {"until": ["zz"], "max_gen_toks": 6})]
+    assert spread.generate_until(generation) == whole.generate_until(generation)
+    del spread
+    gc.collect()
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"] and mine.read_text() == "the user's"
+    runs = tmp_path / "runs"
+    from click.testing import CliRunner
+
+    from repskip.cli import main
+
+    res = CliRunner().invoke(main, ["analyze", str(tiny["llama"]), "-o", str(runs), "-k", "2", "--repair", "linear",
+                                    "--num-samples", "4", "--max-length", "16"])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(RepskipError, match="waits on disk|wait on disk"):
+        RepskipLM(pretrained=str(tiny["llama"]), recipe=str(runs / "recipe.yaml"), device_map="auto",
+                  max_memory="600kB", offload_folder=str(tmp_path))

@@ -231,11 +231,18 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template if there is one.")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="PyTorch checkpoints: cpu, cuda, cuda:N or auto.")
+@click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF decoders).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="With --device-map: memory the model may take on the device (e.g. 12GB); the rest waits on disk.")
+@click.option("--offload-folder", type=click.Path(path_type=Path), default=None,
+              help="With --device-map: where what does not fit waits (a fresh folder inside it, removed afterwards) "
+                   "[default: the system's temporary folder].")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="ONNX exports: ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu and a GPU are "
                    "present, else CPU).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate(model, prompts, sampler, extra, chat, dtype, device, provider, seed, **settings):
+def generate(model, prompts, sampler, extra, chat, dtype, device, device_map, max_memory, offload_folder, provider,
+             seed, **settings):
     """Load MODEL (a checkpoint, or an exported one: safetensors or ONNX) and continue
     prompts with its sampler."""
     from .. import pipeline
@@ -246,10 +253,16 @@ def generate(model, prompts, sampler, extra, chat, dtype, device, provider, seed
     smp = get_sampler(sampler or fam.default_sampler, fam)
     given = {**{k: v for k, v in settings.items() if v is not None}, **_key_values(extra, "--set")}
     smp.settings(given)  # reject a setting this sampler does not take before loading anything
-    torch_model = handle.load(dtype, device, provider=provider)
-    tokenizer = fam.load_tokenizer(handle.path)
-    texts = [format_prompt(tokenizer, p, chat) for p in prompts]
-    out = smp.generate(torch_model, tokenizer, texts, family=fam, seed=seed, **given)
+    from ..compress.files import parse_size
+    from ..engine.offload import spread_folder
+
+    budget = parse_size(max_memory) if max_memory is not None else None
+    with spread_folder(device_map, budget, offload_folder, handle.path) as scratch:
+        big = {"offload_folder": scratch, "max_memory": budget} if device_map else {}
+        torch_model = handle.load(dtype, device, device_map=device_map, provider=provider, **big)
+        tokenizer = fam.load_tokenizer(handle.path)
+        texts = [format_prompt(tokenizer, p, chat) for p in prompts]
+        out = smp.generate(torch_model, tokenizer, texts, family=fam, seed=seed, **given)
     for prompt, text in zip(prompts, out.texts):
         console.print(f"[bold cyan]> {prompt}[/]")
         console.print(text, highlight=False)

@@ -150,14 +150,20 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
               help="More model arguments, e.g. sampler_steps=64 or mc_samples=32 (repeatable).")
 @click.option("--dtype", default=None)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF decoders).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="With --device-map: memory the model may take on the device (e.g. 12GB); the rest waits on disk.")
+@click.option("--offload-folder", type=click.Path(path_type=Path), default=None,
+              help="With --device-map: where what does not fit waits (a fresh folder inside it, removed afterwards) "
+                   "[default: the system's temporary folder].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Write the results as JSON (kind repskip.lm-eval: lm-eval's results under 'results').")
 @click.option("--batch-size", default="8", show_default=True,
               help="Requests per forward pass for log-likelihoods (sorted by length; choices sharing a context run "
                    "it once), or auto: as many as fit 4096 padded tokens (32768 on CUDA).")
 @click.option("--force", is_flag=True, help="Replace the -o file if an earlier 'repskip lm-eval' wrote it.")
-def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot, model_args, dtype, device, output,
-                    batch_size, force):
+def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot, model_args, dtype, device, device_map,
+                    max_memory, offload_folder, output, batch_size, force):
     """Run lm-evaluation-harness tasks on MODEL (needs the lm-eval extra)."""
     if output is not None:
         check_output(output, force, [Path(model)], file=True, owned=_is_lm_eval_results)
@@ -171,7 +177,8 @@ def lm_eval_command(model, tasks, recipe_path, include_path, limit, num_fewshot,
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         raise RepskipError(f"--batch-size takes a positive number or auto, got {batch_size!r}")
     lm = RepskipLM(pretrained=model, recipe=str(recipe_path) if recipe_path else None, dtype=dtype, device=device,
-                   batch_size=batch_size, **_key_values(model_args, "--model-arg"))
+                   batch_size=batch_size, device_map=device_map, max_memory=max_memory,
+                   offload_folder=offload_folder and str(offload_folder), **_key_values(model_args, "--model-arg"))
     manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in manager.all_tasks]

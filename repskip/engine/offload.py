@@ -164,6 +164,23 @@ def offload_folder(parent: str | os.PathLike | None, model_path: Path) -> Iterat
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def spread_folder(device_map: str | None, max_memory: int | None, parent: str | os.PathLike | None,
+                  model_path: Path) -> Iterator[Path | None]:
+    """For inference on a model spread by accelerate (``device_map``, e.g. "auto"): the fresh
+    folder where what does not fit in ``max_memory`` waits (see offload_folder), removed
+    afterwards; None without a device map. ``max_memory`` or a folder without a device map is
+    refused in one line."""
+    if device_map is None:
+        if max_memory is not None or parent is not None:
+            raise RepskipError("--max-memory and --offload-folder place a model spread by --device-map; add "
+                               "--device-map auto")
+        yield None
+        return
+    with offload_folder(parent, model_path) as folder:
+        yield folder
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -210,6 +210,11 @@ def fold_in_memory(model: Any, family: Any, maps: dict[int, np.ndarray]) -> None
     """Fold each map into its anchor layer's MLP output projection of a loaded model (before
     any layer is removed: anchors are original indices)."""
     layers = family.decoder_layers(model)
+    for anchor in maps:
+        if any(param.device.type == "meta" for param, _ in family.mlp_output_parameters(layers[anchor])):
+            raise RepskipError(f"the repair folds into layer {anchor}, whose weights wait on disk in this run "
+                               "(--device-map with --max-memory): compress the recipe and run the compressed "
+                               "checkpoint, or allow the model more memory")
     with torch.no_grad():
         for anchor, t in maps.items():
             for param, axis in family.mlp_output_parameters(layers[anchor]):

@@ -16,6 +16,8 @@ lm-eval's own Hugging Face model makes them (repskip.verify.likelihood.encode_pa
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Any
 
 import torch
@@ -58,15 +60,25 @@ AUTO_BATCH_MAX = 256
 class RepskipLM(LM):
     def __init__(self, pretrained: str, recipe: str | None = None, sampler: str | None = None, dtype: str | None = None,
                  device: str = "cpu", batch_size: int | str = 8, mc_samples: int = 16, seed: int = 0,
-                 provider: str = "auto", **kwargs: Any):
+                 provider: str = "auto", device_map: str | None = None, max_memory: int | str | None = None,
+                 offload_folder: str | None = None, **kwargs: Any):
         super().__init__()
         from .. import recipe as recipe_mod
+        from ..compress.files import parse_size
+        from ..engine.offload import spread_folder
 
         self.handle = open_model(pretrained, allow_onnx=True)
         self.family = self.handle.family
         if recipe:
             self.handle.require_weights("a recipe applied in memory")
-        self.model = self.handle.load(_value(dtype), device, provider=provider)
+        # a model spread by accelerate: what does not fit max_memory waits in a fresh folder,
+        # removed when this object goes (or the process ends)
+        budget = parse_size(str(max_memory)) if max_memory is not None else None
+        stack = contextlib.ExitStack()
+        self._scratch = weakref.finalize(self, stack.close)
+        scratch = stack.enter_context(spread_folder(device_map, budget, offload_folder, self.handle.path))
+        big = {"offload_folder": scratch, "max_memory": budget} if device_map else {}
+        self.model = self.handle.load(_value(dtype), device, device_map=device_map, provider=provider, **big)
         self.removed: list[int] = []
         if recipe:
             loaded = recipe_mod.load(recipe)

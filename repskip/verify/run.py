@@ -9,7 +9,6 @@ resumes where it stopped, never recomputes a cached item, and reaches the same s
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -518,15 +517,10 @@ def verify(
     A model too big for the device: ``device_map`` ("auto"), with ``max_memory`` bytes on the
     device and the rest in a fresh folder inside ``offload_folder`` (default: the system's
     temporary folder), removed at the end."""
-    from ..engine.offload import check_folder, offload_folder as fresh_folder
-
-    if device_map is None and (max_memory is not None or offload_folder is not None):
-        raise RepskipError("--max-memory and --offload-folder place a model spread by --device-map; add --device-map auto")
     from ..checkpoint import resolve_model
+    from ..engine.offload import spread_folder
 
-    check_folder(offload_folder, resolve_model(base))
-    with contextlib.ExitStack() as stack:
-        scratch = stack.enter_context(fresh_folder(offload_folder, resolve_model(base))) if device_map else None
+    with spread_folder(device_map, max_memory, offload_folder, resolve_model(base)) as scratch:
         return _verify(base, compressed, recipe, benches, data, limit, output, batch_size, chat, seed, sampler,
                        overrides, presets, bench_options, max_length, dtype, device, device_map, max_memory, scratch,
                        provider, allow_unsafe_code_execution, progress, say, speed_repeats)
