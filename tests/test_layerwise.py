@@ -161,3 +161,46 @@ def test_the_two_sweep_repair_fit_equals_the_run_by_run_fit_across_layouts(model
     for anchor in whole.maps:
         assert (whole.maps[anchor] == layered.maps[anchor]).all()
     assert whole.details == layered.details
+
+
+def test_states_spilled_to_disk_give_the_same_statistics_and_maps(tmp_path):
+    """A state budget of nothing: every calibration state between layers goes through a
+    safetensors file in the scratch folder and back; the statistics and the repair maps are
+    those kept in memory, and the files are gone afterwards."""
+    from repskip.analyze.objective import Objective
+    from repskip.engine import states
+    from repskip.repair.fit import calibration_batches
+    from repskip.repair.sweep import fit_linear_layerwise
+
+    path = A.make("llama", tmp_path)
+    handle = open_model(path)
+    model = handle.load()
+    ids = A.ids(batch=6, length=32)
+    cal = calibration.CalibrationSet("random", [ids[i, :n].tolist() for i, n in enumerate([32, 20, 27, 9, 32, 14])], 32)
+    batches = calibration_batches(cal.sequences, 4, 0)
+    kept = collect(model, handle.family, cal, pad_id=0, batch_size=4, max_distance=8, layerwise=True)
+    fit = fit_linear_layerwise(model, handle.family, batches, Objective(handle.family), [2, 4], handle.num_layers)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    spilled = []
+    real = states.StateStore.__setitem__
+
+    def counted(self, key, tensor):
+        real(self, key, tensor)
+        spilled.append(self.spilled)
+
+    model.repskip_state_budget = (0, scratch)
+    try:
+        states.StateStore.__setitem__ = counted
+        spilled_stats = collect(model, handle.family, cal, pad_id=0, batch_size=4, max_distance=8, layerwise=True)
+        spilled_fit = fit_linear_layerwise(model, handle.family, batches, Objective(handle.family), [2, 4],
+                                           handle.num_layers)
+    finally:
+        states.StateStore.__setitem__ = real
+    assert spilled and max(spilled) > 10  # the states went to disk
+    assert _statistics(spilled_stats) == _statistics(kept)
+    assert sorted(spilled_fit.maps) == sorted(fit.maps) and fit.maps
+    for anchor in fit.maps:
+        assert (spilled_fit.maps[anchor] == fit.maps[anchor]).all()
+    assert spilled_fit.details == fit.details
+    assert not list(scratch.iterdir())

@@ -181,3 +181,19 @@ def test_compress_resolves_an_unresolved_recipe_one_layer_at_a_time_as_in_memory
     result = run("compress", tiny["llama"], "--recipe", loss, "-o", tmp_path / "refused", "--offload", "sequential")
     one_line_error(result, "--offload none")
     assert not (tmp_path / "refused").exists()
+
+
+def test_states_beyond_what_the_layers_leave_wait_on_disk_with_the_same_result(tiny, tmp_path):
+    """400 kB: one layer of the tiny Llama fits, the 12 x 48-token calibration states do not."""
+    outputs = {}
+    for name, extra in (("memory", ["--offload", "none"]), ("spilled", ["--max-memory", "400kB"])):
+        outputs[name] = tmp_path / name
+        result = run("analyze", tiny["llama"], "-o", outputs[name], "-k", "2", "--num-samples", "12",
+                     "--max-length", "48", "--batch-size", "5", *extra)
+        assert result.exit_code == 0, result.output
+    assert "wait on disk" in result.stderr
+    _close(_analysis(outputs["memory"]), _analysis(outputs["spilled"]))
+    maps = [load_file(str(outputs[m] / "repair.safetensors")) for m in ("memory", "spilled")]
+    assert maps[0].keys() == maps[1].keys() and maps[0]
+    for key in maps[0]:
+        assert abs(maps[0][key] - maps[1][key]).max() <= 1e-5

@@ -123,3 +123,58 @@ def test_onnx_export_of_real_weights(smollm2, smol_analysis, tmp_path, text_ids)
     a = get_sampler("ar").generate(pt_model, tok, prompts, max_new_tokens=24)
     b = get_sampler("ar").generate(onnx_model, tok, prompts, max_new_tokens=24)
     assert a.token_ids == b.token_ids
+
+
+def test_run_one_layer_at_a_time_from_disk_as_in_memory(smollm2, tmp_path):
+    """Issue 25's exactness on real weights: analyze with --offload sequential (every decoder
+    layer, the embeddings and the head read from the checkpoint as they run) gives the in-memory
+    analysis.json statistics (relative 1e-5), the same selection for every similarity strategy,
+    and the same repair maps (1e-5)."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file
+
+    from repskip.cli import main
+
+    out = {}
+    for mode in ("none", "sequential"):
+        out[mode] = tmp_path / mode
+        result = CliRunner().invoke(main, ["analyze", str(smollm2), "-o", str(out[mode]), "-k", "4", "--num-samples",
+                                           "12", "--max-length", "96", "--offload", mode])
+        assert result.exit_code == 0, result.output
+        assert ("one layer at a time" in result.stderr) == (mode == "sequential")
+    a, b = (json.loads((out[m] / "analysis.json").read_text()) for m in ("none", "sequential"))
+
+    def close(x, y, path=""):
+        if isinstance(x, dict):
+            assert x.keys() == y.keys(), path
+            for key in x:
+                close(x[key], y[key], f"{path}.{key}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), path
+            for i, (u, v) in enumerate(zip(x, y)):
+                close(u, v, f"{path}[{i}]")
+        elif isinstance(x, float) and isinstance(y, float):
+            assert abs(x - y) <= 1e-5 * max(abs(x), abs(y), 1e-12), (path, x, y)
+        else:
+            assert x == y, path
+
+    close(a["groups"], b["groups"])
+    close(a["token_distance_profile"], b["token_distance_profile"])
+    recipes = [yaml.safe_load((out[m] / "recipe.yaml").read_text())["resolved"] for m in ("none", "sequential")]
+    assert recipes[0]["remove"] == recipes[1]["remove"]
+    maps = [load_file(str(out[m] / "repair.safetensors")) for m in ("none", "sequential")]
+    assert maps[0].keys() == maps[1].keys() and maps[0]
+    for key in maps[0]:
+        assert abs(maps[0][key] - maps[1][key]).max() <= 1e-5, key
+    for strategy in ("block-influence", "angular-block", "paper"):
+        extra = ["--threshold", "0"] if strategy == "paper" else []
+        chosen = []
+        for m in ("none", "sequential"):
+            result = CliRunner().invoke(main, ["select", str(out[m] / "analysis.json"), "--strategy", strategy, "-k",
+                                               "4", *extra, "-o", str(tmp_path / f"{m}-{strategy}.yaml")])
+            assert result.exit_code == 0, result.output
+            chosen.append(yaml.safe_load((tmp_path / f"{m}-{strategy}.yaml").read_text())["resolved"]["remove"])
+        assert chosen[0] == chosen[1], strategy

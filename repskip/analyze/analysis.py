@@ -467,7 +467,7 @@ def _collect_layerwise(model, family, acc, calib, pad_id, batch_size, prepares, 
         if progress and index == count - 1:
             progress(sum(sizes[: batch + 1]), total)
 
-    layerwise.run(model, family, forwards, on_layer)
+    layerwise.run(model, family, forwards, on_layer).release()
     acc.end_batch()
 
 

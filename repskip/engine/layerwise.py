@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .states import States, store_for
+
 
 class _Done(Exception):
     """Raised by the last recorder: nothing after the decoder layers needs to run."""
@@ -78,7 +80,7 @@ class _Recorder(torch.nn.Module):
 class LayerInputs:
     """One batch's first hidden state and the arguments each layer is handed besides it."""
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None  # None once handed to a StateStore
     calls: list[tuple[tuple, dict]]
 
     def call(self, index: int, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -109,7 +111,10 @@ def record(model: Any, family: Any, forward: Callable[[], Any], shape: LayerShap
     if len(calls) != len(real):
         raise RuntimeError(f"the forward pass called {len(calls)} of the {len(real)} decoder layers")
     args, kwargs = calls[0]
-    return LayerInputs(args[0] if args else kwargs["hidden_states"], calls)
+    first = args[0] if args else kwargs["hidden_states"]
+    # the calls keep only what goes with the hidden state: each run hands its own
+    calls = [((None, *a[1:]), k) if a else (a, {n: v for n, v in k.items() if n != "hidden_states"}) for a, k in calls]
+    return LayerInputs(first, calls)
 
 
 @contextlib.contextmanager
@@ -139,20 +144,28 @@ def run(
     batches: Sequence[Callable[[], Any]],
     on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None],
     layer_at: Callable[[int], torch.nn.Module] | None = None,
-) -> list[torch.Tensor]:
+) -> States:
     """Each batch's forward (``batches[b]()``) is recorded, then layer by layer, batch by batch:
     ``on_layer(index, batch, h_in, h_out)``. ``layer_at(index)`` gives the layer to run (default:
-    the model's own). Returns each batch's last hidden state."""
+    the model's own). The states between layers stay within the model's state budget (see
+    repskip.engine.states). Returns each batch's last hidden state."""
     shape = LayerShape()
-    inputs = [record(model, family, forward, shape) for forward in batches]
-    hidden = [x.hidden for x in inputs]
+    store = store_for(model)
+    hidden = store.series("hidden")
+    inputs = []
+    for forward in batches:
+        x = record(model, family, forward, shape)
+        hidden.append(x.hidden)
+        x.hidden = None  # kept once, in the store
+        inputs.append(x)
     count = len(family.decoder_layers(model))
     for index in range(count):
         layer = layer_at(index) if layer_at is not None else family.decoder_layers(model)[index]
         with onloaded(layer):
             for b, x in enumerate(inputs):
-                args, kwargs = x.call(index, hidden[b])
+                h = hidden[b]
+                args, kwargs = x.call(index, h)
                 out = family.layer_output(layer(*args, **kwargs))
-                on_layer(index, b, hidden[b], out)
+                on_layer(index, b, h, out)
                 hidden[b] = out
     return hidden

@@ -7,7 +7,8 @@ headers, before anything is loaded, and compares it with the memory the device h
 (accelerate) with every decoder layer, the input embeddings and the LM head left on disk,
 read from the checkpoint's own shards as they are needed; the stages then run it one layer at a
 time over every batch (repskip.engine.layerwise), so only one layer's weights are in memory at
-once. ``none`` refuses, in one line, a model that does not fit instead of letting the kernel
+once; the calibration states get what the layers leave and spill to the scratch folder beyond
+it (repskip.engine.states). ``none`` refuses, in one line, a model that does not fit instead of letting the kernel
 kill the process; ``sequential`` always streams.
 
 Tensors transformers has to convert on load (fused MoE experts, say) are written to an offload
@@ -57,7 +58,9 @@ class Need:
 
     @property
     def sequential(self) -> int:
-        return int(self.largest_layer * HEADROOM) + self.outside_layers + self.states
+        """One layer at a time, without the calibration states (which spill to disk beyond
+        what this leaves free)."""
+        return int(self.largest_layer * HEADROOM) + self.outside_layers
 
 
 def estimate(handle: Any, dtype: Any, tokens: int) -> Need:
@@ -113,12 +116,11 @@ def choose(mode: str, need: Need, free: int, what: str, budget: bool = False) ->
     if mode not in MODES:
         raise RepskipError(f"unknown --offload {mode!r}; choose one of {', '.join(MODES)}")
     if need.sequential > free:
-        fix = ("raise --max-memory" if budget else
-               "use a smaller --dtype, fewer --num-samples or a shorter --max-length, or a machine with more memory")
+        fix = "raise --max-memory" if budget else "use a smaller --dtype, or a machine with more memory"
         raise RepskipError(
             f"{what} needs about {_gb(need.sequential)} even one layer at a time (its largest layer "
-            f"{_gb(need.largest_layer)}, embeddings and head {_gb(need.outside_layers)}, calibration states "
-            f"{_gb(need.states)}) and {'--max-memory allows' if budget else 'the machine has'} {_gb(free)}: {fix}")
+            f"{_gb(need.largest_layer)} with headroom, embeddings and head {_gb(need.outside_layers)}) and "
+            f"{'--max-memory allows' if budget else 'the machine has'} {_gb(free)}: {fix}")
     if mode == "sequential" or (mode == "auto" and need.whole > free):
         return "sequential"
     if mode == "none" and need.whole > free:
@@ -231,6 +233,12 @@ def loaded(handle: Any, dtype: Any, device: str, *, mode: str = "auto", plan: st
         model = handle.family.load(handle.path, dtype, device, device_map=device_map(handle.ckpt.config, device),
                                    offload_folder=scratch)
         model.repskip_layerwise = True
+        # the calibration states get what the layers leave; beyond it they wait in the scratch folder
+        spare = free - need.sequential
+        model.repskip_state_budget = (spare, scratch)
+        if say and need.states > spare:
+            say(f"the calibration states (about {_gb(need.states)}) outgrow the {_gb(spare)} left beside the "
+                "layers: the rest wait on disk")
         try:
             yield model
         finally:

@@ -20,6 +20,7 @@ The states of every pass stay in memory between layers, in the model's dtype.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 from ..analyze.objective import Objective, Pass
 from ..analyze.surgery import Surgery
 from ..engine import layerwise
+from ..engine.states import States, store_for
 from ..engine.layerwise import onloaded
 from ..runtime import model_device
 from .fit import CHECK_BATCHES, Batches, FitResult, check_sum, choose_map, scored_states, torch_maps
@@ -43,12 +45,17 @@ class _Passes:
         self.passes: list[Pass] = []
         self.checked: list[bool] = []  # read by the KL check (the first CHECK_BATCHES batches)
         self.inputs: list[layerwise.LayerInputs] = []
+        self.store = store_for(model)
+        self.first = self.store.series("first")  # each pass's state entering the first layer
         shape = layerwise.LayerShape()
         for index, (ids, mask) in enumerate(batches()):
             for p in objective.passes(ids, mask, index):
                 self.passes.append(p)
                 self.checked.append(index < CHECK_BATCHES)
-                self.inputs.append(layerwise.record(model, family, lambda p=p: objective.logits(model, p), shape))
+                x = layerwise.record(model, family, lambda p=p: objective.logits(model, p), shape)
+                self.first.append(x.hidden)
+                x.hidden = None
+                self.inputs.append(x)
 
     def __len__(self) -> int:
         return len(self.passes)
@@ -74,8 +81,9 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
         if progress:
             progress(done, total)
 
-    with Surgery(model, family) as s:
+    with Surgery(model, family) as s, contextlib.ExitStack() as cleanup:
         data = _Passes(model, family, batches, objective)
+        cleanup.callback(data.store.clear)  # what spilled to disk goes with the fit
         layers = family.decoder_layers(model)
 
         def run_layer(index: int, b: int, hidden: torch.Tensor, t: np.ndarray | None = None) -> torch.Tensor:
@@ -92,12 +100,12 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
             return out
 
         # 1. the full model: each run's target, and the check passes' final states
-        targets: dict[int, list[torch.Tensor]] = {}
+        targets: dict[int, States] = {}
         checked = [b for b in range(len(data)) if data.checked[b]]
-        hidden = [x.hidden for x in data.inputs]
+        hidden = data.first
         for index in range(num_layers):
             if index == first:  # the pruned model is the full one up to here
-                entry = list(hidden)
+                entry = hidden.copy("entry")
             with onloaded(layers[index]):
                 if index in anchors:  # its MLP output must join its residual stream as it is
                     s.set(record={index})
@@ -111,14 +119,15 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
                     hidden[b] = run_layer(index, b, hidden[b])
             for run in runs:
                 if run.last == index:
-                    targets[run.anchor] = [h[p.states.to(h.device)] for h, p in zip(hidden, data.passes)]
+                    targets[run.anchor] = data.store.series(
+                        f"target{run.anchor}", (h[p.states.to(h.device)] for h, p in zip(hidden, data.passes)))
             tick()
         references = {b: check.reference(logits(b, hidden[b]), data.passes[b]) for b in checked}
         scored = sum(int(data.passes[b].states.sum() if check.diffusion else data.passes[b].scored.sum())
                      for b in checked)
-        del hidden
+        hidden.release()
 
-        def divergences(index: int, entering: list[torch.Tensor], outputs: list[torch.Tensor],
+        def divergences(index: int, entering: States, outputs: States,
                         trials: dict[str, np.ndarray | None]) -> dict[str, float]:
             """Each trial's KL to the full model on the check passes: the anchor ``index`` with
             the trial's map (None: ``outputs``, its output without one), then the rest of the
@@ -153,10 +162,11 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
                 pass
             elif run is None:
                 with onloaded(layers[index]):
-                    hidden = [run_layer(index, b, h) for b, h in enumerate(hidden)]
+                    for b in range(len(hidden)):
+                        hidden[b] = run_layer(index, b, hidden[b])
             else:
                 ls = LeastSquares(hidden[0].shape[-1])
-                outputs = []
+                outputs = data.store.series(f"outputs{index}")
                 with onloaded(layers[index]):
                     for b, p in enumerate(data.passes):
                         s.set(record={index})
@@ -166,11 +176,11 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
                         ls.add(scored_states(p, m), y - scored_states(p, out - m), token_weights(y))
                         outputs.append(out)
                     s.set()
-                del targets[index]
+                targets.pop(index).release()
                 tokens = ls.tokens
 
-                def measured(trials: dict[str, np.ndarray | None], index: int = index, entering: list = hidden,
-                             outputs: list = outputs) -> dict[str, float]:
+                def measured(trials: dict[str, np.ndarray | None], index: int = index, entering: States = hidden,
+                             outputs: States = outputs) -> dict[str, float]:
                     # the model the previous run's check kept is this run's model without a map:
                     # its "none" trial was measured there
                     known = {name: settled for name, t in trials.items() if t is None and settled is not None}
@@ -184,13 +194,16 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
                 if chosen is None:
                     dropped.append(run)
                     detail["kept"] = False
+                    hidden.release()
                     hidden = outputs
                 else:
                     maps[index] = chosen
                     residual[index] = ls.residual(chosen)
                     detail.update(residual=round(residual[index], 6), kept=True)
                     with onloaded(layers[index]):
-                        hidden = [run_layer(index, b, h, chosen) for b, h in enumerate(hidden)]
+                        for b in range(len(hidden)):
+                            hidden[b] = run_layer(index, b, hidden[b], chosen)
+                    outputs.release()
                 details.append(detail)
             tick()
     return FitResult(maps, runs, residual, tokens, time.perf_counter() - start, ridge, details, dropped)
