@@ -51,20 +51,13 @@ def check_calibration(recipe: _recipe.Recipe) -> None:
         ) from None
 
 
-def offload_plan(handle: ModelHandle, strategy: str, offload: str = "auto", dtype: str | None = None,
-                 device: str = "cpu", tokens: int = 0, max_memory: int | None = None,
-                 folder: str | Path | None = None) -> str:
-    """"whole" or "sequential" (repskip.engine.offload) for running ``handle`` to choose layers
-    by ``strategy``, or a one-line refusal, before anything is loaded: a loss search needs the
-    model in memory."""
+def offload_plan(handle: ModelHandle, offload: str = "auto", dtype: str | None = None, device: str = "cpu",
+                 tokens: int = 0, max_memory: int | None = None, folder: str | Path | None = None) -> str:
+    """"whole" or "sequential" (repskip.engine.offload) for running ``handle`` over ``tokens``
+    calibration tokens, or a one-line refusal, before anything is loaded."""
     from .engine import offload as _offload
 
-    plan = _offload.plan(handle, offload, parse_dtype(dtype), parse_device(device), tokens, max_memory, folder)
-    if plan == "sequential" and strategy in LOSS_STRATEGIES:
-        raise RepskipError(f"the {strategy} strategy's search runs on a model in memory, and {handle.path.name} is to "
-                           "run one layer at a time from disk; use a similarity strategy (block-influence, "
-                           "angular-block, paper) or --offload none")
-    return plan
+    return _offload.plan(handle, offload, parse_dtype(dtype), parse_device(device), tokens, max_memory, folder)
 
 
 def resolve_recipe(
@@ -99,7 +92,7 @@ def resolve_recipe(
 
         check_supported(handle.family, handle.ckpt.config)
     tokens = cal.num_samples * cal.max_length
-    plan = offload_plan(handle, sel.strategy, offload, dtype, device, tokens, max_memory, offload_folder)
+    plan = offload_plan(handle, offload, dtype, device, tokens, max_memory, offload_folder)
     with _offload.loaded(handle, parse_dtype(dtype), parse_device(device), plan=plan, tokens=tokens,
                          max_memory=max_memory, folder=offload_folder, say=say) as torch_model:
         result = analyze(
@@ -156,10 +149,6 @@ def loss_search(handle: ModelHandle, torch_model: Any, sel: _recipe.SelectionSpe
         from .repair.fit import check_supported
 
         check_supported(handle.family, handle.ckpt.config)
-    if getattr(torch_model, "repskip_layerwise", False):
-        raise RepskipError(f"the {sel.strategy} strategy's search runs on a model in memory and this one is run one "
-                           "layer at a time from disk; use a similarity strategy (block-influence, angular-block, "
-                           "paper) or --offload none")
     calib, _ = _calibration_batches(handle, cal)
     scored, rest = calib.sequences[: sel.search_samples], calib.sequences[sel.search_samples :]
     pad = pad_id(handle.family.load_tokenizer(handle.path))

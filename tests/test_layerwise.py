@@ -204,3 +204,38 @@ def test_states_spilled_to_disk_give_the_same_statistics_and_maps(tmp_path):
         assert (spilled_fit.maps[anchor] == fit.maps[anchor]).all()
     assert spilled_fit.details == fit.details
     assert not list(scratch.iterdir())
+
+
+def _search(model, handle, strategy, kind, repair, batches, fit_batches):
+    from repskip.analyze.objective import Objective
+    from repskip.analyze.search import search
+
+    return search(model, handle.family, batches, Objective(handle.family, kind), strategy=strategy, k=2,
+                  protected={0, handle.num_layers - 1}, repair=repair, fit_batches=fit_batches,
+                  check_batches=fit_batches)
+
+
+@pytest.mark.parametrize("strategy, kind, repair", [("greedy-loss", "nll", True), ("loss", "kl", False),
+                                                    ("greedy-loss", "kl", True)])
+def test_the_loss_search_on_a_streamed_model_makes_the_in_memory_choices(strategy, kind, repair, tmp_path):
+    """Every round's candidate losses, choices and map checks: those of the in-memory search,
+    with each layer run once per sweep over all the trials instead of once per trial."""
+    from repskip.repair.fit import calibration_batches
+
+    path = A.make("llama", tmp_path)
+    handle = open_model(path)
+    model = handle.load()
+    ids = A.ids(batch=8, length=32)
+    sequences = [ids[i, :n].tolist() for i, n in enumerate([32, 20, 27, 9, 32, 14, 30, 31])]
+    batches, fit_batches = calibration_batches(sequences[:4], 3, 0), calibration_batches(sequences[4:], 3, 0)
+    whole = _search(model, handle, strategy, kind, repair, batches, fit_batches)
+    offloaded = _offloaded(path, tmp_path, handle.num_layers)
+    offloaded.repskip_layerwise = True
+    streamed = _search(offloaded, handle, strategy, kind, repair, batches, fit_batches)
+    assert [r.chosen for r in streamed.rounds] == [r.chosen for r in whole.rounds]
+    assert [r.checked for r in streamed.rounds] == [r.checked for r in whole.rounds]
+    for mine, theirs in zip(streamed.rounds, whole.rounds):
+        assert mine.losses.keys() == theirs.losses.keys()
+        for c in theirs.losses:
+            assert mine.losses[c] == pytest.approx(theirs.losses[c], rel=1e-5, abs=1e-7), c
+    assert streamed.base_loss == pytest.approx(whole.base_loss, rel=1e-5)

@@ -14,12 +14,14 @@ would be dropped, or replaced by a stronger ridge, is scored again with what it 
 get, and the choice is made again, so that no round wins on a repair the recipe will not have.
 Every trial reuses, from one recorded pass of the current model, the hidden
 states in front of the candidate's run: it computes only the layers after the run and the
-head. Per round, with repair, one more sweep accumulates every candidate's least-squares sums
+head. On a model run one layer at a time from disk, the same trials run layer by layer
+(repskip.analyze.search_streamed), each layer read once per sweep. Per round, with repair, one more sweep accumulates every candidate's least-squares sums
 (two hidden x hidden float64 matrices each).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -186,7 +188,14 @@ def search(model: Any, family: Any, batches: Batches, objective: Objective, *, s
         if progress:
             progress(steps[0], rounds * n_batches)
 
-    with Surgery(model, family) as s:
+    streamed = bool(getattr(model, "repskip_layerwise", False))
+    with Surgery(model, family) as s, contextlib.ExitStack() as cleanup:
+        if streamed:  # the model runs one layer at a time from disk: the trials are ordered by layer
+            from ..engine.states import store_for
+            from .search_streamed import Recordings, StreamedTrials
+
+            recordings = Recordings(model, family, store_for(model))
+            cleanup.callback(recordings.store.clear)
         for _ in range(rounds):
             candidates = [c for c in range(L) if c not in removed and c not in protected
                           and (allow_adjacent or all(abs(c - j) != 1 for j in removed))
@@ -194,7 +203,10 @@ def search(model: Any, family: Any, batches: Batches, objective: Objective, *, s
             if not candidates:
                 raise RepskipError(f"no layer is left to remove after {removed} under the protection and adjacency "
                                    f"rules, but k={k}: lower -k or protect fewer layers")
-            trials = _Trials(model, s, objective, removed, maps, L, repair, ridge)
+            if streamed:
+                trials = StreamedTrials(model, s, objective, removed, maps, L, repair, ridge, recordings, _run_of)
+            else:
+                trials = _Trials(model, s, objective, removed, maps, L, repair, ridge)
             sums = trials.fit(fit_batches or batches, candidates) if repair else {}
             fitted: dict[int, np.ndarray | None] = {c: ls.solve(ridge) for c, ls in sums.items()}
             losses, current, result.tokens = trials.losses(batches, candidates, fitted, tick)

@@ -199,8 +199,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
 
     budget = parse_size(max_memory) if max_memory is not None else None
     run_dtype, run_device = pipeline.parse_dtype(dtype), pipeline.parse_device(device)
-    plan = pipeline.offload_plan(handle, strategy, offload, dtype, device, num_samples * max_length, budget,
-                                 offload_folder)
+    plan = pipeline.offload_plan(handle, offload, dtype, device, num_samples * max_length, budget, offload_folder)
     reused = None
     if reuse and not force and output.is_dir():
         reused = _reusable(output, handle, cal, mode, ratios, prompt_fraction, positions, matrix_tokens, dtype)

@@ -84,7 +84,7 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
                                 provider=provider, handle=handle)
         budget = parse_size(max_memory) if max_memory is not None else None
         tokens = recipe.calibration.num_samples * recipe.calibration.max_length
-        pipeline.offload_plan(handle, recipe.selection.strategy, offload, dtype, device, tokens, budget, offload_folder)
+        pipeline.offload_plan(handle, offload, dtype, device, tokens, budget, offload_folder)
         run = dict(dtype=dtype, device=device, offload=offload, max_memory=budget, offload_folder=offload_folder)
         console.print(f"recipe {recipe_path} is unresolved: analysing {handle.path.name} to choose layers")
         reporter = Reporter("compress", console=err_console)

@@ -169,3 +169,55 @@ def run(
                 on_layer(index, b, h, out)
                 hidden[b] = out
     return hidden
+
+
+@dataclass
+class Program:
+    """One pass of recorded arguments through a model as a trial sees it, for ``execute``:
+    from ``state`` entering layer ``start`` up to ``stop`` (default: the last layer), with the
+    layers in ``skip`` passed over and ``maps`` (layer -> T) on their MLP outputs."""
+
+    batch: int  # the recorded pass whose arguments the layers get
+    state: torch.Tensor | Callable[[], torch.Tensor]  # or what gives it, when its turn comes
+    start: int = 0
+    skip: frozenset[int] = frozenset()
+    maps: dict[int, torch.Tensor] | None = None
+    record: frozenset[int] = frozenset()  # layers whose output and raw MLP output go to on_record
+    stop: int | None = None
+
+
+def execute(
+    model: Any,
+    family: Any,
+    surgery: Any,
+    inputs: Sequence[LayerInputs],
+    programs: Sequence[Program],
+    on_record: Callable[[int, int, torch.Tensor, torch.Tensor | None], None] | None = None,
+    store: Any = None,
+) -> States:
+    """Every program run one layer at a time: each layer is loaded once and runs every program
+    that reaches it, so a search's trials cost one stream of the weights, not one each.
+    ``surgery`` (an active repskip.analyze.surgery.Surgery on ``model``) applies the maps and
+    records the MLP outputs; ``on_record(program, layer, output, mlp)`` gets what a program
+    records. Returns each program's last state (in ``store``, a StateStore, if given)."""
+    layers = family.decoder_layers(model)
+    last = len(layers) - 1
+    store = store if store is not None else store_for(model)
+    states = store.series(f"programs{id(programs)}", (p.state() if callable(p.state) else p.state for p in programs))
+    for index in range(last + 1):
+        active = [i for i, p in enumerate(programs)
+                  if p.start <= index <= (last if p.stop is None else p.stop) and index not in p.skip]
+        if not active:
+            continue
+        with onloaded(layers[index]):
+            for i in active:
+                p = programs[i]
+                t = (p.maps or {}).get(index)
+                surgery.set(record={index} if index in p.record else (), maps={index: t} if t is not None else {})
+                args, kwargs = inputs[p.batch].call(index, states[i])
+                out = family.layer_output(layers[index](*args, **kwargs))
+                if index in p.record and on_record is not None:
+                    on_record(i, index, out, surgery.mlp.get(index))
+                states[i] = out
+    surgery.set()
+    return states
