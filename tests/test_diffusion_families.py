@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import MASK_ID, dream_from_qwen2, llada_from_llama, make_checkpoint
 from repskip.errors import RepskipError
-from repskip.pipeline import analyze, compress, open_model
+from repskip.pipeline import analyze, compress, open_model, resolve_recipe
 from repskip.recipe import Recipe, Resolved
 
 
@@ -207,6 +207,8 @@ def test_recipe_kind_rule(diffusion, tmp_path):
     for_ar = Recipe(selection={"k": 1, "applies_to": "autoregressive"})
     with pytest.raises(RepskipError, match="applies to autoregressive models only.*diffusion model"):
         compress(diffusion["llada"], for_ar, tmp_path / "out")
+    with pytest.raises(RepskipError, match="applies to autoregressive models only.*diffusion model"):
+        resolve_recipe(for_ar, diffusion["llada"])
     assert not (tmp_path / "out").exists()
 
 

@@ -72,6 +72,7 @@ def compress(
     if not isinstance(recipe, _recipe.Recipe):
         recipe = _recipe.load(recipe)
     output = Path(output)
+    _recipe.check_kind(recipe, handle)
     if not recipe.is_resolved:
         raise RepskipError("compress takes a resolved recipe (the layers to remove); resolve this one first with "
                            "'repskip analyze', or 'repskip compress', which resolves it as a step of its own")
