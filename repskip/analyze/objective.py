@@ -22,6 +22,7 @@ from ..runtime import model_device
 
 OBJECTIVES = ("nll", "kl")
 DIFFUSION_RATIOS = (0.25, 0.5, 0.75)
+KL_ROWS = 256  # scored positions per step of the KL sum
 
 
 @dataclass
@@ -85,11 +86,18 @@ class Objective:
         """(weighted loss summed over the scored positions, what it is a sum over: predicted
         tokens for an autoregressive model, real tokens for a diffusion model, whose loss is
         normalised by the sequence length as in training)."""
-        picked = logits[p.scored.to(logits.device)].float()
         if self.kind == "kl":
             assert reference is not None
-            ref = reference.float()
-            total = float((ref.exp() * (ref - F.log_softmax(picked, -1))).sum())
+            # a few hundred positions at a time: the vocabulary-wide temporaries stay small
+            # (on a 49k vocabulary this halves the time of one pass over all of them)
+            flat = logits.reshape(-1, logits.shape[-1])
+            where = p.scored.to(logits.device).reshape(-1).nonzero().squeeze(1)
+            total = 0.0
+            for start in range(0, where.shape[0], KL_ROWS):
+                ref = reference[start : start + KL_ROWS].float()
+                rows = F.log_softmax(flat[where[start : start + KL_ROWS]].float(), -1)
+                total += float((ref.exp() * (ref - rows)).sum())
         else:
+            picked = logits[p.scored.to(logits.device)].float()
             total = float(F.cross_entropy(picked, p.targets.to(picked.device), reduction="sum"))
         return total * p.weight, int(p.states.sum() if self.diffusion else p.scored.sum())
