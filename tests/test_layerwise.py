@@ -210,7 +210,9 @@ def _search(model, handle, strategy, kind, repair, batches, fit_batches):
     from repskip.analyze.objective import Objective
     from repskip.analyze.search import search
 
-    return search(model, handle.family, batches, Objective(handle.family, kind), strategy=strategy, k=2,
+    fam = handle.family
+    mask_id = fam.mask_token_id(handle.ckpt.config) if fam.generative_kind == "diffusion" else None
+    return search(model, fam, batches, Objective(fam, kind, mask_id), strategy=strategy, k=2,
                   protected={0, handle.num_layers - 1}, repair=repair, fit_batches=fit_batches,
                   check_batches=fit_batches)
 
@@ -239,3 +241,29 @@ def test_the_loss_search_on_a_streamed_model_makes_the_in_memory_choices(strateg
         for c in theirs.losses:
             assert mine.losses[c] == pytest.approx(theirs.losses[c], rel=1e-5, abs=1e-7), c
     assert streamed.base_loss == pytest.approx(whole.base_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "llada", "dream"])
+def test_the_loss_search_streamed_from_disk_makes_the_in_memory_choices_in_every_family(name, tiny, tmp_path):
+    """greedy-loss with the repair in the loop, on each family's tiny checkpoint loaded as
+    analyze --offload sequential loads it (the diffusion families' masked-token loss
+    included): the same rounds as in memory."""
+    from helpers import dream_from_qwen2, llada_from_llama
+
+    from repskip.engine import offload
+    from repskip.repair.fit import calibration_batches
+
+    convert = {"llada": (llada_from_llama, "llama"), "dream": (dream_from_qwen2, "qwen2")}
+    path = convert[name][0](tiny[convert[name][1]], tmp_path / name) if name in convert else tiny[name]
+    handle = open_model(path)
+    ids = A.ids(batch=6, length=24, seed=3) % 200 + 10  # within every tiny vocabulary, past the special ids
+    sequences = [ids[i, :n].tolist() for i, n in enumerate([24, 16, 20, 9, 24, 14])]
+    batches, fit_batches = calibration_batches(sequences[:3], 2, 0), calibration_batches(sequences[3:], 2, 0)
+    whole = _search(handle.load(), handle, "greedy-loss", "nll", True, batches, fit_batches)
+    with offload.loaded(handle, None, "cpu", plan="sequential") as streamed_model:
+        assert streamed_model.repskip_layerwise
+        streamed = _search(streamed_model, handle, "greedy-loss", "nll", True, batches, fit_batches)
+    assert [r.chosen for r in streamed.rounds] == [r.chosen for r in whole.rounds]
+    assert [r.checked for r in streamed.rounds] == [r.checked for r in whole.rounds]
+    for mine, theirs in zip(streamed.rounds, whole.rounds):
+        assert mine.losses == pytest.approx(theirs.losses, rel=1e-5, abs=1e-7)

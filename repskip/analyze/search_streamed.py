@@ -41,7 +41,7 @@ class Recordings:
         key = (id(batches), objective.kind, limit)
         if key not in self._sets:
             passes, inputs = [], []
-            first = self.store.series(f"first{len(self._sets)}")
+            first = self.store.series()
             for index, (ids, mask) in enumerate(itertools.islice(batches(), limit)):
                 for p in objective.passes(ids, mask, index):
                     x = layerwise.record(self.model, self.family, lambda p=p: objective.logits(self.model, p),
@@ -91,7 +91,7 @@ class StreamedTrials:
         passes, inputs, first = self.rec.of(batches, self.objective)
         runs = {c: self._run_of(c, self.removed, self.L) for c in candidates}
         ends, anchors = {r.last for r in runs.values()}, {r.anchor for r in runs.values()}
-        kept = self.store.series("fit")
+        kept = self.store.series()
         where: dict[tuple[str, int, int], int] = {}
 
         def on_record(program: int, layer: int, out: torch.Tensor, m: torch.Tensor | None) -> None:
@@ -168,7 +168,7 @@ class StreamedTrials:
         kl = objective.kind == "kl"
         # 1. the current model, keeping its state (and MLP output) at every candidate's anchor;
         #    the full model too, for the KL's reference
-        front = self.store.series("front")
+        front = self.store.series()
         where: dict[tuple[str, int, int], int] = {}
 
         def on_record(program: int, layer: int, out: torch.Tensor, m: torch.Tensor | None) -> None:

@@ -151,7 +151,7 @@ def run(
     repskip.engine.states). Returns each batch's last hidden state."""
     shape = LayerShape()
     store = store_for(model)
-    hidden = store.series("hidden")
+    hidden = store.series()
     inputs = []
     for forward in batches:
         x = record(model, family, forward, shape)
@@ -203,7 +203,7 @@ def execute(
     layers = family.decoder_layers(model)
     last = len(layers) - 1
     store = store if store is not None else store_for(model)
-    states = store.series(f"programs{id(programs)}", (p.state() if callable(p.state) else p.state for p in programs))
+    states = store.series(None, (p.state() if callable(p.state) else p.state for p in programs))
     for index in range(last + 1):
         active = [i for i, p in enumerate(programs)
                   if p.start <= index <= (last if p.stop is None else p.stop) and index not in p.skip]

@@ -34,6 +34,7 @@ class StateStore:
         self._disk: dict[str, tuple[torch.device, Path]] = {}
         self.in_memory = 0  # bytes
         self.spilled = 0  # states written to disk, over the run
+        self._series = 0
 
     def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
         self.pop(key)
@@ -74,9 +75,11 @@ class StateStore:
         for key in [*self._memory, *self._disk]:
             self.pop(key)
 
-    def series(self, name: str, tensors: Iterable[torch.Tensor] = ()) -> States:
-        """A list-like view of the states ``name``[0], ``name``[1], ..., filled from ``tensors``."""
-        view = States(self, name)
+    def series(self, name: str | None = None, tensors: Iterable[torch.Tensor] = ()) -> States:
+        """A list-like view of the states ``name``[0], ``name``[1], ..., filled from ``tensors``
+        (without a name, one no other series of this store has)."""
+        self._series += 1
+        view = States(self, name if name is not None else f"#{self._series}")
         for tensor in tensors:
             view.append(tensor)
         return view
@@ -109,10 +112,10 @@ class States:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[i] for i in range(self.count))
 
-    def copy(self, name: str) -> States:
-        """The same states under another name (a state in memory is shared, not copied: the
+    def copy(self) -> States:
+        """The same states as another series (a state in memory is shared, not copied: the
         series replace their tensors, never change them in place)."""
-        return self.store.series(name, iter(self))
+        return self.store.series(None, iter(self))
 
     def release(self) -> None:
         for i in range(self.count):

@@ -46,7 +46,7 @@ class _Passes:
         self.checked: list[bool] = []  # read by the KL check (the first CHECK_BATCHES batches)
         self.inputs: list[layerwise.LayerInputs] = []
         self.store = store_for(model)
-        self.first = self.store.series("first")  # each pass's state entering the first layer
+        self.first = self.store.series()  # each pass's state entering the first layer
         shape = layerwise.LayerShape()
         for index, (ids, mask) in enumerate(batches()):
             for p in objective.passes(ids, mask, index):
@@ -105,7 +105,7 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
         hidden = data.first
         for index in range(num_layers):
             if index == first:  # the pruned model is the full one up to here
-                entry = hidden.copy("entry")
+                entry = hidden.copy()
             with onloaded(layers[index]):
                 if index in anchors:  # its MLP output must join its residual stream as it is
                     s.set(record={index})
@@ -120,7 +120,7 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
             for run in runs:
                 if run.last == index:
                     targets[run.anchor] = data.store.series(
-                        f"target{run.anchor}", (h[p.states.to(h.device)] for h, p in zip(hidden, data.passes)))
+                        None, (h[p.states.to(h.device)] for h, p in zip(hidden, data.passes)))
             tick()
         references = {b: check.reference(logits(b, hidden[b]), data.passes[b]) for b in checked}
         scored = sum(int(data.passes[b].states.sum() if check.diffusion else data.passes[b].scored.sum())
@@ -166,7 +166,7 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
                         hidden[b] = run_layer(index, b, hidden[b])
             else:
                 ls = LeastSquares(hidden[0].shape[-1])
-                outputs = data.store.series(f"outputs{index}")
+                outputs = data.store.series()
                 with onloaded(layers[index]):
                     for b, p in enumerate(data.passes):
                         s.set(record={index})
