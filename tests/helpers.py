@@ -199,3 +199,19 @@ def one_line(excinfo) -> str:
     message = str(excinfo.value)
     assert message and "\n" not in message, message
     return message
+
+
+def close_tree(a, b, path: str = "", rel: float = 1e-5) -> None:
+    """Equal JSON-like structure, every float within a relative ``rel`` of the other."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            close_tree(a[key], b[key], f"{path}.{key}", rel)
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            close_tree(x, y, f"{path}[{i}]", rel)
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= rel * max(abs(a), abs(b), 1e-12), (path, a, b)
+    else:
+        assert a == b, path

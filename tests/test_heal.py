@@ -303,8 +303,9 @@ def test_two_processes_split_each_batch_and_end_where_one_process_does(models, t
     one = subprocess.run([sys.executable, "-m", "repskip", *common, "--batch-size", "4", "-o", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "repskip",
-                          *common, "--batch-size", "2", "-o", str(tmp_path / "two")],
+    # --standalone: a free port for the rendezvous, whatever else runs on the machine
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "repskip", *common, "--batch-size", "2", "-o", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert json.loads((tmp_path / "two" / "heal.json").read_text())["processes"] == 2

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
+from helpers import close_tree
 from repskip.cli import main
 
 STRATEGY_ARGS = {"block-influence": [], "angular-block": [], "paper": ["--threshold", "0"]}
@@ -30,22 +31,6 @@ def one_line_error(result, message):
 def _analysis(folder: Path) -> dict:
     data = json.loads((folder / "analysis.json").read_text())
     return {"groups": data["groups"], "profile": data["token_distance_profile"]}
-
-
-def _close(a, b, path="") -> None:
-    """Equal structure, numbers within a relative 1e-5."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _close(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-12), (path, a, b)
-    else:
-        assert a == b, path
 
 
 def _recipe(folder: Path) -> dict:
@@ -72,7 +57,7 @@ def test_sequential_analysis_and_repair_equal_the_in_memory_ones(name, tiny, tmp
         outputs[mode] = tmp_path / mode
     assert "one layer at a time" in run("analyze", model, "-o", tmp_path / "again", "-k", "2", "--num-samples", "4",
                                         "--max-length", "16", "--offload", "sequential", "--repair", "none").stderr
-    _close(_analysis(outputs["none"]), _analysis(outputs["sequential"]))
+    close_tree(_analysis(outputs["none"]), _analysis(outputs["sequential"]))
     kept, streamed = _recipe(outputs["none"]), _recipe(outputs["sequential"])
     assert kept["resolved"]["remove"] == streamed["resolved"]["remove"]
     maps = [load_file(str(outputs[m] / "repair.safetensors")) for m in ("none", "sequential")]
@@ -132,7 +117,7 @@ def test_the_loss_search_on_a_streamed_model_writes_the_in_memory_recipe(tiny, t
         assert result.exit_code == 0, result.output
     searches = [json.loads((outputs[m] / "analysis.json").read_text())["search"] for m in ("none", "sequential")]
     assert [r["chosen"] for r in searches[0]["rounds"]] == [r["chosen"] for r in searches[1]["rounds"]]
-    _close([r["losses"] for r in searches[0]["rounds"]], [r["losses"] for r in searches[1]["rounds"]])
+    close_tree([r["losses"] for r in searches[0]["rounds"]], [r["losses"] for r in searches[1]["rounds"]])
     assert _recipe(outputs["none"])["resolved"]["remove"] == _recipe(outputs["sequential"])["resolved"]["remove"]
     maps = [load_file(str(outputs[m] / "repair.safetensors")) for m in ("none", "sequential")]
     assert maps[0].keys() == maps[1].keys() and maps[0]
@@ -202,7 +187,7 @@ def test_states_beyond_what_the_layers_leave_wait_on_disk_with_the_same_result(t
                      "--max-length", "48", "--batch-size", "5", *extra)
         assert result.exit_code == 0, result.output
     assert "wait on disk" in result.stderr
-    _close(_analysis(outputs["memory"]), _analysis(outputs["spilled"]))
+    close_tree(_analysis(outputs["memory"]), _analysis(outputs["spilled"]))
     maps = [load_file(str(outputs[m] / "repair.safetensors")) for m in ("memory", "spilled")]
     assert maps[0].keys() == maps[1].keys() and maps[0]
     for key in maps[0]:

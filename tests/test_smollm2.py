@@ -136,6 +136,7 @@ def test_run_one_layer_at_a_time_from_disk_as_in_memory(smollm2, tmp_path):
     from click.testing import CliRunner
     from safetensors.numpy import load_file
 
+    from helpers import close_tree
     from repskip.cli import main
 
     out = {}
@@ -147,22 +148,8 @@ def test_run_one_layer_at_a_time_from_disk_as_in_memory(smollm2, tmp_path):
         assert ("one layer at a time" in result.stderr) == (mode == "sequential")
     a, b = (json.loads((out[m] / "analysis.json").read_text()) for m in ("none", "sequential"))
 
-    def close(x, y, path=""):
-        if isinstance(x, dict):
-            assert x.keys() == y.keys(), path
-            for key in x:
-                close(x[key], y[key], f"{path}.{key}")
-        elif isinstance(x, list):
-            assert len(x) == len(y), path
-            for i, (u, v) in enumerate(zip(x, y)):
-                close(u, v, f"{path}[{i}]")
-        elif isinstance(x, float) and isinstance(y, float):
-            assert abs(x - y) <= 1e-5 * max(abs(x), abs(y), 1e-12), (path, x, y)
-        else:
-            assert x == y, path
-
-    close(a["groups"], b["groups"])
-    close(a["token_distance_profile"], b["token_distance_profile"])
+    close_tree(a["groups"], b["groups"])
+    close_tree(a["token_distance_profile"], b["token_distance_profile"])
     recipes = [yaml.safe_load((out[m] / "recipe.yaml").read_text())["resolved"] for m in ("none", "sequential")]
     assert recipes[0]["remove"] == recipes[1]["remove"]
     maps = [load_file(str(out[m] / "repair.safetensors")) for m in ("none", "sequential")]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 import warnings
 
+from pathlib import Path
+
 import click
 from rich.console import Console
 from rich.markup import escape
@@ -57,6 +59,23 @@ def main() -> None:
 
     MODEL is a local checkpoint folder or a Hugging Face Hub id.
     """
+
+
+def spread_options(command):
+    """--device-map, --max-memory and --offload-folder: inference on a model spread by
+    accelerate over the device and disk (repskip.engine.offload.spread_folder)."""
+    for option in reversed([
+        click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF "
+                                                        "decoders)."),
+        click.option("--max-memory", default=None, metavar="SIZE",
+                     help="With --device-map: memory the model may take on the device (e.g. 12GB); the rest waits "
+                          "on disk."),
+        click.option("--offload-folder", type=click.Path(path_type=Path), default=None,
+                     help="With --device-map: where what does not fit waits (a fresh folder inside it, removed "
+                          "afterwards) [default: the system's temporary folder]."),
+    ]):
+        command = option(command)
+    return command
 
 
 def trust_remote_code_option(command):

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import RepskipError
 from ..progress import Reporter
-from .app import _key_values, console, err_console, main, trust_remote_code_option
+from .app import _key_values, console, err_console, main, spread_options, trust_remote_code_option
 
 
 @main.command()
@@ -231,12 +231,7 @@ def flops(model, recipe_path, remove, seq_len, prompt_len, gen_len, steps, cfg, 
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template if there is one.")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="PyTorch checkpoints: cpu, cuda, cuda:N or auto.")
-@click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF decoders).")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="With --device-map: memory the model may take on the device (e.g. 12GB); the rest waits on disk.")
-@click.option("--offload-folder", type=click.Path(path_type=Path), default=None,
-              help="With --device-map: where what does not fit waits (a fresh folder inside it, removed afterwards) "
-                   "[default: the system's temporary folder].")
+@spread_options
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="ONNX exports: ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu and a GPU are "
                    "present, else CPU).")

@@ -13,7 +13,7 @@ from rich.table import Table
 from ..errors import RepskipError
 from ..outputs import check_output, write_atomic
 from ..progress import STATUS_NAME, Reporter
-from .app import _key_values, console, err_console, main, trust_remote_code_option
+from .app import _key_values, console, err_console, main, spread_options, trust_remote_code_option
 
 
 def _bench_options(pairs: tuple[str, ...]) -> dict[str, dict]:
@@ -60,12 +60,7 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Format prompts with the chat template.")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF decoders).")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="With --device-map: memory the model may take on the device (e.g. 12GB); the rest waits on disk.")
-@click.option("--offload-folder", type=click.Path(path_type=Path), default=None,
-              help="With --device-map: where what does not fit waits (a fresh folder inside it, removed afterwards) "
-                   "[default: the system's temporary folder].")
+@spread_options
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="COMPRESSED as an ONNX export: ONNX Runtime execution provider.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -150,12 +145,7 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
               help="More model arguments, e.g. sampler_steps=64 or mc_samples=32 (repeatable).")
 @click.option("--dtype", default=None)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--device-map", default=None, help="Spread a model too big for one device, e.g. auto (HF decoders).")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="With --device-map: memory the model may take on the device (e.g. 12GB); the rest waits on disk.")
-@click.option("--offload-folder", type=click.Path(path_type=Path), default=None,
-              help="With --device-map: where what does not fit waits (a fresh folder inside it, removed afterwards) "
-                   "[default: the system's temporary folder].")
+@spread_options
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Write the results as JSON (kind repskip.lm-eval: lm-eval's results under 'results').")
 @click.option("--batch-size", default="8", show_default=True,
