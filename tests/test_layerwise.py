@@ -182,6 +182,8 @@ def test_states_spilled_to_disk_give_the_same_statistics_and_maps(tmp_path):
     fit = fit_linear_layerwise(model, handle.family, batches, Objective(handle.family), [2, 4], handle.num_layers)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
+    mine = scratch / "state-0.safetensors"  # a file of the user's own, named as a spilled state would be
+    mine.write_bytes(b"the user's")
     spilled = []
     real = states.StateStore.__setitem__
 
@@ -203,7 +205,7 @@ def test_states_spilled_to_disk_give_the_same_statistics_and_maps(tmp_path):
     for anchor in fit.maps:
         assert (spilled_fit.maps[anchor] == fit.maps[anchor]).all()
     assert spilled_fit.details == fit.details
-    assert not list(scratch.iterdir())
+    assert list(scratch.iterdir()) == [mine] and mine.read_bytes() == b"the user's"
 
 
 def _search(model, handle, strategy, kind, repair, batches, fit_batches):

@@ -4,7 +4,8 @@ A model run one decoder layer at a time keeps every calibration batch's hidden s
 layer to the next (and the repair's sweeps a few more copies). For a large model over much
 text these outgrow the memory the layers leave free, so past ``budget`` bytes a state is
 written to a safetensors file in ``folder`` (the run's fresh scratch folder) and read back when
-its layer comes; the numbers are the same either way. Without a budget everything stays in
+its layer comes (in a fresh folder of the store's own inside it, removed once empty, so no
+other file is ever touched); the numbers are the same either way. Without a budget everything stays in
 memory.
 """
 
@@ -35,6 +36,7 @@ class StateStore:
         self.in_memory = 0  # bytes
         self.spilled = 0  # states written to disk, over the run
         self._series = 0
+        self._made: Path | None = None  # where spilled states go, made at the first spill
 
     def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
         self.pop(key)
@@ -45,11 +47,19 @@ class StateStore:
             return
         from safetensors.torch import save_file
 
-        assert self.folder is not None
-        path = self.folder / f"state-{len(self._disk)}-{self.spilled}.safetensors"
+        path = self._own_folder() / f"state-{self.spilled}.safetensors"
         save_file({"state": tensor.detach().contiguous().cpu()}, str(path))
         self._disk[key] = (tensor.device, path)
         self.spilled += 1
+
+    def _own_folder(self) -> Path:
+        """A fresh folder of this store's inside ``folder``: its files never meet another's."""
+        if self._made is None:
+            import tempfile
+
+            assert self.folder is not None
+            self._made = Path(tempfile.mkdtemp(prefix="repskip-states-", dir=self.folder))
+        return self._made
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self._memory:
@@ -70,6 +80,9 @@ class StateStore:
         spilled = self._disk.pop(key, None)
         if spilled is not None:
             spilled[1].unlink(missing_ok=True)
+            if not self._disk and self._made is not None:  # ours and now empty: rmdir removes nothing else
+                self._made.rmdir()
+                self._made = None
 
     def clear(self) -> None:
         for key in [*self._memory, *self._disk]:
