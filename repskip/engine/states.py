@@ -3,9 +3,9 @@
 A model run one decoder layer at a time keeps every calibration batch's hidden state from one
 layer to the next (and the repair's sweeps a few more copies). For a large model over much
 text these outgrow the memory the layers leave free, so past ``budget`` bytes a state is
-written to a safetensors file in ``folder`` (the run's fresh scratch folder) and read back when
-its layer comes (in a fresh folder of the store's own inside it, removed once empty, so no
-other file is ever touched); the numbers are the same either way. Without a budget everything stays in
+written to a safetensors file and read back when its layer comes: in a fresh folder of the
+store's own inside ``folder`` (the run's scratch folder), removed once empty, so no other file
+is ever touched. The numbers are the same either way. Without a budget everything stays in
 memory.
 """
 
