@@ -4,8 +4,8 @@ The model's own forward decides what each decoder layer receives (position embed
 causal or sliding-window mask of that layer's kind, cache positions, a linear-attention mask):
 for each batch, every layer is swapped for a recorder that keeps the arguments it is handed and
 passes the hidden states through unchanged (in the form a layer returns, learned once from the
-first layer), so one cheap forward pass (embeddings only) yields all of them. The real layers then run one after another, each over all batches, on those
-arguments: the same arithmetic as the whole model's forward, so the results match it bit for
+first layer), so one cheap forward pass (embeddings only) yields all of them. The real layers
+then run one after another, each over all batches, on those arguments: the same arithmetic as the whole model's forward, so the results match it bit for
 bit, while only one layer needs to be in memory (``layer_at`` may load each from disk and the
 caller may drop it after use).
 
