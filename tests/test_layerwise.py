@@ -269,3 +269,36 @@ def test_the_loss_search_streamed_from_disk_makes_the_in_memory_choices_in_every
     assert [r.checked for r in streamed.rounds] == [r.checked for r in whole.rounds]
     for mine, theirs in zip(streamed.rounds, whole.rounds):
         assert mine.losses == pytest.approx(theirs.losses, rel=1e-5, abs=1e-7)
+
+
+def test_the_streamed_search_reads_each_layer_once_per_sweep_not_once_per_trial(tmp_path, monkeypatch):
+    """The figure docs/analysis.md gives: a two-round greedy search with repair on the tiny
+    Llama loads a middle layer's weights 8 times streamed; run trial by trial on the same
+    offloaded model (each candidate's forward in turn), 26 times."""
+    from accelerate.hooks import AlignDevicesHook
+
+    from repskip.repair.fit import calibration_batches
+
+    path = A.make("llama", tmp_path)
+    handle = open_model(path)
+    ids = A.ids(batch=8, length=32)
+    sequences = [ids[i, :n].tolist() for i, n in enumerate([32, 20, 27, 9, 32, 14, 30, 31])]
+    batches, fit_batches = calibration_batches(sequences[:4], 3, 0), calibration_batches(sequences[4:], 3, 0)
+    loads: dict[int, int] = {}
+    onload = AlignDevicesHook._onload_weights
+
+    def counted(self, module):
+        loads[id(module)] = loads.get(id(module), 0) + 1
+        return onload(self, module)
+
+    monkeypatch.setattr(AlignDevicesHook, "_onload_weights", counted)
+    counts = {}
+    for streamed in (True, False):
+        model = _offloaded(path, tmp_path / str(streamed), handle.num_layers)
+        model.repskip_layerwise = streamed
+        loads.clear()
+        _search(model, handle, "greedy-loss", "nll", True, batches, fit_batches)
+        hooked = [m for m in handle.family.decoder_layers(model)[3].modules()
+                  if getattr(m, "_hf_hook", None) and m._hf_hook.offload]
+        counts[streamed] = max(loads.get(id(m), 0) for m in hooked)
+    assert counts == {True: 8, False: 26}
