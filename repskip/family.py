@@ -113,6 +113,12 @@ class Family(abc.ABC):
         ``device_map`` (e.g. "auto") spreads a model too big for one device, where the family
         can; a family that cannot raises RepskipError."""
 
+    def empty(self, config: dict) -> Any | None:
+        """The model ``load`` returns for ``config``, built on the meta device with no weights
+        (a sharded heal fills it from the main process's copy), or None where the family cannot
+        build one: then every process of a sharded heal reads the checkpoint itself."""
+        return None
+
     @abc.abstractmethod
     def load_tokenizer(self, path: Path) -> Any:
         """The tokenizer saved with the checkpoint."""

@@ -265,6 +265,9 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
         assert_clean_error(res, message)
         assert not out.exists() and not state_folder(out).exists()
         assert not (k2 / "inside").exists()
+    res = run("heal", k2, "--teacher", models["llama"], "--data", data, "-o", out, "--fsdp")
+    assert_clean_error(res, "torchrun --nproc_per_node N")  # nothing to shard over in one process
+    assert not out.exists() and not state_folder(out).exists()
 
 
 def test_without_a_recipe_around_cuts_asks_for_layers(models, tmp_path):
@@ -290,28 +293,102 @@ def test_a_healed_model_exports_to_onnx_as_it_is(models, tmp_path, family):
     assert_clean_error(run("compress", healed, "-o", tmp_path / "x"), "only --format onnx")
 
 
-def test_two_processes_split_each_batch_and_end_where_one_process_does(models, tmp_path):
-    """torchrun with 2 CPU processes (gloo) and --batch-size 2 sees the sequences one process
-    with --batch-size 4 sees, and averages the same gradients."""
+def _launch(*args: str, processes: int = 1, timeout: int = 300) -> None:
+    """Run ``args`` (a module and its arguments, or a script) in one process, or under torchrun
+    in ``processes`` CPU processes (gloo); the run must succeed."""
     import os
     import subprocess
     import sys
 
-    common = ["heal", str(models["llama-k2"]), "--teacher", str(models["llama"]), "--data", str(models["data"]),
-              "--steps", "4", "--seq-len", "32", "--eval-sequences", "8", "--lr", "3e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "repskip", *common, "--batch-size", "4", "-o", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
     # --standalone: a free port for the rendezvous, whatever else runs on the machine
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "repskip", *common, "--batch-size", "2", "-o", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert json.loads((tmp_path / "two" / "heal.json").read_text())["processes"] == 2
-    a, b, start = tensors(tmp_path / "one"), tensors(tmp_path / "two"), tensors(models["llama-k2"])
-    moved = [k for k in a if not torch.equal(a[k], start[k])]
-    assert moved and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4) for k in a)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 \
+        else []
+    done = subprocess.run([sys.executable, *launcher, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_processes_split_each_batch_and_end_where_one_process_does(models, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and --batch-size 2 sees the sequences one process
+    with --batch-size 4 sees, and averages the same gradients: data parallel, and with --fsdp
+    each process holding half of the student, the teacher and the LoRA optimiser's moments."""
+    common = ["-m", "repskip", "heal", str(models["llama-k2"]), "--teacher", str(models["llama"]),
+              "--data", str(models["data"]), "--steps", "4", "--seq-len", "32", "--eval-sequences", "8", "--lr", "3e-3"]
+    _launch(*common, "--batch-size", "4", "-o", str(tmp_path / "one"))
+    _launch(*common, "--batch-size", "2", "-o", str(tmp_path / "ddp"), processes=2)
+    _launch(*common, "--batch-size", "2", "--fsdp", "-o", str(tmp_path / "fsdp"), processes=2)
+    one, start = tensors(tmp_path / "one"), tensors(models["llama-k2"])
+    moved = [k for k in one if not torch.equal(one[k], start[k])]
+    assert moved
+    for run_name, fsdp in (("ddp", False), ("fsdp", True)):
+        record = json.loads((tmp_path / run_name / "heal.json").read_text())
+        assert record["processes"] == 2 and record["fsdp"] is fsdp
+        assert record["tensors"] == sorted(moved)
+        total = sum(t.numel() for t in start.values()) + record["trainable_parameters"]  # the model and its LoRA
+        if fsdp:  # half of every weight, give or take the padding of an odd first dimension
+            assert abs(record["held_parameters"] - total / 2) < 0.01 * total, (record["held_parameters"], total)
+        else:
+            assert record["held_parameters"] is None
+        two = tensors(tmp_path / run_name)
+        assert all(torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-4) for k in one), run_name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llada", "dream"])
+def test_a_model_built_without_weights_is_the_loaded_one_on_the_meta_device(models, family):
+    """What the processes of a sharded heal other than the main one build to receive their
+    shares: the loaded model's parameters (names, shapes, dtype asked for) and buffers (names,
+    shapes, dtypes as loading leaves them), with nothing in memory."""
+    from repskip.engine.model import open_model
+    from repskip.train.shard import builds_empty, empty_like_loaded
+
+    handle = open_model(models[family])
+    assert builds_empty(handle.family)
+    for dtype in ("float32", "bfloat16"):
+        loaded = handle.load(dtype=dtype)
+        empty = empty_like_loaded(handle.family, handle.ckpt.config, getattr(torch, dtype))
+        assert type(empty) is type(loaded)
+        assert all(p.device.type == "meta" for p in empty.parameters())
+        for kind in ("named_parameters", "named_buffers"):
+            shapes = {n: (t.shape, t.dtype) for n, t in getattr(loaded, kind)()}
+            assert shapes and {n: (t.shape, t.dtype) for n, t in getattr(empty, kind)()} == shapes, (kind, dtype)
+
+
+FSDP_DRIVER = """
+import sys
+from repskip.train.heal import HealSettings, heal
+student, teacher, data, out, fsdp, stop = sys.argv[1:7]
+def stop_at(step):
+    if step == int(stop):
+        raise SystemExit(3)
+heal(student, out, data=data, teacher=teacher, fsdp=fsdp == "fsdp", save_every=2, on_step=stop_at,
+     settings=HealSettings(method="full", steps=5, lr=3e-3, grad_accum=2, seq_len=32, batch_size=int(sys.argv[7]),
+                           eval_sequences=8))
+"""
+
+
+def test_a_sharded_full_fine_tuning_killed_resumes_to_the_weights_of_one_process(models, tmp_path):
+    """--fsdp with --method full: the state saved at step 2 (each process's share of the
+    weights and the optimiser's moments gathered whole), the run stopped at step 3 and rerun
+    from it, ends where one process ends."""
+    import os
+    import subprocess
+    import sys
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(FSDP_DRIVER)
+    given = [str(models["llama-k2"]), str(models["llama"]), str(models["data"])]
+    _launch(str(driver), *given, str(tmp_path / "one"), "-", "0", "4")
+    out = tmp_path / "sharded"
+    stopped = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(driver), *given, str(out), "fsdp", "3", "2"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode != 0 and not out.exists() and (state_folder(out) / "state.safetensors").is_file()
+    _launch(str(driver), *given, str(out), "fsdp", "0", "2", processes=2)
+    record = json.loads((out / "heal.json").read_text())
+    assert record["resumed_from"] == 2 and record["fsdp"] is True and not state_folder(out).exists()
+    one, sharded, start = tensors(tmp_path / "one"), tensors(out), tensors(models["llama-k2"])
+    assert sorted(k for k in one if not torch.equal(one[k], start[k])) == record["tensors"]
+    assert all(torch.allclose(one[k], sharded[k], atol=1e-6, rtol=1e-4) for k in one)
 
 
 def test_hub_datasets_are_read_through_the_datasets_library(models, monkeypatch, tmp_path):

@@ -52,13 +52,16 @@ from .app import console, err_console, main, trust_remote_code_option
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: autocast compute (fp32 master weights).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (several GPUs: accelerate launch).")
+@click.option("--fsdp", is_flag=True,
+              help="Shard the model, its gradients and optimiser moments over the processes of a torchrun or "
+                   "accelerate launch (torch FSDP2), for a model that fits no single device.")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch [default: torch's choice].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--force", is_flag=True, help="Replace the output folder if repskip wrote it.")
 def heal(model, teacher, data, text_field, output, method, layers, around, train_embeddings, rank, lora_alpha,
          lora_dropout, loss, kd_weight, temperature, steps, lr, batch_size, grad_accum, warmup, weight_decay, seq_len,
-         eval_sequences, eval_every, save_every, resume, precision, device, threads, seed, max_shard_size, force):
+         eval_sequences, eval_every, save_every, resume, precision, device, fsdp, threads, seed, max_shard_size, force):
     """Train a compressed MODEL for a short while to recover what removal cost (LoRA or
     full fine-tuning of the layers next to each cut, distilled from --teacher)."""
     from .. import pipeline
@@ -84,7 +87,7 @@ def heal(model, teacher, data, text_field, output, method, layers, around, train
     try:
         result = heal_run(model, output, data=data, teacher=teacher, settings=settings, text_field=text_field,
                           eval_every=eval_every, save_every=save_every, resume=resume, force=force,
-                          device=device, max_shard_size=shard, say=reporter.say,
+                          device=device, fsdp=fsdp, max_shard_size=shard, say=reporter.say,
                           progress=lambda done, total, detail: update("training", done, total, detail))
     finally:
         close()

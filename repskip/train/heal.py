@@ -8,7 +8,8 @@ training objective (next-token for autoregressive families, masked diffusion for
 Dream) as knowledge distillation from the teacher, plain LM loss, or a mix
 (repskip.train.objective). AdamW with linear warm-up then cosine decay to zero, gradient
 accumulation, gradient clipping, fp32 or bf16 autocast, all through accelerate so the same
-run scales to several processes (``accelerate launch``).
+run scales to several processes (``accelerate launch``, ``torchrun``): data parallel, or with
+``fsdp`` each process holding a share of the model (repskip.train.shard).
 
 Only the trained tensors change: the output is the input checkpoint with those tensors'
 bytes replaced, in their own dtype, written through compress's writer (atomic, sharded,
@@ -34,6 +35,7 @@ import torch
 
 from ..errors import RepskipError
 from ..outputs import MARKER, check_output, ensure_dir
+from . import shard as _shard
 from . import state as _state
 from .data import TrainData, pack, read_documents
 from .objective import LOSSES, combine, get_objective, losses
@@ -291,13 +293,15 @@ def heal(
     resume: bool = True,
     force: bool = False,
     device: str = "cpu",
+    fsdp: bool = False,
     max_shard_size: int | None = None,
     say: Callable[[str], None] = lambda text: None,
     progress: Callable[..., None] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> HealResult:
-    """Heal ``student`` into ``output`` (see the module doc). ``on_step(step)`` is called after
-    each optimiser step and its state save (tests stop a run there)."""
+    """Heal ``student`` into ``output`` (see the module doc). ``fsdp`` shards the model over the
+    processes of the launch (repskip.train.shard). ``on_step(step)`` is called after each
+    optimiser step and its state save (tests stop a run there)."""
     from ..compress.files import DEFAULT_SHARD_SIZE, attach_data, plan_tensors, write_checkpoint
     from ..engine.model import open_model
     from ..versions import versions
@@ -333,6 +337,18 @@ def heal(
     if not accelerator.is_main_process:  # one voice for the run
         say, progress = (lambda text: None), None
     run_device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
+    if fsdp and world < 2:
+        raise RepskipError("--fsdp shards the model over the processes of a launch and this run has one: start it "
+                           "with torchrun --nproc_per_node N (or accelerate launch), or drop --fsdp")
+
+    def load(handle: Any, dtype: str) -> Any:
+        """The model to train or distil from. Sharded: the main process reads it into CPU memory
+        and the others build it without weights, to receive their shares of it (each process
+        reads it itself where its family cannot build one)."""
+        if fsdp and not accelerator.is_main_process and _shard.builds_empty(handle.family):
+            return _shard.empty_like_loaded(handle.family, handle.ckpt.config, getattr(torch, dtype))
+        return handle.load(dtype=dtype, device="cpu" if fsdp else run_device)
+
     tokenizer = family.load_tokenizer(s_handle.path)
     t_tokenizer = t_handle.family.load_tokenizer(t_handle.path) if t_handle else None
     if t_handle is not None:
@@ -366,18 +382,31 @@ def heal(
     accelerator.wait_for_everyone()
 
     say(f"loading {s_handle.path.name}" + (f" and the teacher {t_handle.path.name}" if t_handle else ""))
-    model = s_handle.load(dtype="float32", device=run_device)
+    model = load(s_handle, "float32")
     # what the training may touch, as it was: after it, whatever differs is written back (peft
     # may wrap more than the linear maps it was given: a mixture of experts' fused weights)
     before = {name: _digest(p) for name, p in model.named_parameters()
-              if name in set(_layer_modules(family, model, layers)[1]) or settings.train_embeddings}
+              if name in set(_layer_modules(family, model, layers)[1]) or settings.train_embeddings} \
+        if accelerator.is_main_process else {}
     model, _, finish = attach_trainable(family, model, layers, settings)
     model.train()
     teacher_model = None
     if t_handle is not None:
-        teacher_model = t_handle.load(dtype="bfloat16" if settings.precision == "bf16" else "float32",
-                                      device=run_device)
+        teacher_model = load(t_handle, "bfloat16" if settings.precision == "bf16" else "float32")
         teacher_model.eval().requires_grad_(False)
+    holds = None
+    if fsdp:
+        device_mesh = _shard.mesh(accelerator.device.type, world)
+        for handle, module in ((s_handle, model), (t_handle, teacher_model)):
+            if module is None:
+                continue
+            if _shard.builds_empty(handle.family):
+                _shard.shard_from_main(handle.family, module, device_mesh, accelerator.device,
+                                       accelerator.is_main_process)
+            else:
+                _shard.shard(handle.family, module, device_mesh)
+        holds = _shard.held(model)
+        say(f"sharded over {world} processes: this one holds {holds[0]:,} of the model's {holds[1]:,} parameters")
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     say(f"training {settings.method} on layers {layers}" + (" and the embeddings, final norm and head"
@@ -388,7 +417,8 @@ def heal(
         _state.restore(folder, accelerator.unwrap_model(model), optimizer)
         start, history = int(saved["step"]), saved["history"]
         say(f"resuming from step {start} ({folder})")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp:  # data parallel: accelerate wraps the model (DDP) when there are several processes
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     order = _Order(train_data.train.shape[0], settings.seed)
     bf16 = settings.precision == "bf16"
@@ -439,8 +469,7 @@ def heal(
             ids = micro_batch(step, micro)
             gen = _generator(settings.seed, step, micro, rank)
             # gradients are synchronised across processes on the last micro-batch only
-            sync = contextlib.nullcontext() if micro == settings.grad_accum - 1 else accelerator.no_sync(model)
-            with sync:
+            with _shard.gradient_sync(model, micro == settings.grad_accum - 1, accelerator.no_sync):
                 parts = parts_for(ids, gen, True)
                 accelerator.backward(combine(parts, settings.loss, settings.kd_weight) / settings.grad_accum)
             parts["loss"] = combine(parts, settings.loss, settings.kd_weight)
@@ -456,29 +485,45 @@ def heal(
             progress(done, settings.steps, f"loss {totals['loss']:.4f}")
         if done % eval_every == 0 or done == settings.steps:
             evaluate(done)
-        if done % save_every == 0 and done < settings.steps and accelerator.is_main_process:
+        # a sharded state is gathered whole: every process takes part, the main one writes
+        if done % save_every == 0 and done < settings.steps and (fsdp or accelerator.is_main_process):
             _state.save(folder, done, accelerator.unwrap_model(model), optimizer.optimizer
                         if hasattr(optimizer, "optimizer") else optimizer,
-                        {"key": key, "settings": asdict(settings), "history": history})
+                        {"key": key, "settings": asdict(settings), "history": history},
+                        write=accelerator.is_main_process)
         if on_step is not None:
             on_step(done)
     seconds = time.monotonic() - t0
 
     model = accelerator.unwrap_model(model)
-    finish()  # LoRA: the adapters merged into the weights
-    model.eval()
-    named = dict(model.named_parameters())
-    changed = sorted(name for name, digest in before.items() if _digest(named[name]) != digest)
     record = {
         "schema_version": HEAL_SCHEMA, "kind": "repskip.heal",
         "student": s_handle.info(), "teacher": t_handle.info() if t_handle else None,
         "objective": family.training_objective, "data": train_data.record(), "settings": asdict(settings),
-        "layers": layers, "trainable_parameters": n_trainable, "tensors": sorted(changed),
-        "history": history, "seconds": round(seconds, 1), "resumed_from": int(saved["step"]) if saved else None,
-        "processes": world, "device": run_device, "versions": versions(("torch", "transformers", "peft", "accelerate")),
+        "layers": layers, "trainable_parameters": n_trainable, "history": history, "seconds": round(seconds, 1),
+        "resumed_from": int(saved["step"]) if saved else None, "processes": world, "fsdp": fsdp,
+        "held_parameters": holds and holds[0],
+        "device": run_device, "versions": versions(("torch", "transformers", "peft", "accelerate")),
     }
-    if not accelerator.is_main_process:
+    if fsdp:  # the trained weights gathered whole (every process takes part), into an unsharded copy
+        trained = {name: _shard.full(p) for name, p in model.named_parameters() if p.requires_grad}
+        del model, optimizer, teacher_model, trainable
+        if accelerator.is_main_process:
+            model = s_handle.load(dtype="float32", device="cpu")
+            model, _, finish = attach_trainable(family, model, layers, settings)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in trained:
+                        p.copy_(trained.pop(name))
+            if trained:
+                raise RepskipError(f"the sharded run trained {sorted(trained)[0]}, which the unsharded model lacks: "
+                                   "please report this")
+    if not accelerator.is_main_process:  # the main process merges, writes and reports
         return HealResult(output, record, layers, wrote=False)
+    finish()  # LoRA: the adapters merged into the weights
+    model.eval()
+    named = dict(model.named_parameters())
+    record["tensors"] = changed = sorted(name for name, digest in before.items() if _digest(named[name]) != digest)
 
     ckpt = s_handle.ckpt
     replacements = {}

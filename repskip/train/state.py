@@ -17,23 +17,29 @@ import torch
 
 from ..errors import RepskipError
 from ..outputs import write_atomic
+from .shard import full, like
 
 STATE_FILE = "state.safetensors"
 STATE_SCHEMA = 1
 
 
-def save(folder: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, record: dict) -> None:
+def save(folder: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, record: dict,
+         write: bool = True) -> None:
+    """Save the state; ``write`` False in the processes of a launch other than the main one.
+    Every process calls this: the state of a sharded model is whole tensors, gathered."""
     from safetensors.torch import save as save_bytes
 
     tensors: dict[str, torch.Tensor] = {}
     names = trainable_names(model)
     for name, param in names.items():
-        tensors[f"param/{name}"] = param.detach().cpu().contiguous()
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optim/{index[id(param)]}/{key}"] = value.detach().cpu().contiguous().clone()
+        tensors[f"param/{name}"] = full(param).contiguous()
+    for i, param in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        state = optimizer.state.get(param, {})
+        for key in sorted(state):  # the same order in every process: gathering is collective
+            if torch.is_tensor(state[key]):
+                tensors[f"optim/{i}/{key}"] = full(state[key]).contiguous().clone()
+    if not write:
+        return
     tensors["rng/torch"] = torch.get_rng_state()
     meta = {"repskip": json.dumps({"schema_version": STATE_SCHEMA, "step": step, **record})}
     write_atomic(folder / STATE_FILE, save_bytes(tensors, metadata=meta))
@@ -61,7 +67,8 @@ def peek(folder: Path) -> dict | None:
 
 
 def restore(folder: Path, model: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Put the saved weights, optimiser moments and RNG state back (after ``peek``)."""
+    """Put the saved weights, optimiser moments and RNG state back (after ``peek``); each
+    process of a sharded run takes its own share of them."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / STATE_FILE))
@@ -71,13 +78,15 @@ def restore(folder: Path, model: Any, optimizer: torch.optim.Optimizer) -> None:
         raise RepskipError(f"{folder / STATE_FILE} trains other parameters than this run; pass --no-resume")
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(tensors[f"param/{name}"])
+            param.copy_(like(param, tensors[f"param/{name}"]))
     ordered = [p for g in optimizer.param_groups for p in g["params"]]
     state = optimizer.state_dict()
     state["state"] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
             _, i, field = key.split("/", 2)
-            state["state"].setdefault(int(i), {})[field] = value.to(ordered[int(i)].device)
+            param = ordered[int(i)]  # a moment has its parameter's shape and layout; a step count is a scalar
+            state["state"].setdefault(int(i), {})[field] = like(param, value) if value.shape == param.shape \
+                else value.to(param.device)
     optimizer.load_state_dict(state)
     torch.set_rng_state(tensors["rng/torch"])

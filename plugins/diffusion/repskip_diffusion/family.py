@@ -132,6 +132,17 @@ class DiffusionFamily(Family):
         model.repskip_config = config  # samplers read the mask token and context from it
         return model
 
+    def empty(self, config: dict) -> Any:
+        """The decoder ``load`` builds, on the meta device."""
+        import torch
+
+        from .model import BidirectionalDecoder
+
+        with torch.device("meta"):
+            model = BidirectionalDecoder(self.spec(config))
+        model.repskip_config = config
+        return model.eval()
+
     def layerwise_device_map(self, config: dict, device: str) -> dict[str, str]:
         """Every block on "disk", the rest on ``device`` (see repskip.engine.offload)."""
         from .model import layerwise_device_map

@@ -211,6 +211,10 @@ class HFDecoderFamily(Family):
         )
         return (model if device_map else model.to(device)).eval()
 
+    def empty(self, config: dict) -> Any:
+        """The causal LM transformers builds for ``config``, on the meta device."""
+        return _layout.fresh_meta_model(config, self.code)
+
     def layerwise_device_map(self, config: dict, device: str) -> dict[str, str]:
         """Every decoder layer, the input embeddings and the LM head on "disk" (accelerate
         reads them from the checkpoint as they run), everything else on ``device``."""

@@ -130,6 +130,11 @@ def meta_model(config: dict, code: str | None = None) -> Any:
     return _meta_model(json.dumps(config, sort_keys=True, default=str), code)
 
 
+def fresh_meta_model(config: dict, code: str | None = None) -> Any:
+    """As :func:`meta_model`, a new one each call (one to change, as training does)."""
+    return _meta_model.__wrapped__(json.dumps(config, sort_keys=True, default=str), code)
+
+
 @functools.lru_cache(maxsize=8)
 def _meta_model(config_json: str, code: str | None) -> Any:
     import torch
