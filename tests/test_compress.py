@@ -278,3 +278,39 @@ def test_a_small_rewritten_tensor_before_a_kernel_copy_keeps_its_place(tiny, tmp
         for name in out.keys():
             want = new[name] if name in new else src.get_tensor(name).numpy().tobytes()
             assert out.get_tensor(name).numpy().tobytes() == want, name
+
+
+def test_the_default_models_tokenizer_names_a_class_transformers_4_knows(tiny, tmp_path):
+    """transformers 5 saves a GGUF's tokenizer as class TokenizersBackend, which transformers 4
+    refuses; the default model's cache names GPT2Tokenizer (as SmolLM2's Hub files do), which
+    gives the same tokens, and holds the chat template in tokenizer_config.json as well (checked
+    by hand: transformers 4.46.3 then loads the compressed default model's tokenizer, with the
+    same ids and chat text). A source's tokenizer files are copied as they are."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from repskip.default_model import PORTABLE_CLASS, V5_ONLY_CLASS, portable_tokenizer_config
+
+    folder = tmp_path / "cache"
+    shutil.copytree(tiny["llama"], folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = V5_ONLY_CLASS
+    path.write_text(json.dumps(config))
+    before = AutoTokenizer.from_pretrained(folder)
+    portable_tokenizer_config(folder)
+    template = (folder / "chat_template.jinja").read_text()  # also where transformers 4.46 reads it
+    assert json.loads(path.read_text()) == {**config, "tokenizer_class": PORTABLE_CLASS, "chat_template": template}
+    after = AutoTokenizer.from_pretrained(folder)
+    text = "The quick brown fox, twice: the quick brown fox."
+    assert after(text).input_ids == before(text).input_ids and after.get_vocab() == before.get_vocab()
+    chat = [{"role": "user", "content": "hi"}]
+    assert after.apply_chat_template(chat, tokenize=False) == before.apply_chat_template(chat, tokenize=False)
+    # another class is left alone, and compress copies the source's files byte for byte
+    config["tokenizer_class"] = "LlamaTokenizer"
+    path.write_text(json.dumps(config))
+    portable_tokenizer_config(folder)
+    assert json.loads(path.read_text())["tokenizer_class"] == "LlamaTokenizer"
+    compress(folder, Recipe(resolved=Resolved(remove=[1])), tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer_config.json").read_bytes() == path.read_bytes()

@@ -69,12 +69,14 @@ def _data_map(pairs: tuple[str, ...]) -> dict[str, str]:
                    "machine you can afford to lose; see docs/verify.md).")
 @click.option("--speed-repeats", type=click.IntRange(min=0), default=5, show_default=True,
               help="Alternating timed runs of each model for the speed comparison (0: none).")
+@click.option("--card", is_flag=True,
+              help="Add the retention table to COMPRESSED's model card (README.md, one repskip wrote).")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
               help="perplexity: tokens of each item scored (the rest is not read); never more than the model's "
                    "context length.")
 def verify(base, compressed, recipe_path, benches, data, limit, min_retention, output, overrides, bench_opts, presets,
            sampler, batch_size, chat, dtype, device, device_map, max_memory, offload_folder, provider, seed, allow_unsafe,
-           speed_repeats, max_length):
+           speed_repeats, card, max_length):
     """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
     95% confidence interval and a paired test, FLOPs reduction and measured speed. COMPRESSED
     may be a safetensors checkpoint or an ONNX export (run on ONNX Runtime)."""
@@ -95,7 +97,7 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
             max_memory=parse_size(max_memory) if max_memory is not None else None, offload_folder=offload_folder,
             provider=provider,
             allow_unsafe_code_execution=allow_unsafe, progress=update, say=reporter.say, speed_repeats=speed_repeats,
-            max_length=max_length,
+            max_length=max_length, card=card,
         )
     finally:
         close()

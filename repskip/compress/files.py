@@ -209,15 +209,16 @@ def write_pruned(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     force: bool = False,
     folds: dict[str, Any] | None = None,
+    finish: Callable[[Path], None] | None = None,
 ) -> CompressResult:
     """Write ``ckpt`` without the removed layers into ``output``, atomically; ``folds`` maps
     source tensor names to (linear repair map T, axis), folded in on the way (T^T @ tensor
-    along the axis)."""
+    along the axis); ``finish(folder)`` as write_checkpoint has it."""
     output = Path(output)
     check_output(output, force, [ckpt.path])
     planned = attach_folds(plan_tensors(ckpt, prefix, kept, num_layers), folds or {})
     shards, side = write_checkpoint(ckpt, planned, new_config, output, {RECIPE_NAME: recipe_yaml},
-                                    max_shard_size=max_shard_size, force=force, command="compress")
+                                    max_shard_size=max_shard_size, force=force, command="compress", finish=finish)
     removed = [i for i in range(num_layers) if i not in set(kept)]
     return CompressResult(
         output=output,

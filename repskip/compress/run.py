@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import card
 from .. import recipe as _recipe
 from ..engine.model import ModelHandle, open_model
 from ..errors import RepskipError
@@ -91,6 +92,9 @@ def compress(
                                   dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force,
                                   status=status, maps=maps)
         return onnx_result, resolved
+    recipe_yaml = resolved.to_yaml()
+    card_text = card.compress_card(handle, [i for i in range(handle.num_layers) if i not in set(kept)], recipe_yaml,
+                                   name=output.name)
     result = write_pruned(
         handle.ckpt,
         prefix=handle.family.layer_prefix(handle.ckpt.config),
@@ -98,10 +102,11 @@ def compress(
         kept=kept,
         new_config=new_config,
         output=output,
-        recipe_yaml=resolved.to_yaml(),
+        recipe_yaml=recipe_yaml,
         max_shard_size=max_shard_size,
         force=force,
         folds=repair_folds(handle, maps),
+        finish=lambda tmp: card.write(tmp, output, card_text),
     )
     return result, resolved
 

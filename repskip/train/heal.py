@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .. import card
 from ..errors import RepskipError
 from ..outputs import MARKER, check_output, ensure_dir
 from . import shard as _shard
@@ -553,6 +554,7 @@ def heal(
             raise RepskipError(f"the written checkpoint's logits differ from the trained model's by {diff:.3g}: "
                                "nothing was written; please report this")
         (folder_written / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
+        card.write(folder_written, output, card.heal_card(s_handle.path, record, output.name))
 
     write_checkpoint(ckpt, planned, dict(config), output, {}, max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE,
                      force=force, command="heal", inputs=inputs, finish=reload_check)

@@ -507,23 +507,39 @@ def verify(
     progress: Callable[[str, int, int], None] | None = None,
     say: Callable[[str], None] | None = None,
     speed_repeats: int = speed.REPEATS,
+    card: bool = False,
 ) -> dict:
     """Run every benchmark on base and compressed and return the report (also written to
     ``output``/report.json and report.md). Give ``compressed`` (a checkpoint) or ``recipe``
-    (a resolved recipe applied to the base in memory). Benchmarks that run generated code
+    (a resolved recipe applied to the base in memory). ``card``: add the retention table to
+    the compressed model's card (README.md), which must be one repskip wrote, unchanged. Benchmarks that run generated code
     need the sandbox's OS isolation; ``allow_unsafe_code_execution`` runs them without it
     where the platform has none (see repskip.verify.sandbox). ``progress(label, done, total)``
     follows each benchmark and side; ``say`` gets a line at each step before them (loading).
     A model too big for the device: ``device_map`` ("auto"), with ``max_memory`` bytes on the
     device and the rest in a fresh folder inside ``offload_folder`` (default: the system's
     temporary folder), removed at the end."""
+    from .. import card as _card
     from ..checkpoint import resolve_model
     from ..engine.offload import spread_folder
 
+    if card:  # before any work: the card must be there, and repskip's to change
+        if compressed is None:
+            raise RepskipError("--card adds the retention table to the compressed model's card: give the compressed "
+                               "model's folder, not --recipe")
+        folder = resolve_model(compressed)
+        text = _card.read(folder)
+        if text is None or not _card.is_sealed(text):
+            why = "has no README.md" if text is None else "has a README.md that repskip did not write or that was edited since"
+            raise RepskipError(f"--card: {folder} {why}; repskip changes only its own cards (drop --card; the table "
+                               "is in report.md)")
     with spread_folder(device_map, max_memory, offload_folder, resolve_model(base)) as scratch:
-        return _verify(base, compressed, recipe, benches, data, limit, output, batch_size, chat, seed, sampler,
-                       overrides, presets, bench_options, max_length, dtype, device, device_map, max_memory, scratch,
-                       provider, allow_unsafe_code_execution, progress, say, speed_repeats)
+        report = _verify(base, compressed, recipe, benches, data, limit, output, batch_size, chat, seed, sampler,
+                         overrides, presets, bench_options, max_length, dtype, device, device_map, max_memory, scratch,
+                         provider, allow_unsafe_code_execution, progress, say, speed_repeats)
+    if card and report and _card.update(resolve_model(compressed), "verify", _card.verify_section(report)):
+        (say or (lambda _text: None))(f"added the retention table to {resolve_model(compressed) / _card.CARD_NAME}")
+    return report
 
 
 def _verify(base, compressed, recipe, benches, data, limit, output, batch_size, chat, seed, sampler, overrides, presets,
