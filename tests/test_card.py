@@ -63,6 +63,7 @@ def test_the_origin_of_a_hub_download_and_of_the_default_model(tiny, tmp_path):
     data = meta(tmp_path / "from-hub")
     assert data["base_model"] == "SomeOrg/Tiny-Model" and data["license"] == "mit"
     assert "chat" in data["tags"]
+    assert "# Tiny" not in (tmp_path / "from-hub" / "README.md").read_text()  # the source's own card stays behind
 
     cached = tmp_path / "cache" / default_model.NAME
     shutil.copytree(tiny["llama"], cached)

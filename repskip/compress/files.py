@@ -25,7 +25,8 @@ from ..outputs import atomic_dir, check_output
 
 # Weight files of other formats are never copied into the output.
 SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx", ".onnx_data"}
-SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "config.json"}
+# The source's README.md is its own model card: the output gets one of its own (repskip.card).
+SKIP_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "config.json", "README.md"}
 RECIPE_NAME = "repskip-recipe.yaml"
 COPY_CHUNK = 64 * 1024 * 1024
 DEFAULT_SHARD_SIZE = 2 * 1024**3
