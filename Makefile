@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml plugins/hf/pyproject.toml plugins/diffusion/pyproject.t
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[default-model,test,lm-eval,onnx,heal]" -e plugins/hf -e plugins/diffusion -e plugins/benchmarks
+	$(BIN)/python -m pip install --quiet -e ".[default-model,test,lm-eval,onnx,heal,genai]" -e plugins/hf -e plugins/diffusion -e plugins/benchmarks
 	touch $(STAMP)
 
 setup: $(STAMP)

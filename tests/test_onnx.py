@@ -83,6 +83,17 @@ def test_export_parity_recorded(exports, fam):
     graph = onnx.load(str(onnx_dir / ONNX_FILE))
     assert graph.opset_import[0].version == 18
     assert json.loads((onnx_dir / "config.json").read_text()) == json.loads((exports[fam][1] / "config.json").read_text())
+    # the model card, for ONNX: what runs it depends on the kind
+    from huggingface_hub import ModelCard
+
+    from repskip import card
+
+    text = (onnx_dir / "README.md").read_text()
+    data = ModelCard(text).data.to_dict()
+    assert card.is_sealed(text) and data["library_name"] == "onnx" and "onnx" in data["tags"]
+    assert data["base_model"] == fam and f"2 of {len(meta['kept']) + 2}" in text
+    runs = "ORTModelForCausalLM" if meta["generative_kind"] == "autoregressive" else "repskip generate"
+    assert runs in text
 
 
 @pytest.mark.parametrize("fam", FAMILIES[:4])

@@ -352,8 +352,25 @@ def export_onnx(
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         if recipe_yaml is not None:
             (tmp / RECIPE_NAME).write_text(recipe_yaml)
-        (tmp / META_FILE).write_text(json.dumps(metadata(result, fam, handle), indent=2) + "\n")
+        from .genai import write_genai_config
+
+        genai = write_genai_config(tmp, new_config, fam, handle.path, module.kv_shapes() if kind == CAUSAL else None)
+        (tmp / META_FILE).write_text(json.dumps({**metadata(result, fam, handle), "genai_config": genai}, indent=2)
+                                     + "\n")
+        # the model card last: it says whether the folder has a genai_config.json
+        _write_card(tmp, Path(output), handle, removed, recipe_yaml)
     return result
+
+
+def _write_card(tmp: Path, output: Path, handle: Any, removed: list[int], recipe_yaml: str | None) -> None:
+    from .. import card
+
+    genai = (tmp / "genai_config.json").is_file()
+    if recipe_yaml is not None:
+        text = card.compress_card(handle, removed, recipe_yaml, onnx=True, genai=genai, name=output.name)
+    else:
+        text = card.as_is_card(handle.path, output.name, genai, handle.family.generative_kind == "autoregressive")
+    card.write(tmp, output, text)
 
 
 def metadata(result: OnnxExportResult, fam: Any, handle: Any) -> dict:
