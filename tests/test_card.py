@@ -130,3 +130,14 @@ def test_heal_adds_its_training_to_the_card_of_the_model_it_healed(tiny, tmp_pat
     assert "<!-- repskip:compress -->" in text and "<!-- repskip:heal -->" in text
     assert 'from_pretrained("healed")' in text and 'from_pretrained("cut")' not in text
     assert "lora on layers [1, 2]" in text
+
+
+@pytest.mark.parametrize("doc, target, name, onnx", [("quickstart.md", "exported/load.py", "card-demo", False),
+                                                     ("onnx.md", "exported/deploy.py", "tiny-onnx", True)])
+def test_the_tutorials_run_the_cards_own_snippets(doc, target, name, onnx):
+    """The docs' tutorials run (tests/test_docs.py) the loading code a card gives, as the card
+    gives it: transformers for a safetensors folder, onnxruntime-genai for an ONNX one."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / doc).read_text()
+    block = text.split(f"<!-- docs-test: file {target} -->\n```python\n", 1)[1].split("```", 1)[0]
+    snippets = card._how_to_load(name, True, onnx, genai=True).split("```python\n")[1:]
+    assert block in [s.split("```", 1)[0] for s in snippets]
