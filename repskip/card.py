@@ -303,6 +303,13 @@ def verify_section(report: dict) -> str:
     return "\n".join(lines)
 
 
+def with_quantization(text: str, body: str) -> str:
+    """A sealed card with its weights' quantisation said (tag int8, a section of its own)."""
+    meta, old = split(text)
+    meta["tags"] = list(dict.fromkeys([*(meta.get("tags") or []), "int8"]))
+    return compose(meta, with_section(old, "quantization", body))
+
+
 def as_is_card(input_path: Path, name: str, genai: bool, ar: bool = True) -> str:
     """The card of an ONNX export of a model as it is (one compressed or healed before): the
     input's repskip card with ONNX's way of loading, or a new card pointing at its origin."""

@@ -231,11 +231,11 @@ def with_repair(recipe: _recipe.Recipe, fit: Any, file: str | None) -> tuple[_re
 
 def check_compress(recipe: _recipe.Recipe, output: Path, *, force: bool = False, format: str = "safetensors",
                    opset: int = 18, export_dtype: str = "fp32", provider: str = "cpu",
-                   handle: ModelHandle | None = None) -> None:
+                   handle: ModelHandle | None = None, quantize: str = "none") -> None:
     """Every refusal resolving and compressing ``recipe`` can make from the arguments alone,
     made before a long analysis or export starts, not after it."""
     check_options(output, force=force, format=format, opset=opset, export_dtype=export_dtype, provider=provider,
-                  handle=handle)
+                  handle=handle, quantize=quantize)
     if handle is not None:
         check_recipe_fits(recipe, handle)
     check_calibration(recipe)

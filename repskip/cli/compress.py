@@ -34,6 +34,9 @@ from .app import _key_values, console, err_console, main, spread_options, trust_
               help="onnx: ONNX Runtime execution provider for the parity check.")
 @click.option("--parity-tolerance", type=click.FloatRange(min=0), default=None,
               help="onnx: largest |ORT - PyTorch| logit difference accepted [default: by dtype, see docs/onnx.md].")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="onnx, fp32: int8 weights for every MatMul with a constant weight (ONNX Runtime's MatMulNBits), "
+                   "kept if the int8 graph still gives PyTorch's greedy tokens (see docs/onnx.md).")
 @click.option("--dtype", default="auto", show_default=True, help="dtype for the analysis of an unresolved recipe.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the analysis of an unresolved recipe.")
 @click.option("--offload", type=click.Choice(["auto", "none", "sequential"]), default="auto", show_default=True,
@@ -46,12 +49,14 @@ from .app import _key_values, console, err_console, main, spread_options, trust_
               help="For the analysis of an unresolved recipe: where a fresh scratch folder goes (removed afterwards).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtype, provider, parity_tolerance,
-             dtype, device, offload, max_memory, offload_folder, force):
+             quantize, dtype, device, offload, max_memory, offload_folder, force):
     """Write MODEL without the recipe's layers: a safetensors checkpoint, or an ONNX graph."""
     from .. import pipeline
     from .. import recipe as recipe_mod
     from ..compress.files import parse_size
+    from ..compress.quantize import check_quantize
 
+    check_quantize(quantize, fmt, export_dtype)
     shard = parse_size(max_shard_size)
     pipeline.check_device_name(device)
     if recipe_path is None:
@@ -61,7 +66,7 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
         handle = pipeline.open_model(model)
         output = output or Path("exported") / f"{handle.path.name}-onnx"
         result = pipeline.export_as_is(handle, output, force=force, opset=opset, export_dtype=export_dtype,
-                                       provider=provider, parity_tolerance=parity_tolerance,
+                                       provider=provider, parity_tolerance=parity_tolerance, quantize=quantize,
                                        status=lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
         _print_onnx_export(handle, result, output)
         return
@@ -73,7 +78,7 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
         name = Path(model).name if Path(model).exists() else model.rstrip("/").split("/")[-1]
         output = Path("exported") / (f"{name}-skip{k}" + ("-onnx" if fmt == "onnx" else ""))
     kwargs = dict(max_shard_size=shard, force=force, format=fmt, opset=opset, export_dtype=export_dtype,
-                  provider=provider, parity_tolerance=parity_tolerance)
+                  provider=provider, parity_tolerance=parity_tolerance, quantize=quantize)
     if fmt == "onnx":
         kwargs["status"] = lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False)
     maps = None
@@ -81,7 +86,7 @@ def compress(model, recipe_path, output, fmt, max_shard_size, opset, export_dtyp
         # a step of its own: choose the layers (and fit the repair) first; every refusal
         # comes before the progress bar and the analysis start
         pipeline.check_compress(recipe, output, force=force, format=fmt, opset=opset, export_dtype=export_dtype,
-                                provider=provider, handle=handle)
+                                provider=provider, handle=handle, quantize=quantize)
         budget = parse_size(max_memory) if max_memory is not None else None
         tokens = recipe.calibration.num_samples * recipe.calibration.max_length
         pipeline.offload_plan(handle, offload, dtype, device, tokens, budget, offload_folder)
@@ -120,11 +125,18 @@ def _print_onnx_export(handle, result, output) -> None:
     summary = Table(show_header=False, box=None)
     summary.add_row("removed layers", str(result.removed))
     summary.add_row("layers", f"{handle.num_layers} -> {len(result.kept)}")
+    q = result.quantization
     summary.add_row("graph", f"{result.signature}, opset {result.opset}, {result.dtype}"
+                             + (f", int8 weights in {q.quantized_nodes} MatMuls" if q else "")
                              + (", external data" if result.external_data else ""))
-    summary.add_row("size", f"{result.onnx_bytes / 1e6:,.1f} MB")
+    summary.add_row("size", f"{q.bytes_before / 1e6:,.1f} MB fp32 -> {q.bytes_after / 1e6:,.1f} MB int8" if q
+                    else f"{result.onnx_bytes / 1e6:,.1f} MB")
     summary.add_row("parity", f"max |diff| {result.max_abs_diff:.2e} <= tolerance {result.tolerance:.2e} "
-                              f"on {result.provider.upper()}")
+                              f"on {result.provider.upper()}" + (" (the fp32 graph)" if q else ""))
+    if q:
+        t = q.thresholds
+        summary.add_row("int8 check", f"greedy agreement {q.agreement:.1%} >= {t['min_agreement']:.0%}, max |diff| "
+                                      f"{q.max_relative_diff:.3f} <= {t['max_relative_diff']:g} of the logit scale")
     console.print(summary)
     console.print(f"wrote {output} (runs with 'repskip generate {output}' or any ONNX Runtime)")
 

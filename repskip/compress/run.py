@@ -36,11 +36,15 @@ def repair_folds(handle: ModelHandle, maps: dict) -> dict[str, Any]:
 
 
 def check_options(output: Path, *, force: bool = False, format: str = "safetensors", opset: int = 18,
-                  export_dtype: str = "fp32", provider: str = "cpu", handle: ModelHandle | None = None) -> None:
+                  export_dtype: str = "fp32", provider: str = "cpu", handle: ModelHandle | None = None,
+                  quantize: str = "none") -> None:
     """The refusals ``compress`` can make from its output arguments alone, made before any
     long work (an analysis, an export) starts."""
+    from .quantize import check_quantize
+
     if format not in FORMATS:
         raise RepskipError(f"unknown output format {format!r}; choose {' or '.join(FORMATS)}")
+    check_quantize(quantize, format, export_dtype)
     check_output(output, force, [handle.path] if handle else [])
     if format == "onnx":
         from .onnx_export import check_options as check_onnx
@@ -61,11 +65,13 @@ def compress(
     export_dtype: str = "fp32",
     provider: str = "cpu",
     parity_tolerance: float | None = None,
+    quantize: str = "none",
     status: Callable[[str], None] | None = None,
 ) -> tuple[Any, _recipe.Recipe]:
     """Write ``model`` without the resolved recipe's layers to ``output``: a safetensors
     checkpoint (a CompressResult) or, with ``format="onnx"``, an ONNX graph checked against
-    PyTorch on ``provider`` (an OnnxExportResult; see repskip.compress.onnx_export). The repair
+    PyTorch on ``provider`` (an OnnxExportResult; see repskip.compress.onnx_export), with int8
+    weights for ``quantize="int8"`` (repskip.compress.quantize). The repair
     maps folded in are ``maps`` (anchor layer -> T) when given, else the recipe's own file's.
     Returns the result and the recipe written beside the weights."""
     handle = model if isinstance(model, ModelHandle) else open_model(model)
@@ -80,7 +86,7 @@ def compress(
     removed = _recipe.removed_layers(recipe, handle)
     kept = validate_kept(handle.num_layers, removed)
     check_options(output, force=force, format=format, opset=opset, export_dtype=export_dtype, provider=provider,
-                  handle=handle)
+                  handle=handle, quantize=quantize)
     if maps is None:
         maps = recipe.repair_maps(handle.family.hidden_size(handle.ckpt.config))
     resolved = _stamped(recipe, handle)
@@ -90,7 +96,7 @@ def compress(
 
         onnx_result = export_onnx(handle, kept, new_config, resolved.to_yaml(), output, opset=opset,
                                   dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force,
-                                  status=status, maps=maps)
+                                  status=status, maps=maps, quantize=quantize)
         return onnx_result, resolved
     recipe_yaml = resolved.to_yaml()
     card_text = card.compress_card(handle, [i for i in range(handle.num_layers) if i not in set(kept)], recipe_yaml,
@@ -140,6 +146,7 @@ def export_as_is(
     export_dtype: str = "fp32",
     provider: str = "cpu",
     parity_tolerance: float | None = None,
+    quantize: str = "none",
     status: Callable[[str], None] | None = None,
 ) -> Any:
     """Export ``model`` to ONNX keeping every layer (a model compressed or healed before);
@@ -149,6 +156,7 @@ def export_as_is(
     handle = model if isinstance(model, ModelHandle) else open_model(model)
     handle.require_weights("compress")
     check_options(Path(output), force=force, format="onnx", opset=opset, export_dtype=export_dtype,
-                  provider=provider, handle=handle)
+                  provider=provider, handle=handle, quantize=quantize)
     return export_onnx(handle, list(range(handle.num_layers)), handle.ckpt.config, None, Path(output), opset=opset,
-                       dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force, status=status)
+                       dtype=export_dtype, provider=provider, tolerance=parity_tolerance, force=force, status=status,
+                       quantize=quantize)
