@@ -203,12 +203,13 @@ def _recipe_facts(recipe_yaml: str) -> dict[str, str]:
     import yaml
 
     try:
-        resolved = (yaml.safe_load(recipe_yaml) or {}).get("resolved") or {}
+        doc = yaml.safe_load(recipe_yaml) or {}
     except yaml.YAMLError:
         return {}
+    resolved, selection = doc.get("resolved") or {}, doc.get("selection") or {}
     facts = {}
-    if resolved.get("strategy"):
-        facts["strategy"] = str(resolved["strategy"])
+    if selection.get("strategy"):  # a hand-written list of layers has none
+        facts["strategy"] = f"{selection['strategy']}, k={len(resolved.get('remove') or [])}"
     repair = resolved.get("repair")
     facts["repair"] = (f"{repair.get('method', 'linear')} map folded into the weights"
                        if isinstance(repair, dict) else "none (plain removal)")

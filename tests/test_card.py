@@ -44,7 +44,7 @@ def test_compress_writes_a_card_the_hub_reads(tiny, tmp_path):
     data = meta(out)
     assert data["base_model"] == "tiny-llama" and data["library_name"] == "transformers"
     assert data["pipeline_tag"] == "text-generation" and {"repskip", "layer-pruning"} <= set(data["tags"])
-    assert "2 of 6: 2, 3" in text and "none (plain removal)" in text
+    assert "2 of 6: 2, 3" in text and "none (plain removal)" in text and "| strategy |" not in text
     assert 'from_pretrained("cut")' in text
     recipe = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(recipe) == yaml.safe_load((out / "repskip-recipe.yaml").read_text())
@@ -93,7 +93,11 @@ def test_a_readme_someone_else_wrote_or_edited_is_never_replaced(tiny, tmp_path)
 
 def test_verify_adds_its_retention_table_to_the_card(tiny, tmp_path):
     out = tmp_path / "cut"
-    compress(tiny["llama"], tiny["recipe"], out)
+    recipe = tmp_path / "chosen.yaml"  # a recipe an analysis chose says how
+    recipe.write_text(yaml.safe_dump({"schema_version": 1, "selection": {"strategy": "block-influence", "k": 2},
+                                      "resolved": {"remove": [2, 3]}}))
+    compress(tiny["llama"], recipe, out)
+    assert "| strategy | block-influence, k=2 |" in (out / "README.md").read_text()
     wiki = tmp_path / "wiki.txt"
     wiki.write_text(WIKI.read_text()[:20000])
     args = ["verify", tiny["llama"], out, "--bench", "perplexity", "--data", f"perplexity={wiki}", "--limit", "3",
