@@ -215,3 +215,10 @@ def close_tree(a, b, path: str = "", rel: float = 1e-5) -> None:
         assert abs(a - b) <= rel * max(abs(a), abs(b), 1e-12), (path, a, b)
     else:
         assert a == b, path
+
+
+def one_line_error(res, message):
+    """A CLI result that failed with exit 1 and exactly one line, ``error: ...message...``."""
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import dream_from_qwen2, llada_from_llama, make_checkpoint
+from helpers import one_line_error, dream_from_qwen2, llada_from_llama, make_checkpoint
 from repskip import pipeline
 from repskip.cli import main
 from repskip.errors import RepskipError
@@ -291,12 +291,6 @@ def test_auto_provider_is_silent_without_a_gpu_and_says_why_with_one(exports, mo
 # --- the command line ----------------------------------------------------------------------------
 def run(args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(res, message):
-    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr
 
 
 def test_cli_export_generate_and_flops(models, tmp_path):

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import make_checkpoint, one_line
+from helpers import one_line_error, make_checkpoint, one_line
 from onnx import numpy_helper
 from repskip import pipeline
 from repskip.cli import main
@@ -22,12 +22,6 @@ REMOVE = [2, 4]  # of 6 layers
 
 def run(args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(res, message):
-    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr
 
 
 @pytest.fixture(scope="module")
