@@ -113,6 +113,7 @@ def test_diffusion_export_has_no_genai_config(tmp_path):
     (llada / GENAI_FILE).write_text("{}")  # a stray file in the source is not copied along
     pipeline.compress(llada, recipe, tmp_path / "out", format="onnx")
     assert not (tmp_path / "out" / GENAI_FILE).exists()
+    assert (llada / GENAI_FILE).read_text() == "{}"  # the source's own file is left as it was
     record = json.loads((tmp_path / "out" / META_FILE).read_text())["genai_config"]
     assert record["written"] is False and "no masked-diffusion loop" in record["reason"]
 
