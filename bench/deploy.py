@@ -1,6 +1,6 @@
 """Deploying a pruned model: speed, size and perplexity on each runtime, fp32 and int8.
 
-SmolLM2-135M-Instruct with --remove layers removed, side by side in one run on the CPU:
+SmolLM2-135M-Instruct less the layers of --recipe (or plain removal of --remove), side by side in one run on the CPU:
 
 - torch: the pruned safetensors checkpoint in transformers (fp32);
 - ort: repskip's ONNX Runtime loop on the pruned ONNX export (repskip.runtime), fp32 and int8
@@ -19,6 +19,7 @@ each model's perplexity retention against the full fp32 model's.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import statistics
 import sys
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -33,14 +35,10 @@ import _common  # noqa: E402
 WIKI = _common.REPO.parent / "shared" / "data" / "wikitext2" / "test.txt"
 
 
-def make_exports(model: Path, remove: list[int], root: Path) -> dict[str, Path]:
-    """The four folders, made once in ``root`` and reused by later runs of the same removal."""
+def make_exports(model: Path, recipe: Path, tag: str, root: Path) -> dict[str, Path]:
+    """The four folders, made once in ``root`` and reused by later runs of the same recipe."""
     from repskip import pipeline
 
-    root.mkdir(parents=True, exist_ok=True)
-    tag = "-".join(map(str, remove))
-    recipe = root / f"remove-{tag}.yaml"
-    recipe.write_text(f"schema_version: 1\nresolved:\n  remove: {remove}\n")
     out = {"pruned": root / f"pruned-{tag}", "pruned-onnx": root / f"pruned-{tag}-onnx",
            "pruned-onnx-int8": root / f"pruned-{tag}-int8", "full-onnx-int8": root / "full-int8"}
     steps = [(out["pruned"], lambda f: pipeline.compress(model, recipe, f)),
@@ -139,7 +137,8 @@ def nll_ort(model, wins: list[torch.Tensor]) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--remove", default="20,21,22,23", help="layers removed (four, by default)")
+    ap.add_argument("--remove", default="20,21,22,23", help="layers removed by plain removal (four, by default)")
+    ap.add_argument("--recipe", type=Path, help="a resolved recipe instead of --remove (its repair maps too)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
@@ -158,8 +157,17 @@ def main() -> None:
     from repskip.verify import stats
 
     model = _common.default_model()
-    remove = [int(x) for x in args.remove.split(",")]
-    folders = make_exports(model, remove, args.workdir)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.recipe:  # its repair maps stay beside it; the hash of its text (which holds theirs) names the exports
+        recipe = args.recipe
+        remove = sorted(yaml.safe_load(recipe.read_text())["resolved"]["remove"])
+        tag = hashlib.sha256(recipe.read_bytes()).hexdigest()[:12]
+    else:
+        remove = [int(x) for x in args.remove.split(",")]
+        tag = "-".join(map(str, remove))
+        recipe = args.workdir / f"recipe-{tag}.yaml"
+        recipe.write_text(f"schema_version: 1\nresolved:\n  remove: {remove}\n")
+    folders = make_exports(model, recipe, tag, args.workdir)
     if args.exports_only:
         return
     sizes = {name: sum(f.stat().st_size for f in folder.iterdir()
@@ -216,7 +224,8 @@ def main() -> None:
     print(_common.table(["model", "perplexity", "retention", "95% CI"],
                         [[n, q["perplexity"], q["retention"], f"{q['retention_ci95'][0]} - {q['retention_ci95'][1]}"]
                          for n, q in quality.items()]))
-    settings = {"model": str(model), "remove": remove, "prompt_len": args.prompt_len, "decode": args.decode,
+    settings = {"model": str(model), "remove": remove, "recipe": str(args.recipe) if args.recipe else None,
+                "recipe_sha256_12": tag if args.recipe else None, "prompt_len": args.prompt_len, "decode": args.decode,
                 "repeats": args.repeats, "threads": args.threads, "windows": args.windows, "window": args.window}
     import onnxruntime
     import onnxruntime_genai
