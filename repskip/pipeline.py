@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the analysis needs torch; opening a model does not
     from .analyze import analysis as _analysis
 
 __all__ = ["DTYPES", "FORMATS", "MODES", "ModelHandle", "analyze", "check_compress", "check_device_name", "check_kind",
-           "check_options", "compress", "export_as_is", "fit_repair", "flops", "loss_search", "offload_plan",
+           "auto_search", "check_options", "compress", "export_as_is", "fit_repair", "flops", "loss_search", "offload_plan",
            "open_model", "pad_id", "parse_device", "parse_dtype", "removed_layers", "repair_folds", "resolve_recipe",
            "trusting_remote_code", "with_repair"]
 
@@ -87,7 +87,7 @@ def resolve_recipe(
     check_calibration(recipe)
     sel, cal = recipe.selection, recipe.calibration
     assert sel is not None
-    if sel.repair == "linear":
+    if sel.repair != "none":
         from .repair.fit import check_supported
 
         check_supported(handle.family, handle.ckpt.config)
@@ -103,11 +103,13 @@ def resolve_recipe(
         )
         if sel.strategy in LOSS_STRATEGIES:
             result.data["search"] = loss_search(handle, torch_model, sel, cal)
+        elif sel.strategy == "auto":
+            result.data["auto"] = auto_search(handle, torch_model, result, sel, cal)
         resolved = _recipe.resolve(recipe, result)
         assert resolved.resolved is not None
         check_removable(handle, resolved.resolved.remove)
         maps: dict = {}
-        if sel.repair == "linear":
+        if sel.repair != "none":
             fit = fit_repair(handle, torch_model, resolved.resolved.remove, sel, cal)
             resolved, _ = with_repair(resolved, fit, file=None)
             maps = fit.maps
@@ -145,7 +147,7 @@ def loss_search(handle: ModelHandle, torch_model: Any, sel: _recipe.SelectionSpe
     from .analyze.selection import protected_layers
     from .repair.fit import calibration_batches
 
-    if sel.repair == "linear":
+    if sel.repair != "none":
         from .repair.fit import check_supported
 
         check_supported(handle.family, handle.ckpt.config)
@@ -160,11 +162,48 @@ def loss_search(handle: ModelHandle, torch_model: Any, sel: _recipe.SelectionSpe
     protected = protected_layers(handle.num_layers, sel.protect_first, sel.protect_last, sel.protect)
     result = search(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), strategy=sel.strategy,
                     k=sel.k, protected=protected, allow_adjacent=True if sel.allow_adjacent is None else sel.allow_adjacent,
-                    repair=sel.repair == "linear", ridge=sel.ridge, fit_batches=fit_batches,
+                    repair=sel.repair != "none", ridge=sel.ridge, fit_batches=fit_batches,
                     check_batches=check_batches, progress=progress)
     return {**result.to_dict(), "calibration_hash": calib.hash, "sequences": len(scored),
-            "fit_sequences": len(rest) if sel.repair == "linear" and rest else (len(scored) if sel.repair == "linear" else 0),
+            "fit_sequences": len(rest) if sel.repair != "none" and rest else (len(scored) if sel.repair != "none" else 0),
             **search_request(handle, sel)}
+
+
+def auto_search(handle: ModelHandle, torch_model: Any, analysis: _analysis.Analysis, sel: _recipe.SelectionSpec,
+                cal: _recipe.CalibrationSpec, progress: Callable[[int, int], None] | None = None) -> dict:
+    """``--strategy auto`` (repskip.analyze.auto): the similarity strategies' proposals at k,
+    each repaired as the recipe asks and scored on the calibration text as a loss search
+    scores its trials; the record ``analysis.json`` keeps under ``auto``."""
+    from .analyze import auto
+    from .repair.fit import calibration_batches
+
+    repair = sel.repair != "none"
+    if repair:
+        from .repair.fit import check_supported
+
+        check_supported(handle.family, handle.ckpt.config)
+    proposals, declined = auto.candidates(analysis, sel.k, threshold=sel.threshold, allow_adjacent=sel.allow_adjacent,
+                                          protect_first=sel.protect_first, protect_last=sel.protect_last,
+                                          protect=sel.protect, repair=repair)
+    calib, _ = _calibration_batches(handle, cal)
+    scored, rest = calib.sequences[: sel.search_samples], calib.sequences[sel.search_samples :]
+    pad = pad_id(handle.family.load_tokenizer(handle.path))
+    # as in the loss search: the maps are fitted on the sequences the scores are not taken on
+    result = auto.choose(torch_model, handle.family, proposals, batches=calibration_batches(scored, cal.batch_size, pad),
+                         fit_batches=calibration_batches(rest, cal.batch_size, pad) if rest else None,
+                         objective=_objective(handle, sel, cal.seed), repair=repair, ridge=sel.ridge,
+                         progress=progress, method=sel.repair)
+    return {**result, "declined": declined, **auto_request(handle, sel, calib.hash)}
+
+
+def auto_request(handle: ModelHandle, sel: _recipe.SelectionSpec, calibration_hash: str) -> dict:
+    """What an ``auto`` record's choice depends on beyond the analysis (recorded with it, so
+    that a later ``analyze`` or ``select`` can tell whether it answers its own request)."""
+    return {"k": sel.k, "threshold": sel.threshold, "objective": sel.objective, "repair": sel.repair != "none",
+            "method": sel.repair,
+            "sequences": sel.search_samples, "calibration_hash": calibration_hash,
+            "protected": search_request(handle, sel)["protected"], "ridge": sel.ridge if sel.repair != "none" else None,
+            "allow_adjacent": sel.allow_adjacent}  # None: each proposer's own rule
 
 
 def search_request(handle: ModelHandle, sel: _recipe.SelectionSpec) -> dict:
@@ -174,10 +213,10 @@ def search_request(handle: ModelHandle, sel: _recipe.SelectionSpec) -> dict:
 
     return {"protected": sorted(protected_layers(handle.num_layers, sel.protect_first, sel.protect_last, sel.protect)),
             "allow_adjacent": True if sel.allow_adjacent is None else sel.allow_adjacent,
-            "ridge": sel.ridge if sel.repair == "linear" else None,
+            "ridge": sel.ridge if sel.repair != "none" else None,
             # a repaired search scores its choices with the map the final fit's check keeps
             # (searches recorded before that have no such key and are not reused)
-            "checked_choices": sel.repair == "linear"}
+            "checked_choices": sel.repair != "none"}
 
 
 # Fewer calibration tokens than this many per hidden unit leave a linear repair map
@@ -197,7 +236,7 @@ def fit_repair(handle: ModelHandle, torch_model: Any, removed: Sequence[int], se
     check_supported(handle.family, handle.ckpt.config)
     _, batches = _calibration_batches(handle, cal)
     fit = fit_linear_layerwise(torch_model, handle.family, batches, _objective(handle, sel, cal.seed), removed,
-                     handle.num_layers, sel.ridge, progress)
+                               handle.num_layers, sel.ridge, progress, method=sel.repair)
     hidden = handle.family.hidden_size(handle.ckpt.config)
     if fit.tokens < TOKENS_PER_HIDDEN * hidden:
         warnings.warn(f"the linear repair was fitted on {fit.tokens} calibration tokens, few for maps of "
@@ -221,8 +260,8 @@ def with_repair(recipe: _recipe.Recipe, fit: Any, file: str | None) -> tuple[_re
 
     if not fit.maps:
         return recipe, None
-    raw, digest = store.serialize(fit.maps)
-    ref = _recipe.RepairRef(file=file, sha256=digest, ridge=fit.ridge, tokens=fit.tokens, maps=[
+    raw, digest = store.serialize(fit.maps, fit.method)
+    ref = _recipe.RepairRef(method=fit.method, file=file, sha256=digest, ridge=fit.ridge, tokens=fit.tokens, maps=[
         _recipe.RepairMap(layer=run.anchor, run=[run.first, run.last], residual=round(fit.residual[run.anchor], 6))
         for run in fit.runs if run.anchor in fit.maps])
     assert recipe.resolved is not None
@@ -250,6 +289,18 @@ def flops(
     return compare(handle.family.cost(handle.ckpt.config), list(removed), seq_len)
 
 
+def check_repair_method(strategy: str, repair: str) -> None:
+    """Refuse the cosine repair with a loss strategy: the search fits a map for every trial,
+    which least squares does from its sums at once, and the cosine fit by an iterative solve
+    over kept rows (memory and time per trial)."""
+    from .analyze.selection import LOSS_STRATEGIES
+
+    if repair == "cosine" and strategy in LOSS_STRATEGIES:
+        raise RepskipError(f"--repair cosine is not available with --strategy {strategy}, whose search fits a map "
+                           "for every trial: use --repair linear with it, or --strategy auto (or a similarity "
+                           "strategy) with --repair cosine")
+
+
 def check_recipe_fits(recipe: _recipe.Recipe, handle: ModelHandle) -> None:
     """Refuse, before any analysis or write, a recipe that cannot apply to this model: made
     for another kind or another model, naming layers it does not have, or asking for more
@@ -264,6 +315,7 @@ def check_recipe_fits(recipe: _recipe.Recipe, handle: ModelHandle) -> None:
 
     sel = recipe.selection
     assert sel is not None
+    check_repair_method(sel.strategy, sel.repair)
     check_feasible(handle.num_layers, sel.strategy, sel.k, allow_adjacent=sel.allow_adjacent,
                    protect_first=sel.protect_first, protect_last=sel.protect_last, protect=sel.protect)
 

@@ -45,7 +45,7 @@ class CalibrationSpec(_Strict):
 
 
 class SelectionSpec(_Strict):
-    strategy: Literal["paper", "block-influence", "angular-block", "loss", "greedy-loss"] = "paper"
+    strategy: Literal["auto", "paper", "block-influence", "angular-block", "loss", "greedy-loss"] = "paper"
     k: int = Field(..., ge=1, description="number of layers to remove")
     threshold: float = Field(0.95, ge=-1.0, le=1.0, description="paper: min cosine to qualify")
     allow_adjacent: bool | None = Field(
@@ -68,7 +68,7 @@ class SelectionSpec(_Strict):
     objective: Literal["nll", "kl"] = Field(
         "nll", description="loss, greedy-loss: calibration loss to minimise (nll: the model's own loss; kl: to the full model)"
     )
-    repair: Literal["none", "linear"] = Field(
+    repair: Literal["none", "linear", "cosine"] = Field(
         "none", description="linear: fit a least-squares map per removed run and fold it into the layer in front"
     )
     ridge: float = Field(1e-3, gt=0, description="repair: ridge, relative to the mean diagonal of M^T M")
@@ -84,12 +84,22 @@ class RepairMap(_Strict):
 
 
 class RepairRef(_Strict):
-    method: Literal["linear"] = "linear"
+    method: Literal["linear", "cosine"] = "linear"
     file: str | None = Field(None, description="the maps (safetensors), relative to the recipe's folder")
     sha256: str = Field(..., description="hash of the maps file")
     ridge: float
     tokens: int | None = None
     maps: list[RepairMap]
+
+
+class Candidate(_Strict):
+    """One removal ``--strategy auto`` weighed (repskip.analyze.auto)."""
+
+    remove: list[int]
+    proposed_by: list[str] = Field(..., description="the strategies that chose it (or a block next to theirs)")
+    loss: float = Field(..., description="mean calibration loss with it removed (and repaired), on the scored text")
+    maps_kept: dict[str, bool] = Field(default_factory=dict, description="anchor layer -> whether its map passed the check")
+    fit_seconds: float = Field(..., description="time of its repair fit")
 
 
 class ModelRef(_Strict):
@@ -111,6 +121,8 @@ class Resolved(_Strict):
     versions: dict[str, str] = Field(default_factory=dict)
     created: str | None = None
     repair: RepairRef | None = Field(None, description="the linear repair folded in by compress, if any")
+    candidates: list[Candidate] | None = Field(None, description="auto: every removal weighed, the chosen one "
+                                                                 "of lowest loss")
 
 
 class Recipe(_Strict):
@@ -259,6 +271,8 @@ def resolve(recipe: Recipe, analysis: "Analysis") -> Recipe:
         sampler=analysis.data["settings"].get("sampler"),
         versions=analysis.data["versions"],
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        candidates=[Candidate(**{key: c[key] for key in Candidate.model_fields})
+                    for c in analysis.data["auto"]["candidates"]] if sel.strategy == "auto" else None,
     )
     return recipe.model_copy(
         update={"resolved": resolved, "calibration": calibration, "selection": sel.model_copy(update=measured)}

@@ -154,6 +154,36 @@ def test_the_two_sweep_repair_fit_equals_the_run_by_run_fit(name, tiny, tmp_path
     assert [r.anchor for r in whole.dropped] == [r.anchor for r in layered.dropped]
 
 
+@pytest.mark.parametrize("name", ["llama", "llada"])
+def test_several_removals_fitted_in_one_full_sweep_equal_each_fitted_alone(name, tiny, tmp_path):
+    """fit_linear_many (auto's candidates) shares the full model's sweep: removals that share a
+    first anchor ([1, 2] and [1, 2, 4]), a run's end ([3, 4] and [4]) or nothing get the maps,
+    check record and dropped runs of fitting each alone, bit for bit."""
+    from helpers import llada_from_llama
+
+    from repskip.analyze.objective import Objective
+    from repskip.repair.fit import calibration_batches
+    from repskip.repair.sweep import fit_linear_layerwise, fit_linear_many
+
+    path = llada_from_llama(tiny["llama"], tmp_path / name) if name == "llada" else tiny[name]
+    handle = open_model(path)
+    model, fam = handle.load(), handle.family
+    ids = A.ids(batch=8, length=32)
+    batches = calibration_batches([ids[i, :n].tolist() for i, n in enumerate([32, 20, 27, 9, 32, 14, 30, 31])], 3, 0)
+    mask_id = fam.mask_token_id(handle.ckpt.config) if fam.generative_kind == "diffusion" else None
+    objective = Objective(fam, "nll", mask_id)
+    removals = [[1, 2], [3, 4], [1, 2, 4], [4], [2]]
+    together = fit_linear_many(model, fam, batches, objective, removals, handle.num_layers)
+    for removed, many in zip(removals, together):
+        alone = fit_linear_layerwise(model, fam, batches, objective, removed, handle.num_layers)
+        assert sorted(many.maps) == sorted(alone.maps) and many.maps, removed
+        for anchor in alone.maps:
+            assert (many.maps[anchor] == alone.maps[anchor]).all(), removed
+        assert many.details == alone.details and many.tokens == alone.tokens and many.runs == alone.runs
+        assert [r.anchor for r in many.dropped] == [r.anchor for r in alone.dropped]
+        assert many.seconds > 0
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt2", "gpt_neox", "opt", "deepseek_v3", "bamba", "bloom"])
 def test_the_two_sweep_repair_fit_equals_the_run_by_run_fit_across_layouts(model_type, tmp_path):
     whole, layered = _fit_both(A.make(model_type, tmp_path), [2, 4])

@@ -60,6 +60,11 @@ def test_sequential_analysis_and_repair_equal_the_in_memory_ones(name, tiny, tmp
     close_tree(_analysis(outputs["none"]), _analysis(outputs["sequential"]))
     kept, streamed = _recipe(outputs["none"]), _recipe(outputs["sequential"])
     assert kept["resolved"]["remove"] == streamed["resolved"]["remove"]
+    # auto (the default) weighed the same candidates with the same losses, streamed or not
+    weighed = [json.loads((outputs[m] / "analysis.json").read_text())["auto"]["candidates"] for m in outputs]
+    assert [c["remove"] for c in weighed[0]] == [c["remove"] for c in weighed[1]] and len(weighed[0]) > 1
+    for one, two in zip(*weighed):
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-4) and one["maps_kept"] == two["maps_kept"]
     maps = [load_file(str(outputs[m] / "repair.safetensors")) for m in ("none", "sequential")]
     assert maps[0].keys() == maps[1].keys() and maps[0]
     for key in maps[0]:

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,12 @@ def test_fingerprint_ignores_dtype_and_sharding_but_not_weights_layout(tiny, tmp
     # same architecture, other weights (a fine-tune, say): another model
     retrained = make_checkpoint(tmp_path / "c", "qwen2", seed=5)
     assert open_model(retrained).ckpt.fingerprint() != base
+
+
+def test_the_json_schema_in_the_docs_is_the_models():
+    """docs/recipes.md shows the Recipe model's JSON Schema as pydantic generates it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    start = text.index("```json\n", text.index("<summary>Recipe JSON Schema")) + len("```json\n")
+    assert json.loads(text[start:text.index("```", start)]) == recipe_mod.Recipe.model_json_schema()

@@ -6,6 +6,9 @@
   BI = 1 - E[cos(in, out)]; adjacent layers allowed.
 - ``angular-block``: Gromov et al. Remove the contiguous block of k layers whose input and
   output are closest in angular distance arccos(cos(h_l, h_{l+k})) / pi, on the last token.
+- ``loss``, ``greedy-loss``: the calibration loss a removal costs (repskip.analyze.search).
+- ``auto``: the proposals of the three above, each repaired and scored on the calibration loss
+  (repskip.analyze.auto); the lowest wins.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from ..errors import RepskipError
 if TYPE_CHECKING:  # the analysis module needs torch; choosing layers does not
     from .analysis import Analysis
 
-STRATEGIES = ("paper", "block-influence", "angular-block", "loss", "greedy-loss")
+STRATEGIES = ("auto", "paper", "block-influence", "angular-block", "loss", "greedy-loss")
 LOSS_STRATEGIES = ("loss", "greedy-loss")  # they run the model: repskip.analyze.search
+RUNS_MODEL = (*LOSS_STRATEGIES, "auto")  # choosing needs the model, not the analysis alone
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,24 @@ def by_loss(analysis: "Analysis", strategy: str, k: int, allow_adjacent: bool, p
     return Selection(chosen, f"{data['objective']}_with_layer_removed", "calibration", scores)
 
 
+def by_auto(analysis: "Analysis", k: int, threshold: float, allow_adjacent: bool | None,
+            protected: set[int]) -> Selection:
+    """The removal a recorded ``auto`` choice made (see repskip.analyze.auto), refused when the
+    record was made for another k or other rules; no per-layer scores (the candidates, with
+    their losses, are the record)."""
+    data = analysis.data.get("auto")
+    if not data:
+        raise RepskipError("the analysis holds no auto choice, which --strategy auto needs: run 'repskip analyze "
+                           "--strategy auto' (it repairs and scores each strategy's proposal on the calibration text)")
+    asked = {"k": k, "threshold": threshold, "allow_adjacent": allow_adjacent, "protected": sorted(protected)}
+    differs = [f"{key} {data.get(key)} there, {value} here" for key, value in asked.items() if data.get(key) != value]
+    if differs:
+        raise RepskipError(f"the analysis's auto choice was made with other settings ({'; '.join(differs)}): re-run "
+                           f"'repskip analyze --strategy auto' with these (it reuses the measurements)")
+    metric = f"{data['objective']}_after_repair" if data["repair"] else f"{data['objective']}_with_layers_removed"
+    return Selection(sorted(data["chosen"]), metric, "calibration", [None] * analysis.num_layers)
+
+
 def check_feasible(num_layers: int, strategy: str, k: int, *, allow_adjacent: bool | None = None,
                    protect_first: bool = True, protect_last: bool = True, protect: list[int] | None = None) -> None:
     """Refuse, before any analysis runs, a choice that no analysis could satisfy: k not below
@@ -143,6 +165,7 @@ def check_feasible(num_layers: int, strategy: str, k: int, *, allow_adjacent: bo
             raise RepskipError(f"no block of {k} contiguous layers avoids the protected layers {sorted(guarded)}: "
                                "lower -k or protect fewer layers")
         return
+    # auto: block influence, the most permissive proposer, must be able to choose
     adjacent = allow_adjacent if allow_adjacent is not None else strategy != "paper"
     most = len(free) if adjacent else sum((len(run) + 1) // 2 for run in _runs(free))
     if most < k:
@@ -185,6 +208,8 @@ def select(
         return block_influence(analysis, k, True if allow_adjacent is None else allow_adjacent, guarded)
     if strategy == "angular-block":
         return angular_block(analysis, k, guarded)
+    if strategy == "auto":
+        return by_auto(analysis, k, threshold, allow_adjacent, guarded)
     if strategy in LOSS_STRATEGIES:
         return by_loss(analysis, strategy, k, True if allow_adjacent is None else allow_adjacent, guarded)
     raise RepskipError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

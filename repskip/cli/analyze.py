@@ -48,23 +48,32 @@ def _cosine(ctx, param, value):
     return value
 
 
-# What `analyze` does unless told otherwise: on SmolLM2-135M at k = 2, 4, 6, 8
-# (docs/benchmarks.md, "Quality per layer removed") block-influence with a linear repair was
-# the best or close to it at every k, while angular-block + repair, ahead at k = 4 and 6,
-# collapsed at k = 8. A recipe file that names no strategy still means paper, so that old
-# recipes keep their meaning.
-DEFAULT_STRATEGY = "block-influence"
+# What `analyze` does unless told otherwise. Which similarity strategy removes best depends on
+# the model and on k (docs/benchmarks.md, "Quality per layer removed": on SmolLM2-135M the
+# angular block with repair leads at k = 4 and 6 and collapses at k = 8, where block influence
+# holds; on Qwen2.5-Coder-0.5B it leads at k = 4 and trails at k = 2), so auto lets the repaired
+# calibration loss decide between their proposals. `select`, which cannot run the model, keeps
+# block-influence. A recipe file that names no strategy still means paper, so that old recipes
+# keep their meaning.
+DEFAULT_STRATEGY = "auto"
+SELECT_STRATEGY = "block-influence"
 DEFAULT_REPAIR = "linear"
 
 
-def _selection_options(f):
+STRATEGY_HELP = ("How layers are chosen: by similarity (paper, block-influence, angular-block), by the calibration "
+                 "loss a removal costs (loss: each layer alone; greedy-loss: one at a time, SLEB), or auto: the "
+                 "similarity strategies' proposals (and the blocks beside the angular one) each repaired and scored "
+                 "on held-out calibration text, the lowest loss taken. auto and the loss strategies run the model; "
+                 "select reads what analyze recorded.")
+
+
+def _selection_options(f=None, *, default: str = DEFAULT_STRATEGY):
+    if f is None:
+        return lambda g: _selection_options(g, default=default)
     opts = [
-        click.option("--strategy", type=click.Choice(["paper", "block-influence", "angular-block", "loss", "greedy-loss"]),
-                     default=DEFAULT_STRATEGY, show_default=True,
-                     help="How layers are chosen: by similarity (paper, block-influence, angular-block) or by the "
-                          "calibration loss a removal costs (loss: each layer alone; greedy-loss: one at a time, "
-                          "SLEB). The loss strategies run the model; select reads the search analyze recorded. "
-                          "The default (with --repair linear) was the most robust in docs/benchmarks.md."),
+        click.option("--strategy", type=click.Choice(["auto", "paper", "block-influence", "angular-block", "loss",
+                                                      "greedy-loss"]),
+                     default=default, show_default=True, help=STRATEGY_HELP),
         click.option("-k", "k", type=click.IntRange(min=1), default=4, show_default=True, help="Layers to remove."),
         click.option("--threshold", type=float, default=0.95, show_default=True, callback=_cosine,
                      help="paper: a layer qualifies when its mean cos(in, out) is above this (-1 to 1)."),
@@ -138,10 +147,11 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: byte
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="sampling mode: format prompts with the chat template if there is one.")
 @_selection_options
-@click.option("--repair", type=click.Choice(["none", "linear"]), default=DEFAULT_REPAIR, show_default=True,
+@click.option("--repair", type=click.Choice(["none", "linear", "cosine"]), default=DEFAULT_REPAIR, show_default=True,
               help="linear: fit a least-squares map per removed run on the calibration text and fold it into the "
                    "MLP output projection of the layer in front (same architecture, no extra parameter); with a "
-                   "loss strategy, candidates are scored repaired.")
+                   "loss strategy or auto, candidates are scored repaired. cosine: the same map fitted to the "
+                   "direction of each token's target (ReplaceMe's cosine objective), not with a loss strategy.")
 @click.option("--objective", type=click.Choice(["nll", "kl"]), default="nll", show_default=True,
               help="loss strategies: the calibration loss (nll: the model's own; kl: to the full model's predictions).")
 @click.option("--ridge", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
@@ -182,11 +192,12 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
     cal = CalibrationSpec(source=calib or "builtin", field=calib_field, num_samples=num_samples,
                           max_length=max_length, batch_size=batch_size, seed=seed)
     pipeline.check_device_name(device)
+    pipeline.check_repair_method(strategy, repair)
     reporter = Reporter("analyze", console=err_console)
     reporter.say(f"opening {model}")
     handle = pipeline.open_model(model)
     # every refusal now, not after the analysis
-    from ..analyze.selection import LOSS_STRATEGIES, check_feasible
+    from ..analyze.selection import LOSS_STRATEGIES, RUNS_MODEL, check_feasible
 
     check_feasible(handle.num_layers, strategy, k, allow_adjacent=allow_adjacent, protect_first=not no_protect_ends,
                    protect_last=not no_protect_ends, protect=spec.protect)
@@ -211,7 +222,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         reporter.move_status(tmp / STATUS_NAME)
         reporter.say(f"working in {tmp} ({output} appears when it is done)")
         torch_model = None
-        if reused is None or strategy in LOSS_STRATEGIES or repair != "none":
+        if reused is None or strategy in RUNS_MODEL or repair != "none":
             reporter.say(f"loading {handle.path.name} ({dtype}, {device})")
             torch_model = stack.enter_context(_offload.loaded(
                 handle, run_dtype, run_device, plan=plan, tokens=num_samples * max_length, max_memory=budget,
@@ -230,7 +241,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
         if strategy in LOSS_STRATEGIES:
             from ..analyze.reuse import search_matches
 
-            request = {"strategy": strategy, "objective": objective, "repair": repair == "linear",
+            request = {"strategy": strategy, "objective": objective, "repair": repair != "none",
                        "sequences": min(search_samples, num_samples), "k": k,
                        **pipeline.search_request(handle, spec)}
             if search_matches(result.data.get("search"), request):
@@ -238,6 +249,14 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
             else:
                 with reporter.stage("searching", "batches") as update:
                     result.data["search"] = pipeline.loss_search(handle, torch_model, spec, cal, progress=update)
+        elif strategy == "auto":
+            request = pipeline.auto_request(handle, spec, result.data["calibration"]["hash"])
+            recorded = result.data.get("auto") or {}
+            if all(recorded.get(key) == value for key, value in request.items()):
+                reporter.say("reusing the auto choice recorded in the analysis")
+            else:
+                with reporter.stage("weighing candidates", "steps") as update:
+                    result.data["auto"] = pipeline.auto_search(handle, torch_model, result, spec, cal, progress=update)
         unresolved = Recipe(selection=spec, calibration=cal)
         try:
             recipe = resolve(unresolved, result)
@@ -247,7 +266,7 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
             _write_analysis_outputs(tmp, result, unresolved, threshold)
             recipe, saved_only = unresolved, exc
         maps_file = None
-        if saved_only is None and repair == "linear":
+        if saved_only is None and repair != "none":
             from ..repair.store import DEFAULT_NAME
 
             with reporter.stage("fitting repair", "layers") as update:
@@ -276,6 +295,8 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
     if search:
         console.print(f"loss search ({search['objective']}{', repaired' if search['repair'] else ''}): full model "
                       f"{search['base_loss']:.4f}, {len(search['rounds'])} round(s) in {search['seconds']:.1f} s")
+    if strategy == "auto":
+        console.print(_candidates_table(result.data["auto"]))
     console.print(f"[bold]{strategy}[/] k={k}: remove layers [bold red]{recipe.resolved.remove}[/]")
     if recipe.resolved.repair:
         fits = ", ".join(f"layer {m.layer} <- {m.run[0]}..{m.run[1]}: {m.residual:.3f}" for m in recipe.resolved.repair.maps)
@@ -283,6 +304,20 @@ def analyze(model, output, calib, calib_field, num_samples, max_length, batch_si
     console.print(f"wrote {output}/analysis.json, recipe.yaml, "
                   + ("repair.safetensors, " if maps_file else "")
                   + f"similarity.png, similarity_matrix.png, token_distance.png, {STATUS_NAME}")
+
+
+def _candidates_table(record: dict) -> Table:
+    """The removals auto weighed, lowest loss first."""
+    table = Table(title=f"auto: candidates scored on {record['tokens']} held-out calibration tokens "
+                        f"(full model {record['objective']} {record['base_loss']:.4f})")
+    for name in ("remove", "proposed by", "loss", "maps kept", "fit s"):
+        table.add_column(name, justify="right" if name in ("loss", "fit s") else "left")
+    for c in sorted(record["candidates"], key=lambda c: c["loss"]):
+        chosen = c["remove"] == record["chosen"]
+        kept = ", ".join(f"{a}:{'yes' if ok else 'no'}" for a, ok in c["maps_kept"].items()) or "-"
+        table.add_row(("[bold]" if chosen else "") + str(c["remove"]), ", ".join(c["proposed_by"]),
+                      f"{c['loss']:.4f}", kept, f"{c['fit_seconds']:.1f}")
+    return table
 
 
 def _reusable(output: Path, handle, cal, mode, ratios, prompt_fraction, positions, matrix_tokens, dtype):
@@ -320,7 +355,7 @@ def _dtype_name(name: str) -> str:
 @main.command()
 @click.argument("analysis_file", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Recipe YAML to write.")
-@_selection_options
+@_selection_options(default=SELECT_STRATEGY)
 @click.option("--force", is_flag=True, help="Replace the recipe file if it exists.")
 def select(analysis_file, output, strategy, k, threshold, allow_adjacent, protect, no_protect_ends, force):
     """Choose layers from an existing analysis.json without re-running the model."""

@@ -24,6 +24,7 @@ from ..analyze.objective import Objective
 from ..analyze.surgery import Surgery
 from ..errors import RepskipError
 from ..runtime import model_device
+from .cosine import CosineFit, fitter
 from .linear import LeastSquares, Run, removed_runs, token_weights
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -48,6 +49,7 @@ class FitResult:
     ridge: float
     details: list[dict] = field(default_factory=list)
     dropped: list[Run] = field(default_factory=list)  # runs left unrepaired: no map lowered the loss
+    method: str = "linear"  # how the maps were fitted: linear (least squares) or cosine
 
 
 def check_supported(family: Any, config: dict) -> None:
@@ -72,7 +74,7 @@ def scored_states(p: Any, hidden: torch.Tensor) -> np.ndarray:
 @torch.inference_mode()
 def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, removed: Sequence[int],
                num_layers: int, ridge: float = 1e-3,
-               progress: Callable[[int, int], None] | None = None) -> FitResult:
+               progress: Callable[[int, int], None] | None = None, method: str = "linear") -> FitResult:
     """Fit one map per maximal run of ``removed`` (original layer indices), in order, run by
     run: memory stays flat whatever the number of calibration tokens, but the calibration text
     streams through the model twice per run. repskip.repair.sweep fits the same maps in two
@@ -88,7 +90,7 @@ def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, 
     with Surgery(model, family) as s:
         check_joins_residual(s, model, batches, objective, [run.anchor for run in runs])
         for done, run in enumerate(runs):
-            ls: LeastSquares | None = None
+            ls: LeastSquares | CosineFit | None = None
             for index, (ids, mask) in enumerate(batches()):
                 for p in objective.passes(ids, mask, index):
                     s.set(record={run.last}, stop_after=run.last)  # the full model, up to the run's end
@@ -99,7 +101,7 @@ def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, 
                     m = s.mlp[run.anchor]
                     rest = s.outputs[run.anchor] - m  # the residual stream the MLP output joins
                     if ls is None:
-                        ls = LeastSquares(m.shape[-1])
+                        ls = fitter(method, m.shape[-1])
                     y = scored_states(p, target)
                     ls.add(scored_states(p, m), y - scored_states(p, rest), token_weights(y))
             assert ls is not None
@@ -117,7 +119,7 @@ def fit_linear(model: Any, family: Any, batches: Batches, objective: Objective, 
             details.append(detail)
             if progress:
                 progress(done + 1, len(runs))
-    return FitResult(maps, runs, residual, tokens, time.perf_counter() - start, ridge, details, dropped)
+    return FitResult(maps, runs, residual, tokens, time.perf_counter() - start, ridge, details, dropped, method)
 
 
 def check_joins_residual(s: Surgery, model: Any, batches: Batches, objective: Objective,
@@ -152,7 +154,7 @@ def check_sum(anchor: int, out: torch.Tensor, m: torch.Tensor | None, rest: torc
 
 
 def check_map(s: Surgery, model: Any, batches: Batches, objective: Objective, removed: Sequence[int],
-              maps: dict[int, np.ndarray], anchor: int, ls: LeastSquares, ridge: float,
+              maps: dict[int, np.ndarray], anchor: int, ls: LeastSquares | CosineFit, ridge: float,
               like: torch.Tensor) -> tuple[str, np.ndarray | None, dict[str, float]]:
     """The map to keep for ``anchor``: the fit at ``ridge`` if it brings the model's predictions
     closer to the full model's (KL divergence on the first CHECK_BATCHES batches, the model
@@ -180,7 +182,7 @@ def check_map(s: Surgery, model: Any, batches: Batches, objective: Objective, re
     return choose_map(ls, ridge, divergences)
 
 
-def choose_map(ls: LeastSquares, ridge: float, divergences: Callable[[dict[str, np.ndarray | None]], dict[str, float]]
+def choose_map(ls: LeastSquares | CosineFit, ridge: float, divergences: Callable[[dict[str, np.ndarray | None]], dict[str, float]]
                ) -> tuple[str, np.ndarray | None, dict[str, float]]:
     """The ridge steps' maps tried in order against no map (``divergences`` gives each trial's
     KL to the full model): the first that lowers it, else None."""
