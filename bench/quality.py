@@ -43,7 +43,7 @@ FIT_VERSION = 2
 # current search chooses the same layers.
 SEARCH_VERSION = 2
 # Part of an auto choice's cache key, likewise.
-AUTO_VERSION = 1
+AUTO_VERSION = 2  # 2: maps scored as fitted, the winner checked (as the loss search)
 
 
 def parse() -> argparse.Namespace:

@@ -98,8 +98,11 @@ class Candidate(_Strict):
     remove: list[int]
     proposed_by: list[str] = Field(..., description="the strategies that chose it (or a block next to theirs)")
     loss: float = Field(..., description="mean calibration loss with it removed (and repaired), on the scored text")
-    maps_kept: dict[str, bool] = Field(default_factory=dict, description="anchor layer -> whether its map passed the check")
-    fit_seconds: float = Field(..., description="time of its repair fit")
+    maps_kept: dict[str, bool] | None = Field(None, description="anchor layer -> whether its map passed the KL check "
+                                                                "(checked for the winner only, as in the loss search)")
+    loss_as_fitted: float | None = Field(None, description="its loss before the check changed its maps, if it did")
+    fit_seconds: float = Field(..., description="time of its repair fit (unchecked)")
+    check_seconds: float | None = Field(None, description="time of the checked fit, for a candidate that won")
 
 
 class ModelRef(_Strict):
@@ -271,7 +274,7 @@ def resolve(recipe: Recipe, analysis: "Analysis") -> Recipe:
         sampler=analysis.data["settings"].get("sampler"),
         versions=analysis.data["versions"],
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        candidates=[Candidate(**{key: c[key] for key in Candidate.model_fields})
+        candidates=[Candidate(**{key: c[key] for key in Candidate.model_fields if key in c})
                     for c in analysis.data["auto"]["candidates"]] if sel.strategy == "auto" else None,
     )
     return recipe.model_copy(

@@ -20,7 +20,7 @@ from repskip.analyze.objective import Objective
 from repskip.cli import main
 from repskip.errors import RepskipError
 from repskip.repair.fit import calibration_batches, fold_in_memory
-from repskip.repair.sweep import fit_linear_layerwise
+from repskip.repair.sweep import fit_linear_layerwise, fit_linear_many
 
 
 def run(*args):
@@ -92,27 +92,53 @@ def test_auto_takes_the_lowest_loss_not_the_first_proposal(identity_pair, repair
     assert record["chosen"] == [2, 3]
     assert [c["proposed_by"] for c in record["candidates"]] == [["block-influence"], ["angular-block"], ["paper"]]
     assert all(c["fit_seconds"] >= 0 for c in record["candidates"]) and record["tokens"] > 0
-    if repair:  # an idle run needs no map: the check keeps none (it would not lower the KL)
+    if repair:  # only the winner is checked; an idle run needs no map: the check keeps none
         assert record["candidates"][2]["maps_kept"] == {"1": False}
-        assert set(record["candidates"][0]["maps_kept"]) == {"0"}
+        assert record["candidates"][0]["maps_kept"] is None and record["candidates"][1]["maps_kept"] is None
 
 
 @pytest.mark.parametrize("repair", [False, True])
 def test_every_score_is_the_loss_of_the_model_really_pruned(tiny, repair):
     # each candidate scored in the one layer-by-layer sweep equals the NLL of a copy with its
-    # layers really removed and its fitted maps really folded, on the held-out text
+    # layers really removed and its maps really folded, on the held-out text: the maps as
+    # fitted, and for the winner the maps the final fit's check keeps
     handle, model, scored, rest, objective = _setup(tiny["qwen2"])
     proposals = [([2, 3], ["a"]), ([1, 4], ["b"]), ([3], ["c"])]
     record = auto.choose(model, handle.family, proposals, batches=scored, fit_batches=rest, objective=objective,
                          repair=repair, ridge=1e-3)
     assert record["base_loss"] == pytest.approx(_loss(model, scored, objective), rel=1e-5)
-    truth = {}
-    for remove, _ in proposals:
-        maps = fit_linear_layerwise(model, handle.family, rest, objective, remove, handle.num_layers).maps if repair else {}
-        truth[tuple(remove)] = _loss(_pruned(handle, model, remove, maps), scored, objective)
+    removals = [r for r, _ in proposals]
+    fitted = fit_linear_many(model, handle.family, rest, objective, removals, handle.num_layers, check=False) \
+        if repair else [None] * 3
+    truth = {tuple(r): _loss(_pruned(handle, model, r, f.maps if f else {}), scored, objective)
+             for r, f in zip(removals, fitted)}
+    chosen = tuple(record["chosen"])
+    if repair:
+        checked = fit_linear_layerwise(model, handle.family, rest, objective, list(chosen), handle.num_layers).maps
+        truth[chosen] = _loss(_pruned(handle, model, list(chosen), checked), scored, objective)
     for c in record["candidates"]:
         assert c["loss"] == pytest.approx(truth[tuple(c["remove"])], rel=1e-4)
-    assert tuple(record["chosen"]) == min(truth, key=truth.get)
+        assert (c["maps_kept"] is not None) == (repair and tuple(c["remove"]) == chosen)
+    assert chosen == min(truth, key=truth.get)
+
+
+def test_a_winner_whose_maps_the_check_drops_is_scored_again_without_them(tiny, monkeypatch):
+    # as in the loss search, no candidate wins on maps the recipe will not have: with a check
+    # that keeps no map, each winner in turn is scored unrepaired until one stays the lowest
+    import repskip.repair.sweep as sweep
+
+    monkeypatch.setattr(sweep, "choose_map", lambda ls, ridge, measure: ("none", None, {"none": 0.0}))
+    handle, model, scored, rest, objective = _setup(tiny["qwen2"])
+    proposals = [([2, 3], ["a"]), ([1, 4], ["b"]), ([3], ["c"]), ([2], ["d"])]
+    record = auto.choose(model, handle.family, proposals, batches=scored, fit_batches=rest, objective=objective,
+                         repair=True, ridge=1e-3)
+    winner = next(c for c in record["candidates"] if c["remove"] == record["chosen"])
+    assert winner["maps_kept"] and not any(winner["maps_kept"].values())
+    assert winner["loss"] == pytest.approx(_loss(_pruned(handle, model, winner["remove"]), scored, objective), rel=1e-4)
+    assert "loss_as_fitted" in winner  # scored again: the check changed its maps
+    assert winner["loss"] == min(c["loss"] for c in record["candidates"])
+    for c in record["candidates"]:  # every candidate checked lost its maps and was scored without them
+        assert c["maps_kept"] is None or ("loss_as_fitted" in c and not any(c["maps_kept"].values()))
 
 
 def _analysis(tiny, tmp_path):
@@ -161,6 +187,7 @@ def test_analyze_auto_records_every_candidate_and_is_reproducible(tiny, tmp_path
     for record in records:
         for c in record["candidates"]:
             c.pop("fit_seconds")
+            c.pop("check_seconds", None)
         for key in ("seconds", "score_seconds"):
             record.pop(key)
     assert one == two  # the same seed: the same candidates, losses and choice

@@ -182,6 +182,15 @@ def test_several_removals_fitted_in_one_full_sweep_equal_each_fitted_alone(name,
         assert many.details == alone.details and many.tokens == alone.tokens and many.runs == alone.runs
         assert [r.anchor for r in many.dropped] == [r.anchor for r in alone.dropped]
         assert many.seconds > 0
+    # unchecked: every run gets its fit at the ridge as it is; where the check kept that map the
+    # numbers are the same (the check's own fits run on the model the earlier maps left)
+    unchecked = fit_linear_many(model, fam, batches, objective, removals, handle.num_layers, check=False)
+    for fit, plain in zip(together, unchecked):
+        assert sorted(plain.maps) == [run.anchor for run in plain.runs] and plain.dropped == []
+        first = fit.details[0]
+        if first["kept"] and first["check_loss"].get("ridge x1") is not None \
+                and first["check_loss"]["ridge x1"] < first["check_loss"]["none"]:
+            assert (plain.maps[first["anchor"]] == fit.maps[first["anchor"]]).all()
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt2", "gpt_neox", "opt", "deepseek_v3", "bamba", "bloom"])

@@ -11,15 +11,17 @@ their proposals:
    choose nothing (paper's threshold) proposes nothing. Equal removals are one candidate.
 2. with repair, each candidate's maps are fitted on the calibration sequences after the first
    ``search_samples``, through the final fit's own code (repskip.repair.sweep, one sweep of
-   the full model shared by all candidates), KL check included: a map the check would drop is
-   not scored;
+   the full model shared by all candidates);
 3. each candidate is scored on the first ``search_samples`` sequences (text no map was fitted
    on), with the loss the loss search scores its trials with (``objective``), all candidates
    in one sweep of the model (repskip.engine.layerwise.execute: each layer is read once, so
    a model run from disk costs one stream of its weights);
-4. the lowest loss wins (ties: the earlier candidate). The record keeps every candidate with
-   its loss, its maps and the seconds its fit took (its own pruned sweep and an equal share of
-   the full one).
+4. the lowest loss wins (ties: the earlier candidate), once its maps have passed the final
+   fit's KL check: as in the loss search, only the winner is checked, and if the check keeps
+   other maps (a stronger ridge, or none) it is scored again with those and the choice made
+   again. The record keeps every candidate with its loss, the maps the check kept (winners
+   only) and the seconds its fit took (its own pruned sweep and an equal share of the full
+   one).
 
 The proposals cost one sweep of the full model over the fit text, one pruned sweep each, and
 one scoring sweep, where greedy-loss with the repair in the loop costs k rounds of a fit and
@@ -128,24 +130,44 @@ def choose(model: Any, family: Any, proposals: list[tuple[list[int], list[str]]]
            fit_batches: "Batches | None", objective: Objective, repair: bool, ridge: float,
            progress: Callable[[int, int], None] | None = None, method: str = "linear") -> dict:
     """Fit (with ``repair``) and score every proposal; the record ``analysis.json`` keeps under
-    ``auto``, with the winner under ``chosen``."""
+    ``auto``, with the winner under ``chosen``.
+
+    As the loss search does, the maps are scored as fitted and only the winner's go through the
+    KL check: if the check would keep other maps (a stronger ridge, or none for a run), the
+    winner is scored again with those and the choice is made again, until the winner is a
+    candidate scored with the maps the check keeps."""
     from ..repair.sweep import fit_linear_many
 
     L = len(family.decoder_layers(model))
     start = time.perf_counter()
+    fit_text = fit_batches or batches
     records, trials = [], []
-    fits = fit_linear_many(model, family, fit_batches or batches, objective, [r for r, _ in proposals], L, ridge,
-                           progress, method) if repair else [None] * len(proposals)
+    fits = fit_linear_many(model, family, fit_text, objective, [r for r, _ in proposals], L, ridge, progress, method,
+                           check=False) if repair else [None] * len(proposals)
     for (remove, names), fit in zip(proposals, fits):
-        records.append({"remove": remove, "proposed_by": names,
-                        "maps_kept": {str(d["anchor"]): d["kept"] for d in fit.details} if fit else {},
+        records.append({"remove": remove, "proposed_by": names, "maps_kept": None,
                         "fit_seconds": round(fit.seconds, 2) if fit else 0.0})
         trials.append((remove, fit.maps if fit else {}))
     t0 = time.perf_counter()
     losses, base, tokens = score(model, family, batches, objective, trials)
+    score_seconds = time.perf_counter() - t0
     for record, loss in zip(records, losses):
         record["loss"] = round(loss, 6)
-    best = min(range(len(records)), key=lambda i: (losses[i], i))
+    while True:
+        best = min(range(len(records)), key=lambda i: (losses[i], i))
+        record = records[best]
+        if not repair or record["maps_kept"] is not None:
+            break
+        t0 = time.perf_counter()
+        (checked,) = fit_linear_many(model, family, fit_text, objective, [record["remove"]], L, ridge, method=method)
+        record["maps_kept"] = {str(d["anchor"]): d["kept"] for d in checked.details}
+        record["check_seconds"] = round(time.perf_counter() - t0, 2)
+        fitted = trials[best][1]
+        if checked.maps.keys() != fitted.keys() or any((checked.maps[a] != fitted[a]).any() for a in fitted):
+            t0 = time.perf_counter()
+            losses[best] = score(model, family, batches, objective, [(record["remove"], checked.maps)])[0][0]
+            score_seconds += time.perf_counter() - t0
+            record["loss_as_fitted"], record["loss"] = record["loss"], round(losses[best], 6)
     return {"candidates": records, "chosen": records[best]["remove"], "base_loss": round(base, 6),
-            "tokens": tokens, "score_seconds": round(time.perf_counter() - t0, 2),
+            "tokens": tokens, "score_seconds": round(score_seconds, 2),
             "seconds": round(time.perf_counter() - start, 2)}

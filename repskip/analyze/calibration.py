@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import corpora
 from ..errors import RepskipError
 from ..textio import iter_paragraphs, tokenize_prefix
 
@@ -101,10 +102,12 @@ def _jsonl_records(path: Path, lines, field: str | None, option: str = "--calib-
 def load_texts(
     source: str | Path | None = None, field: str | None = None, *, max_chars: int = MAX_CHARS
 ) -> tuple[list[str], str]:
-    """Texts from the built-in set, a .txt file (blank-line paragraphs) or a .jsonl file,
-    each cut to its first ``max_chars`` characters (files are read in bounded pieces)."""
+    """Texts from the built-in set, a named corpus (repskip.corpora), a .txt file (blank-line
+    paragraphs) or a .jsonl file, each cut to its first ``max_chars`` characters (files are read in bounded pieces)."""
     if source is None or str(source) == BUILTIN:
         return [t[:max_chars] for t in builtin_texts()], BUILTIN
+    if corpora.is_named(source):  # the Python standard library's source, say
+        return [t[:max_chars] for t in corpora.texts(str(source)) if len(t) >= MIN_CHARS], str(source)
     path = Path(source).expanduser()
     if path.is_dir():
         raise RepskipError(f"calibration source {path} is a folder; pass a .txt or .jsonl file")

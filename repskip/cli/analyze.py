@@ -124,7 +124,8 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: byte
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Folder for analysis.json, recipe.yaml and the plots.")
 @click.option("--calib", default=None,
-              help="Calibration text: a .txt file (blank-line paragraphs) or .jsonl [default: built-in set].")
+              help="Calibration text: a .txt file (blank-line paragraphs), .jsonl, or python-stdlib (the Python "
+                   "standard library's source, for code models) [default: built-in set].")
 @click.option("--calib-field", default=None, help="JSONL field holding the text [default: the first of text, question, prompt, problem, content].")
 @click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration sequences.")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
@@ -310,11 +311,11 @@ def _candidates_table(record: dict) -> Table:
     """The removals auto weighed, lowest loss first."""
     table = Table(title=f"auto: candidates scored on {record['tokens']} held-out calibration tokens "
                         f"(full model {record['objective']} {record['base_loss']:.4f})")
-    for name in ("remove", "proposed by", "loss", "maps kept", "fit s"):
+    for name in ("remove", "proposed by", "loss", "maps kept (checked)", "fit s"):
         table.add_column(name, justify="right" if name in ("loss", "fit s") else "left")
     for c in sorted(record["candidates"], key=lambda c: c["loss"]):
         chosen = c["remove"] == record["chosen"]
-        kept = ", ".join(f"{a}:{'yes' if ok else 'no'}" for a, ok in c["maps_kept"].items()) or "-"
+        kept = ", ".join(f"{a}:{'yes' if ok else 'no'}" for a, ok in (c["maps_kept"] or {}).items()) or "-"
         table.add_row(("[bold]" if chosen else "") + str(c["remove"]), ", ".join(c["proposed_by"]),
                       f"{c['loss']:.4f}", kept, f"{c['fit_seconds']:.1f}")
     return table

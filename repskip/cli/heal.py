@@ -16,7 +16,8 @@ from .app import console, err_console, main, trust_remote_code_option
 @click.argument("model")
 @click.option("--teacher", default=None, help="The model MODEL was cut from: distil from it (--loss kd or mix).")
 @click.option("--data", required=True,
-              help="Training text: a text file, a folder of .txt/.md/.jsonl files, a .jsonl file, or hub:DATASET[:CONFIG].")
+              help="Training text: a text file, a folder of .txt/.md/.jsonl files, a .jsonl file, python-stdlib (the "
+                   "Python standard library's source, for code models), or hub:DATASET[:CONFIG].")
 @click.option("--text-field", default=None, help="JSONL / Hub dataset field holding the text [default: text].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Folder of the healed checkpoint.")
 @click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True,

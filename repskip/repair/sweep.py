@@ -76,16 +76,18 @@ def fit_linear_layerwise(model: Any, family: Any, batches: Batches, objective: O
 @torch.inference_mode()
 def fit_linear_many(model: Any, family: Any, batches: Batches, objective: Objective,
                     removals: Sequence[Sequence[int]], num_layers: int, ridge: float = 1e-3,
-                    progress: Callable[[int, int], None] | None = None, method: str = "linear") -> list[FitResult]:
+                    progress: Callable[[int, int], None] | None = None, method: str = "linear",
+                    check: bool = True) -> list[FitResult]:
     """fit_linear_layerwise for each of ``removals`` on the same calibration text, with one
     full sweep for all: a run's target is the full model's state after its last layer, the
     same whichever removal the run belongs to. Then one pruned sweep per removal, in turn.
     Each result's ``seconds`` is its pruned sweep's time plus an equal share of the full
-    sweep's."""
+    sweep's. Without ``check``, each map is the fit at ``ridge`` as it is (the KL check, and the
+    rest of the model it runs, left to the caller: the loss search checks only its choice)."""
     plans = [removed_runs(removed, num_layers) for removed in removals]
     start = time.perf_counter()
     like = torch.empty(0, device=model_device(model))  # where the maps go
-    check = Objective(objective.family, "kl", objective.mask_id, objective.ratios, objective.seed)
+    kl = Objective(objective.family, "kl", objective.mask_id, objective.ratios, objective.seed)
     anchors = {run.anchor for runs in plans for run in runs}
     lasts: dict[int, int] = {}  # the layer a run ends at -> how many removals' runs end there
     for runs in plans:
@@ -95,7 +97,8 @@ def fit_linear_many(model: Any, family: Any, batches: Batches, objective: Object
     for runs in plans:
         firsts[runs[0].anchor] = firsts.get(runs[0].anchor, 0) + 1
     end = max(runs[-1].last for runs in plans)
-    done, total = 0, num_layers + sum(runs[-1].anchor + 1 - runs[0].anchor for runs in plans)
+    full = num_layers if check else end + 1  # past the last run, only the check needs the full model
+    done, total = 0, full + sum(runs[-1].anchor + 1 - runs[0].anchor for runs in plans)
 
     def tick() -> None:
         nonlocal done
@@ -118,7 +121,7 @@ def fit_linear_many(model: Any, family: Any, batches: Batches, objective: Object
         def logits(b: int, final: torch.Tensor) -> torch.Tensor:
             # the model's own final norm and head on a last state: every layer stands aside
             s.set(skip=range(num_layers - 1), replay={num_layers - 1: final})
-            out = check.logits(model, data.passes[b])
+            out = kl.logits(model, data.passes[b])
             s.set()
             return out
 
@@ -127,7 +130,7 @@ def fit_linear_many(model: Any, family: Any, batches: Batches, objective: Object
         entries: dict[int, States] = {}
         checked = [b for b in range(len(data)) if data.checked[b]]
         hidden = data.first
-        for index in range(num_layers):
+        for index in range(full):
             if index in firsts:  # each removal's pruned model is the full one up to its first anchor
                 entries[index] = hidden.copy()
             with onloaded(layers[index]):
@@ -145,8 +148,8 @@ def fit_linear_many(model: Any, family: Any, batches: Batches, objective: Object
                 targets[index] = data.store.series(
                     None, (h[p.states.to(h.device)] for h, p in zip(hidden, data.passes)))
             tick()
-        references = {b: check.reference(logits(b, hidden[b]), data.passes[b]) for b in checked}
-        scored = sum(int(data.passes[b].states.sum() if check.diffusion else data.passes[b].scored.sum())
+        references = {b: kl.reference(logits(b, hidden[b]), data.passes[b]) for b in checked} if check else {}
+        scored = sum(int(data.passes[b].states.sum() if kl.diffusion else data.passes[b].scored.sum())
                      for b in checked)
         hidden.release()
         shared = (time.perf_counter() - start) / len(plans)
@@ -158,7 +161,8 @@ def fit_linear_many(model: Any, family: Any, batches: Batches, objective: Object
             firsts[first] -= 1
             hidden = entries.pop(first) if firsts[first] == 0 else entries[first].copy()
             results.append(_pruned_sweep(removed, runs, hidden, targets, lasts, data, checked, references, scored,
-                                         run_layer, logits, check, layers, num_layers, ridge, s, tick, method))
+                                         run_layer, logits, kl if check else None, layers, num_layers, ridge, s,
+                                         tick, method))
             results[-1].seconds = shared + time.perf_counter() - began
     return results
 
@@ -167,7 +171,8 @@ def _pruned_sweep(removed, runs, hidden, targets, lasts, data, checked, referenc
                   check, layers, num_layers, ridge, s, tick, method) -> FitResult:
     """Step 2 of the fit for one removal: from its first anchor to its last, the pruned model
     (its removed layers skipped, the maps kept so far applied), fitting each run's map at its
-    anchor against the full model's ``targets`` (released once no other removal needs them)."""
+    anchor against the full model's ``targets`` (released once no other removal needs them);
+    ``check`` (the KL objective) checks each map, None keeps each fit as it is."""
     skipped = set(removed)
     anchors = {run.anchor: run for run in runs}
 
@@ -231,8 +236,11 @@ def _pruned_sweep(removed, runs, hidden, targets, lasts, data, checked, referenc
                 rest = {name: t for name, t in trials.items() if name not in known}
                 return {**known, **(divergences(index, entering, outputs, rest) if rest else {})}
 
-            name, chosen, losses = choose_map(ls, ridge, measured)
-            settled = losses[name]
+            if check is None:  # the fit as it is; the caller checks what it chooses
+                name, chosen, losses = "ridge x1", ls.solve(ridge).astype(np.float32).astype(np.float64), {}
+            else:
+                name, chosen, losses = choose_map(ls, ridge, measured)
+            settled = losses.get(name)
             detail = {"anchor": run.anchor, "run": [run.first, run.last], "tokens": ls.tokens,
                       "check_loss": {k: round(v, 6) for k, v in losses.items()}}
             if chosen is None:

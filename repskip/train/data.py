@@ -2,7 +2,8 @@
 aside.
 
 Sources: a text file, a folder of text files (``*.txt``, ``*.md``, ``*.jsonl``, read in name
-order), a JSON-lines file (a text field per record), or a Hugging Face Hub dataset named
+order), a JSON-lines file (a text field per record), a named corpus every machine has
+(``python-stdlib``: repskip.corpora), or a Hugging Face Hub dataset named
 ``hub:NAME[:CONFIG]`` (its train split; needs the ``datasets`` package and a connection).
 Each file or record is one document; documents are joined with the end-of-text token and
 cut into sequences of ``seq_len`` tokens, the remainder dropped. The last
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .. import corpora
 from ..errors import RepskipError
 
 MAX_BYTES = 1 << 30  # a training source larger than this is refused: it is all held in memory
@@ -54,6 +56,8 @@ def read_documents(source: str, text_field: str | None = None) -> tuple[list[str
     """The documents of ``source`` and how to name it in the record."""
     if source.startswith("hub:"):
         return _hub_documents(source[4:], text_field), source
+    if corpora.is_named(source):  # the Python standard library's source, say: no download
+        return corpora.documents(source), corpora.label(source)
     path = Path(source).expanduser()
     if not path.exists():
         raise RepskipError(f"training data {source} does not exist; give a text file, a folder, a .jsonl file "
