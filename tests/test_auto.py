@@ -83,8 +83,12 @@ def test_auto_takes_the_lowest_loss_not_the_first_proposal(identity_pair, repair
     handle, model, scored, rest, objective = _setup(identity_pair, "kl")
     # (no proposal's repair folds into an idle layer: its MLP output is zero, and no map can be fitted to it)
     proposals = [([1, 2], ["block-influence"]), ([1, 5], ["angular-block"]), ([2, 3], ["paper"])]
+    calls = []
     record = auto.choose(model, handle.family, proposals, batches=scored, fit_batches=rest, objective=objective,
-                         repair=repair, ridge=1e-3)
+                         repair=repair, ridge=1e-3, progress=lambda done, total: calls.append((done, total)))
+    # the progress counts every stage, the scoring and the check included, and ends complete
+    assert len({total for _, total in calls}) == 1 and calls[-1][0] == calls[-1][1]
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls) and len(calls) >= 2
     losses = {tuple(c["remove"]): c["loss"] for c in record["candidates"]}
     # (the KL's reference log-probs are kept in float16: the full model's KL to itself is ~1e-5, not 0)
     assert record["base_loss"] < 1e-4 and losses[(2, 3)] == pytest.approx(record["base_loss"], rel=1e-3)

@@ -141,8 +141,15 @@ def choose(model: Any, family: Any, proposals: list[tuple[list[int], list[str]]]
     L = len(family.decoder_layers(model))
     start = time.perf_counter()
     fit_text = fit_batches or batches
+    fit_steps = [0]  # the fits' layer steps; then two more: the scoring, the winner's check
+
+    def fit_progress(done: int, total: int) -> None:
+        fit_steps[0] = total
+        if progress:
+            progress(done, total + 2)
+
     records, trials = [], []
-    fits = fit_linear_many(model, family, fit_text, objective, [r for r, _ in proposals], L, ridge, progress, method,
+    fits = fit_linear_many(model, family, fit_text, objective, [r for r, _ in proposals], L, ridge, fit_progress, method,
                            check=False) if repair else [None] * len(proposals)
     for (remove, names), fit in zip(proposals, fits):
         records.append({"remove": remove, "proposed_by": names, "maps_kept": None,
@@ -151,6 +158,8 @@ def choose(model: Any, family: Any, proposals: list[tuple[list[int], list[str]]]
     t0 = time.perf_counter()
     losses, base, tokens = score(model, family, batches, objective, trials)
     score_seconds = time.perf_counter() - t0
+    if progress:
+        progress(fit_steps[0] + 1, fit_steps[0] + 2)
     for record, loss in zip(records, losses):
         record["loss"] = round(loss, 6)
     while True:
@@ -168,6 +177,8 @@ def choose(model: Any, family: Any, proposals: list[tuple[list[int], list[str]]]
             losses[best] = score(model, family, batches, objective, [(record["remove"], checked.maps)])[0][0]
             score_seconds += time.perf_counter() - t0
             record["loss_as_fitted"], record["loss"] = record["loss"], round(losses[best], 6)
+    if progress:
+        progress(fit_steps[0] + 2, fit_steps[0] + 2)
     return {"candidates": records, "chosen": records[best]["remove"], "base_loss": round(base, 6),
             "tokens": tokens, "score_seconds": round(score_seconds, 2),
             "seconds": round(time.perf_counter() - start, 2)}
