@@ -222,3 +222,27 @@ def one_line_error(res, message):
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr
+
+
+def calibration_loss(model, batches, objective) -> float:
+    """The mean calibration loss of ``model`` (an objective's own, on the batches a maker gives)."""
+    total = count = 0
+    with torch.inference_mode():
+        for index, (ids, mask) in enumerate(batches()):
+            for p in objective.passes(ids, mask, index):
+                loss, n = objective.loss(objective.logits(model, p), p)
+                total, count = total + loss, count + n
+    return total / count
+
+
+def pruned_copy(handle, model, removed, maps=None):
+    """A copy of a loaded ``model`` with ``removed`` really removed, its repair ``maps`` folded first."""
+    import copy
+
+    from repskip.repair.fit import fold_in_memory
+
+    out = copy.deepcopy(model)
+    if maps:
+        fold_in_memory(out, handle.family, maps)
+    handle.family.remove_layers(out, [i for i in range(handle.num_layers) if i not in removed])
+    return out

@@ -4,22 +4,20 @@ same seed makes the same choice."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 
-from helpers import make_checkpoint
+from helpers import calibration_loss, make_checkpoint, pruned_copy
 from repskip import pipeline
 from repskip.analyze import auto
 from repskip.analyze.analysis import Analysis
 from repskip.analyze.objective import Objective
 from repskip.cli import main
 from repskip.errors import RepskipError
-from repskip.repair.fit import calibration_batches, fold_in_memory
+from repskip.repair.fit import calibration_batches
 from repskip.repair.sweep import fit_linear_layerwise, fit_linear_many
 
 
@@ -38,25 +36,6 @@ def _setup(path, kind="nll", samples=8, length=24):
     scored = calibration_batches(calib.sequences[:4], 4, pad)
     rest = calibration_batches(calib.sequences[4:], 4, pad)
     return handle, model, scored, rest, Objective(handle.family, kind)
-
-
-def _loss(model, batches, objective, reference_model=None):
-    total = count = 0
-    with torch.inference_mode():
-        for index, (ids, mask) in enumerate(batches()):
-            for p in objective.passes(ids, mask, index):
-                ref = objective.reference(objective.logits(reference_model, p), p) if reference_model else None
-                loss, n = objective.loss(objective.logits(model, p), p, ref)
-                total, count = total + loss, count + n
-    return total / count
-
-
-def _pruned(handle, model, removed, maps=None):
-    out = copy.deepcopy(model)
-    if maps:
-        fold_in_memory(out, handle.family, maps)
-    handle.family.remove_layers(out, [i for i in range(handle.num_layers) if i not in removed])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +81,7 @@ def test_auto_takes_the_lowest_loss_not_the_first_proposal(identity_pair, repair
 
 
 @pytest.mark.parametrize("repair", [False, True])
-def test_every_score_is_the_loss_of_the_model_really_pruned(tiny, repair):
+def test_every_score_is_the_loss_of_the_model_reallypruned_copy(tiny, repair):
     # each candidate scored in the one layer-by-layer sweep equals the NLL of a copy with its
     # layers really removed and its maps really folded, on the held-out text: the maps as
     # fitted, and for the winner the maps the final fit's check keeps
@@ -110,16 +89,16 @@ def test_every_score_is_the_loss_of_the_model_really_pruned(tiny, repair):
     proposals = [([2, 3], ["a"]), ([1, 4], ["b"]), ([3], ["c"])]
     record = auto.choose(model, handle.family, proposals, batches=scored, fit_batches=rest, objective=objective,
                          repair=repair, ridge=1e-3)
-    assert record["base_loss"] == pytest.approx(_loss(model, scored, objective), rel=1e-5)
+    assert record["base_loss"] == pytest.approx(calibration_loss(model, scored, objective), rel=1e-5)
     removals = [r for r, _ in proposals]
     fitted = fit_linear_many(model, handle.family, rest, objective, removals, handle.num_layers, check=False) \
         if repair else [None] * 3
-    truth = {tuple(r): _loss(_pruned(handle, model, r, f.maps if f else {}), scored, objective)
+    truth = {tuple(r): calibration_loss(pruned_copy(handle, model, r, f.maps if f else {}), scored, objective)
              for r, f in zip(removals, fitted)}
     chosen = tuple(record["chosen"])
     if repair:
         checked = fit_linear_layerwise(model, handle.family, rest, objective, list(chosen), handle.num_layers).maps
-        truth[chosen] = _loss(_pruned(handle, model, list(chosen), checked), scored, objective)
+        truth[chosen] = calibration_loss(pruned_copy(handle, model, list(chosen), checked), scored, objective)
     for c in record["candidates"]:
         assert c["loss"] == pytest.approx(truth[tuple(c["remove"])], rel=1e-4)
         assert (c["maps_kept"] is not None) == (repair and tuple(c["remove"]) == chosen)
@@ -138,7 +117,7 @@ def test_a_winner_whose_maps_the_check_drops_is_scored_again_without_them(tiny, 
                          repair=True, ridge=1e-3)
     winner = next(c for c in record["candidates"] if c["remove"] == record["chosen"])
     assert winner["maps_kept"] and not any(winner["maps_kept"].values())
-    assert winner["loss"] == pytest.approx(_loss(_pruned(handle, model, winner["remove"]), scored, objective), rel=1e-4)
+    assert winner["loss"] == pytest.approx(calibration_loss(pruned_copy(handle, model, winner["remove"]), scored, objective), rel=1e-4)
     assert "loss_as_fitted" in winner  # scored again: the check changed its maps
     assert winner["loss"] == min(c["loss"] for c in record["candidates"])
     for c in record["candidates"]:  # every candidate checked lost its maps and was scored without them

@@ -4,20 +4,18 @@ greedy rounds build on each other; select re-reads a recorded search."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 
-from helpers import llada_from_llama, make_checkpoint
+from helpers import calibration_loss, llada_from_llama, make_checkpoint, pruned_copy
 from repskip import pipeline
 from repskip.analyze.objective import Objective
 from repskip.analyze.search import search
 from repskip.cli import main
-from repskip.repair.fit import calibration_batches, fit_linear, fold_in_memory
+from repskip.repair.fit import calibration_batches, fit_linear
 
 
 def run(*args):
@@ -36,24 +34,6 @@ def _setup(path, samples=6, length=24):
     return handle, model, calibration_batches(calib.sequences, 4, pad), Objective(handle.family, mask_id=mask_id)
 
 
-def _loss(model, family, batches, objective):
-    total = count = 0
-    with torch.inference_mode():
-        for index, (ids, mask) in enumerate(batches()):
-            for p in objective.passes(ids, mask, index):
-                loss, n = objective.loss(objective.logits(model, p), p)
-                total, count = total + loss, count + n
-    return total / count
-
-
-def _pruned(handle, model, removed, maps=None):
-    copy_ = copy.deepcopy(model)
-    if maps:
-        fold_in_memory(copy_, handle.family, maps)
-    handle.family.remove_layers(copy_, [i for i in range(handle.num_layers) if i not in removed])
-    return copy_
-
-
 @pytest.fixture(scope="module")
 def llada(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("search-llada")
@@ -66,16 +46,16 @@ def test_greedy_trials_equal_the_really_pruned_model(tiny, llada, name):
     path = llada if name == "llada" else tiny[name]
     handle, model, batches, objective = _setup(path)
     result = search(model, handle.family, batches, objective, strategy="greedy-loss", k=2, protected={0, 5})
-    assert result.base_loss == pytest.approx(_loss(model, handle.family, batches, objective), rel=1e-5)
+    assert result.base_loss == pytest.approx(calibration_loss(model, batches, objective), rel=1e-5)
     first, second = result.rounds
     assert first.removed == [] and sorted(first.losses) == [1, 2, 3, 4]
     for c, loss in first.losses.items():
-        assert loss == pytest.approx(_loss(_pruned(handle, model, [c]), handle.family, batches, objective), rel=1e-4)
+        assert loss == pytest.approx(calibration_loss(pruned_copy(handle, model, [c]), batches, objective), rel=1e-4)
     assert first.chosen == [min(first.losses, key=first.losses.get)]
     assert second.removed == first.chosen and first.chosen[0] not in second.losses
     for c, loss in second.losses.items():
         both = sorted([*first.chosen, c])
-        assert loss == pytest.approx(_loss(_pruned(handle, model, both), handle.family, batches, objective), rel=1e-4)
+        assert loss == pytest.approx(calibration_loss(pruned_copy(handle, model, both), batches, objective), rel=1e-4)
 
 
 def test_repaired_trials_equal_the_repaired_model(tiny):
@@ -83,8 +63,8 @@ def test_repaired_trials_equal_the_repaired_model(tiny):
     result = search(model, handle.family, batches, objective, strategy="loss", k=2, protected={0, 5}, repair=True)
     for c, loss in result.rounds[0].losses.items():
         fit = fit_linear(model, handle.family, batches, objective, [c], handle.num_layers)
-        repaired = _loss(_pruned(handle, model, [c], fit.maps), handle.family, batches, objective)
-        plain = _loss(_pruned(handle, model, [c]), handle.family, batches, objective)
+        repaired = calibration_loss(pruned_copy(handle, model, [c], fit.maps), batches, objective)
+        plain = calibration_loss(pruned_copy(handle, model, [c]), batches, objective)
         assert loss == pytest.approx(repaired, rel=1e-4) and loss != pytest.approx(plain, rel=1e-3)
 
 
@@ -100,7 +80,7 @@ def test_the_chosen_layer_is_scored_with_the_repair_the_fit_keeps(tiny, llada, n
     assert set(result.rounds[0].checked) == {c}
     fit = fit_linear(model, handle.family, batches, objective, [c], handle.num_layers)
     assert (result.rounds[0].checked[c] == "none") == (not fit.maps)
-    final = _loss(_pruned(handle, model, [c], fit.maps), handle.family, batches, objective)
+    final = calibration_loss(pruned_copy(handle, model, [c], fit.maps), batches, objective)
     assert result.rounds[0].losses[c] == pytest.approx(final, rel=1e-4)
 
 
@@ -119,13 +99,13 @@ def test_a_map_the_check_drops_is_not_scored(tiny, monkeypatch):
         (c,) = r.chosen
         assert r.losses[c] == min(r.losses.values())  # chosen on the loss it really has
     (c,) = first.chosen
-    plain = _loss(_pruned(handle, model, [c]), handle.family, batches, objective)
+    plain = calibration_loss(pruned_copy(handle, model, [c]), batches, objective)
     assert first.losses[c] == pytest.approx(plain, rel=1e-4)
     for d in first.checked:  # each candidate checked was scored again, unrepaired
-        unrepaired = _loss(_pruned(handle, model, [d]), handle.family, batches, objective)
+        unrepaired = calibration_loss(pruned_copy(handle, model, [d]), batches, objective)
         assert first.losses[d] == pytest.approx(unrepaired, rel=1e-4) != pytest.approx(repaired[d], rel=1e-4)
     (d,) = second.chosen  # the first round's layer carries no map into the second
-    both = _loss(_pruned(handle, model, sorted([c, d])), handle.family, batches, objective)
+    both = calibration_loss(pruned_copy(handle, model, sorted([c, d])), batches, objective)
     assert second.losses[d] == pytest.approx(both, rel=1e-4)
 
 
