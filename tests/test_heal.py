@@ -388,7 +388,10 @@ def test_a_sharded_full_fine_tuning_killed_resumes_to_the_weights_of_one_process
     assert record["resumed_from"] == 2 and record["fsdp"] is True and not state_folder(out).exists()
     one, sharded, start = tensors(tmp_path / "one"), tensors(out), tensors(models["llama-k2"])
     assert sorted(k for k in one if not torch.equal(one[k], start[k])) == record["tensors"]
-    assert all(torch.allclose(one[k], sharded[k], atol=1e-6, rtol=1e-4) for k in one)
+    # The two runs sum the gradients in different orders, which moves a weight by a few 1e-6 on
+    # some CPUs; a resume that lost the optimiser's moments or a step would move it by about
+    # the learning rate (3e-3).
+    assert all(torch.allclose(one[k], sharded[k], atol=1e-5, rtol=1e-4) for k in one)
 
 
 def test_hub_datasets_are_read_through_the_datasets_library(models, monkeypatch, tmp_path):
