@@ -206,6 +206,9 @@ def _sparse_checkpoint(folder, config: dict):
     return offset
 
 
+# slow: two 384 MB checkpoints compressed in fresh processes; the file-to-file copy itself is in
+# the default suite (test_copy_falls_back_to_reads_where_the_kernel_copy_is_refused and the others)
+@pytest.mark.slow
 def test_compress_reads_no_weights_into_memory(tmp_path):
     """The layout comes from a model built on the meta device and the tensors are copied file
     to file: the process's peak memory does not grow with the checkpoint. Measured as the

@@ -308,6 +308,9 @@ def _launch(*args: str, processes: int = 1, timeout: int = 300) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+# slow: torch.distributed.run with two processes, three times; one process's resume is in the
+# default suite (test_a_heal_killed_with_sigkill_resumes_to_the_same_weights)
+@pytest.mark.slow
 def test_two_processes_split_each_batch_and_end_where_one_process_does(models, tmp_path):
     """torchrun with 2 CPU processes (gloo) and --batch-size 2 sees the sequences one process
     with --batch-size 4 sees, and averages the same gradients: data parallel, and with --fsdp
@@ -366,6 +369,8 @@ heal(student, out, data=data, teacher=teacher, fsdp=fsdp == "fsdp", save_every=2
 """
 
 
+# slow: as above, with FSDP
+@pytest.mark.slow
 def test_a_sharded_full_fine_tuning_killed_resumes_to_the_weights_of_one_process(models, tmp_path):
     """--fsdp with --method full: the state saved at step 2 (each process's share of the
     weights and the optimiser's moments gathered whole), the run stopped at step 3 and rerun
