@@ -1,0 +1,132 @@
+"""HumanEval pass@1 of layer removals as a user makes them, on a model that writes code.
+
+For Qwen2.5-Coder-0.5B-Instruct (or --model), at each k of --ks, each configuration of
+--configs is chosen with ``repskip analyze`` exactly as a user runs it (timed), then measured
+with ``repskip verify --bench humaneval`` against the full model: all 164 problems (or
+--limit), greedy, through the chat template, each program run in repskip's sandbox.
+
+Configurations:
+
+- ``plain``: block influence's layers removed, no repair (ShortGPT's removal);
+- ``old-default``: block influence with the linear repair, built-in calibration text
+  (repskip's default before ``auto``);
+- ``auto``: ``--strategy auto`` with the linear repair (the default), built-in text;
+- ``auto-self``: ``auto`` calibrated on the model's own answers to the 48 built-in prompts
+  (``repskip self-calibrate``, greedy);
+- ``auto-code``: ``auto`` calibrated on the Python standard library (``--calib python-stdlib``).
+
+Every verify writes to one folder, so the full model's generations are made once and each
+configuration is paired with them item by item. Generations are kept per item: a rerun
+(in this session or, through --results, a later one) resumes where the last one stopped.
+The per-item records and each configuration's report go to --results, the summary to
+--json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+REPSKIP = [sys.executable, "-m", "repskip"]
+CONFIGS = {  # name -> (strategy, repair, calibration source or None for the built-in text)
+    "plain": ("block-influence", "none", None),
+    "old-default": ("block-influence", "linear", None),
+    "auto": ("auto", "linear", None),
+    "auto-self": ("auto", "linear", "self"),
+    "auto-code": ("auto", "linear", "python-stdlib"),
+}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint folder [default: Qwen2.5-Coder-0.5B-Instruct, fetched]")
+    p.add_argument("--ks", default="2,4")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--limit", type=int, default=0, help="first N problems (0: all 164)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--work", default=str(Path.home() / ".cache" / "repskip" / "bench-generation"))
+    p.add_argument("--results", default=str(_common.REPO / "bench" / "results" / "generation"),
+                   help="per-item records and reports, kept with the repository so a later run resumes")
+    p.add_argument("--json", default=_common.default_json("generation"))
+    return p.parse_args()
+
+
+def run(args: list, log: Path) -> float:
+    """Run a repskip command, its output to ``log``; the wall time, or exit on failure."""
+    t = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write(f"$ repskip {' '.join(map(str, args))}\n")
+        fh.flush()
+        done = subprocess.run([*REPSKIP, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"repskip {args[0]} failed (exit {done.returncode}); see {log}")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    args = parse()
+    model = Path(args.model) if args.model else _common.coder_model()
+    work, results = Path(args.work), Path(args.results)
+    work.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    log = work / "commands.log"
+    verify_dir = work / "verify"
+    if (results / "cache").is_dir():  # what an earlier run measured: resume from it
+        shutil.copytree(results / "cache", verify_dir / "cache", dirs_exist_ok=True)
+    say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
+    limit = ["--limit", str(args.limit)] if args.limit else []
+
+    self_calib = work / "self-calibration.jsonl"
+    rows = []
+    for k in [int(k) for k in args.ks.split(",")]:
+        for name in args.configs.split(","):
+            strategy, repair, calib = CONFIGS[name]
+            if calib == "self" and not self_calib.is_file():
+                say("self-calibrate: the model's answers to the built-in prompts")
+                seconds = run(["self-calibrate", model, "-o", self_calib], log)
+                say(f"self-calibrate: {seconds:.0f} s")
+            source = str(self_calib) if calib == "self" else calib
+            runs = work / f"k{k}-{name}"
+            analyze = ["analyze", model, "-o", runs, "-k", k, "--strategy", strategy, "--repair", repair, "--force"]
+            if source:
+                analyze += ["--calib", source]
+            say(f"k={k} {name}: analyze")
+            select_seconds = run(analyze, log)
+            analysis = json.loads((runs / "analysis.json").read_text())
+            resolved = yaml.safe_load((runs / "recipe.yaml").read_text())["resolved"]
+            say(f"k={k} {name}: removes {resolved['remove']} ({select_seconds:.0f} s); verify")
+            verify_seconds = run(["verify", model, "--recipe", runs / "recipe.yaml", "--bench", "humaneval", *limit,
+                                  "--batch-size", args.batch_size, "--speed-repeats", 0, "-o", verify_dir], log)
+            report = json.loads((verify_dir / "report.json").read_text())
+            shutil.copy(verify_dir / "report.json", results / f"k{k}-{name}.json")
+            entry = report["benchmarks"]["humaneval"]
+            rows.append({"k": k, "config": name, "strategy": strategy, "repair": repair,
+                         "calibration": calib or "builtin", "removed": resolved["remove"],
+                         "repaired_at": [m["layer"] for m in (resolved.get("repair") or {}).get("maps", [])],
+                         "select_seconds": round(select_seconds, 1), "verify_seconds": round(verify_seconds, 1),
+                         "auto": analysis.get("auto", {}).get("chosen") if strategy == "auto" else None,
+                         "humaneval": {key: entry.get(key) for key in ("items", "base", "compressed", "retention",
+                                                                         "retention_ci95", "p_value", "cut_by_cap")}})
+            say(f"k={k} {name}: {json.dumps(rows[-1]['humaneval'])}")
+            shutil.copytree(verify_dir / "cache", results / "cache", dirs_exist_ok=True)
+
+    settings = {"model": str(model), "ks": args.ks, "configs": args.configs, "limit": args.limit or None,
+                "batch_size": args.batch_size, "bench": "humaneval, greedy, chat template, sandboxed"}
+    _common.write_json(args.json, _common.report("generation", settings, {"rows": rows}))
+    print(_common.table(["k", "config", "removed", "pass@1", "retention", "select s"],
+                        [[r["k"], r["config"], r["removed"], r["humaneval"].get("compressed"),
+                          r["humaneval"].get("retention"), r["select_seconds"]] for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
