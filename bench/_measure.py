@@ -13,10 +13,19 @@ from typing import Any, Callable
 ARC_FILES = {"arc_easy": "ARC-Easy-Test.jsonl", "arc_challenge": "ARC-Challenge-Test.jsonl"}
 
 
+# quality.py's and heal.py's measurements, kept with the repository (see quality.py)
+CACHE = Path(__file__).resolve().parent / "results" / "cache" / "quality.jsonl"
+
+
 class Cache:
-    """Finished steps by key, appended as JSON lines."""
+    """Finished steps by key, appended as JSON lines, each stamped with the commit it was
+    measured at and when (``measured``), so a cache kept with the repository says where each
+    of its numbers comes from."""
 
     def __init__(self, path: str | Path):
+        import _common
+
+        self.stamp = {"commit": _common.GIT_AT_START["commit"], "dirty": _common.GIT_AT_START["dirty_repskip"]}
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.data: dict[str, dict] = {}
@@ -32,7 +41,7 @@ class Cache:
         return self.data.get(key)
 
     def put(self, key: str, **value) -> dict:
-        record = {"key": key, **value}
+        record = {"key": key, **value, "measured": {**self.stamp, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         self.data[key] = record

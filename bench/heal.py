@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from _measure import Cache, arc_acc_norm, load_arc, ppl, ppl_windows, window_nll  # noqa: E402
+from _measure import CACHE, Cache, arc_acc_norm, load_arc, ppl, ppl_windows, window_nll  # noqa: E402
 
 DATA = _common.REPO.parent / "shared" / "data"
 HEAL_OPTIONS = ("steps", "method", "layers", "around", "rank", "lora_alpha", "lr", "batch_size", "grad_accum",
@@ -70,7 +70,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--arc-items", type=int, default=0, help="first N items of each (0: all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "repskip" / "bench-heal"))
-    p.add_argument("--cache", default=str(Path.home() / ".cache" / "repskip" / "bench-quality.jsonl"))
+    p.add_argument("--cache", default=str(CACHE))
     p.add_argument("--json", default=_common.default_json("heal"))
     return p.parse_args()
 

@@ -14,8 +14,12 @@ measured against the full model on the same items:
   retention = compressed / base, paired bootstrap interval over items.
 
 Calibration (analysis, search and fit) is WikiText-2 *validation* text, the evaluation its
-*test* text. Every finished step is appended to a cache (--cache, JSON lines), so a killed or
-extended run redoes nothing; the results, with the command, commit and machine, go to --json.
+*test* text. Every finished step is appended to a cache (--cache, JSON lines, each line
+stamped with its commit and time), so a killed or extended run redoes nothing. The default
+cache is kept with the repository (bench/results/cache/quality.jsonl), so that a table too
+long for one sitting is finished in the next; the repair maps it fits are not (--maps), and a
+row whose maps are missing is fitted again before anything is measured on it. The results,
+with the command, commit and machine, go to --json.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from _measure import Cache, arc_acc_norm, load_arc, ppl, ppl_windows, window_nll  # noqa: E402
+from _measure import CACHE, Cache, arc_acc_norm, load_arc, ppl, ppl_windows, window_nll  # noqa: E402
 
 DATA = _common.REPO.parent / "shared" / "data"
 SIMILARITY = ("paper", "block-influence", "angular-block")
@@ -68,7 +72,9 @@ def parse() -> argparse.Namespace:
                         "K/STRATEGY/REPAIR, K/best (the best PPL at K but auto's, and auto/linear), "
                         "K/all (every row at K), all")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--cache", default=str(Path.home() / ".cache" / "repskip" / "bench-quality.jsonl"))
+    p.add_argument("--cache", default=str(CACHE))
+    p.add_argument("--maps", default=str(Path.home() / ".cache" / "repskip" / "bench-quality-maps"),
+                   help="folder for the fitted repair maps (not kept with the repository)")
     p.add_argument("--json", default=_common.default_json("quality"))
     return p.parse_args()
 
@@ -95,7 +101,7 @@ def main() -> None:
     repairs = args.repairs.split(",")
     cal = R.CalibrationSpec(source=args.calib, num_samples=args.num_samples, max_length=args.max_length)
     prefix = f"{fingerprint[:23]}|{Path(args.calib).name}|{args.num_samples}x{args.max_length}"
-    maps_dir = Path(args.cache).with_suffix("")
+    maps_dir = Path(args.maps)
     maps_dir.mkdir(parents=True, exist_ok=True)
 
     base = handle.load("float32", "cpu")
@@ -149,8 +155,9 @@ def main() -> None:
                 key += f"|search{SEARCH_VERSION}"
         if strategy == "auto":
             key += f"|auto{AUTO_VERSION}"
+        have_maps = lambda record: not record["maps"] or Path(record["maps"]).is_file()  # noqa: E731
         hit = cache.get(key)
-        if hit:
+        if hit and have_maps(hit):
             return hit
         sel = R.SelectionSpec(strategy=strategy, k=k, repair=repair, search_samples=args.search_samples)
         result = get_analysis()
@@ -166,7 +173,7 @@ def main() -> None:
         resolved = R.resolve(R.Recipe(selection=sel, calibration=cal), result)
         layers = list(resolved.resolved.remove)
         hit = cache.get(older) if older != key else None
-        if hit and hit["layers"] == layers:  # an older search chose the same: the same fit
+        if hit and hit["layers"] == layers and have_maps(hit):  # an older search chose the same: the same fit
             say(f"k={k} {strategy} repair={repair}: {layers}, as the older search chose")
             same = {n: v for n, v in hit.items() if n != "key"}
             return cache.put(key, **{**same, "select_seconds": round(seconds, 1)})
@@ -205,16 +212,22 @@ def main() -> None:
     windows = ppl_windows(tokenizer, args.ppl_text, args.ppl_windows, args.ppl_length)
     benches = load_arc(args.arc, DATA, args.arc_items)
 
-    def perplexity(tag: str, model) -> list[float]:
+    # A measurement takes a function that builds the model, called only when the cache lacks it.
+    def perplexity(tag: str, make) -> list[float]:
         key = f"{prefix}|ppl|{tag}|{Path(args.ppl_text).name}|{args.ppl_windows}x{args.ppl_length}"
-        return window_nll(cache, key, model, fam, windows, say, tag)
+        hit = cache.get(key)
+        return hit["nll"] if hit else window_nll(cache, key, make(), fam, windows, say, tag)
 
-    def choices(tag: str, model, name: str) -> list[float]:
+    def choices(tag: str, make, name: str) -> list[float]:
         bench, items = benches[name]
-        return arc_acc_norm(cache, f"{prefix}|{name}|{tag}|{len(items)}", model, fam, tokenizer, bench, items,
+        key = f"{prefix}|{name}|{tag}|{len(items)}"
+        hit = cache.get(key)
+        if hit:
+            return hit["acc_norm"]
+        return arc_acc_norm(cache, key, make(), fam, tokenizer, bench, items,
                             fam.context_length(handle.ckpt.config), say, f"{name} {tag}")
 
-    base_nll = perplexity("base", base)
+    base_nll = perplexity("base", lambda: base)
     rows = []
     for k in ks:
         for strategy in strategies:
@@ -224,9 +237,7 @@ def main() -> None:
                 config = choose(k, strategy, repair)
                 tag = "skip" + "_".join(map(str, config["layers"])) + (
                     "-repair" + Path(config["maps"]).stem if config["maps"] else "")
-                model = build(config)
-                nll = perplexity(tag, model)
-                del model
+                nll = perplexity(tag, lambda config=config: build(config))
                 rows.append({"k": k, "strategy": strategy, "repair": repair, "tag": tag, **config, "nll": nll})
 
     for row in rows:
@@ -242,13 +253,14 @@ def main() -> None:
     arc: dict[str, dict] = {}
     cache_scores: dict[tuple[str, str], list[float]] = {}
     if benches and wanted:  # every retention is against the base, so any measured row needs it
-        arc["base"] = {name: choices("base", base, name) for name in benches}
+        arc["base"] = {name: choices("base", lambda: base, name) for name in benches}
     for row in rows:
         if wanted & {"all", f"{row['k']}/all", f"{row['k']}/{row['strategy']}/{row['repair']}"}:
-            model = build(row)
+            built = []  # the model, built once and only if some benchmark needs it
+            make = lambda row=row: built[0] if built else built.append(build(row)) or built[0]  # noqa: E731
             row["arc"] = {}
             for name in benches:
-                scores = choices(row["tag"], model, name)
+                scores = choices(row["tag"], make, name)
                 cache_scores[(row["tag"], name)] = scores
                 b = arc["base"][name]
                 mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -256,7 +268,7 @@ def main() -> None:
                     "acc_norm": mean(scores), "retention": mean(scores) / mean(b), "items": len(scores),
                     "ci": stats.bootstrap_ci(b, scores, lambda x, y: mean(y) / mean(x) if mean(x) else math.nan),
                 }
-            del model
+            del built
 
     # the best configuration at each k against plain paper-criterion removal, paired
     comparisons = []
