@@ -15,6 +15,10 @@ Configurations:
   (``repskip self-calibrate``, greedy);
 - ``auto-code``: ``auto`` calibrated on the Python standard library (``--calib python-stdlib``).
 
+With --heal, each configuration is also compressed (``repskip compress``), healed
+(``repskip heal``, distilled from the full model on --heal-data with the --heal-* settings;
+the command and its time are recorded) and measured the same way, as ``NAME+heal``.
+
 Every verify writes to one folder, so the full model's generations are made once and each
 configuration is paired with them item by item. Generations are kept per item: a rerun
 (in this session or, through --results, a later one) resumes where the last one stopped.
@@ -54,6 +58,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--limit", type=int, default=0, help="first N problems (0: all 164)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--heal", action="store_true", help="also heal each configuration and measure it")
+    p.add_argument("--heal-data", default="python-stdlib")
+    p.add_argument("--heal-steps", type=int, default=100)
+    p.add_argument("--heal-method", default="lora")
+    p.add_argument("--heal-lr", type=float, default=1e-3)
+    p.add_argument("--heal-batch-size", type=int, default=4)
+    p.add_argument("--heal-seq-len", type=int, default=256)
     p.add_argument("--work", default=str(Path.home() / ".cache" / "repskip" / "bench-generation"))
     p.add_argument("--results", default=str(_common.REPO / "bench" / "results" / "generation"),
                    help="per-item records and reports, kept with the repository so a later run resumes")
@@ -86,6 +97,21 @@ def main() -> None:
     say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
     limit = ["--limit", str(args.limit)] if args.limit else []
 
+    def measure(row: dict, compressed: list) -> dict:
+        """HumanEval on the full model and ``compressed`` (a checkpoint, or --recipe PATH)."""
+        tag = f"k{row['k']}-{row['config']}"
+        say(f"{tag}: verify")
+        seconds = run(["verify", model, *compressed, "--bench", "humaneval", *limit, "--batch-size", args.batch_size,
+                       "--speed-repeats", 0, "-o", verify_dir], log)
+        shutil.copy(verify_dir / "report.json", results / f"{tag}.json")
+        shutil.copytree(verify_dir / "cache", results / "cache", dirs_exist_ok=True)
+        entry = json.loads((verify_dir / "report.json").read_text())["benchmarks"]["humaneval"]
+        row = {**row, "verify_seconds": round(seconds, 1), "humaneval": {
+            key: entry.get(key) for key in ("items", "base", "compressed", "retention", "retention_ci95", "p_value",
+                                            "cut_by_cap")}}
+        say(f"{tag}: {json.dumps(row['humaneval'])}")
+        return row
+
     self_calib = work / "self-calibration.jsonl"
     rows = []
     for k in [int(k) for k in args.ks.split(",")]:
@@ -104,24 +130,29 @@ def main() -> None:
             select_seconds = run(analyze, log)
             analysis = json.loads((runs / "analysis.json").read_text())
             resolved = yaml.safe_load((runs / "recipe.yaml").read_text())["resolved"]
-            say(f"k={k} {name}: removes {resolved['remove']} ({select_seconds:.0f} s); verify")
-            verify_seconds = run(["verify", model, "--recipe", runs / "recipe.yaml", "--bench", "humaneval", *limit,
-                                  "--batch-size", args.batch_size, "--speed-repeats", 0, "-o", verify_dir], log)
-            report = json.loads((verify_dir / "report.json").read_text())
-            shutil.copy(verify_dir / "report.json", results / f"k{k}-{name}.json")
-            entry = report["benchmarks"]["humaneval"]
-            rows.append({"k": k, "config": name, "strategy": strategy, "repair": repair,
-                         "calibration": calib or "builtin", "removed": resolved["remove"],
-                         "repaired_at": [m["layer"] for m in (resolved.get("repair") or {}).get("maps", [])],
-                         "select_seconds": round(select_seconds, 1), "verify_seconds": round(verify_seconds, 1),
-                         "auto": analysis.get("auto", {}).get("chosen") if strategy == "auto" else None,
-                         "humaneval": {key: entry.get(key) for key in ("items", "base", "compressed", "retention",
-                                                                         "retention_ci95", "p_value", "cut_by_cap")}})
-            say(f"k={k} {name}: {json.dumps(rows[-1]['humaneval'])}")
-            shutil.copytree(verify_dir / "cache", results / "cache", dirs_exist_ok=True)
+            say(f"k={k} {name}: removes {resolved['remove']} ({select_seconds:.0f} s)")
+            row = {"k": k, "config": name, "strategy": strategy, "repair": repair, "calibration": calib or "builtin",
+                   "removed": resolved["remove"],
+                   "repaired_at": [m["layer"] for m in (resolved.get("repair") or {}).get("maps", [])],
+                   "select_seconds": round(select_seconds, 1),
+                   "auto": analysis.get("auto", {}).get("chosen") if strategy == "auto" else None}
+            rows.append(measure(row, ["--recipe", runs / "recipe.yaml"]))
+            if args.heal:
+                compressed, healed = work / f"k{k}-{name}-model", work / f"k{k}-{name}-healed"
+                run(["compress", model, "--recipe", runs / "recipe.yaml", "-o", compressed, "--force"], log)
+                heal = ["heal", compressed, "--teacher", model, "--data", args.heal_data, "-o", healed,
+                        "--steps", args.heal_steps, "--method", args.heal_method, "--lr", args.heal_lr,
+                        "--batch-size", args.heal_batch_size, "--seq-len", args.heal_seq_len, "--loss", "kd",
+                        "--force"]
+                say(f"k={k} {name}: heal ({args.heal_steps} steps on {args.heal_data})")
+                heal_seconds = run(heal, log)
+                say(f"k={k} {name}: healed in {heal_seconds:.0f} s")
+                rows.append(measure({**row, "config": f"{name}+heal", "heal_seconds": round(heal_seconds, 1),
+                                     "heal_command": "repskip " + " ".join(map(str, heal))}, [healed]))
 
     settings = {"model": str(model), "ks": args.ks, "configs": args.configs, "limit": args.limit or None,
-                "batch_size": args.batch_size, "bench": "humaneval, greedy, chat template, sandboxed"}
+                "batch_size": args.batch_size, "bench": "humaneval, greedy, chat template, sandboxed",
+                **({key: value for key, value in vars(args).items() if key.startswith("heal")} if args.heal else {})}
     _common.write_json(args.json, _common.report("generation", settings, {"rows": rows}))
     print(_common.table(["k", "config", "removed", "pass@1", "retention", "select s"],
                         [[r["k"], r["config"], r["removed"], r["humaneval"].get("compressed"),
