@@ -59,9 +59,9 @@ def ppl(nll: list[float]) -> float:
     return math.exp(sum(nll) / len(nll))
 
 
-def window_nll(cache: Cache, key: str, model: Any, fam: Any, windows: list[list[int]], say: Callable[[str], None],
-               label: str) -> list[float]:
-    """Mean next-token NLL of each window (cached under ``key``)."""
+def window_nll(cache: Cache, key: str, make: Callable[[], Any], fam: Any, windows: list[list[int]],
+               say: Callable[[str], None], label: str) -> list[float]:
+    """Mean next-token NLL of each window (cached under ``key``; ``make`` builds the model only on a miss)."""
     import torch
 
     from repskip.verify.likelihood import autoregressive_nll
@@ -69,6 +69,7 @@ def window_nll(cache: Cache, key: str, model: Any, fam: Any, windows: list[list[
     hit = cache.get(key)
     if hit:
         return hit["nll"]
+    model = make()
     t = time.perf_counter()
     with torch.inference_mode():
         nll = [autoregressive_nll(model, fam, torch.tensor([w]))[0] / (len(w) - 1) for w in windows]
@@ -87,9 +88,10 @@ def load_arc(names: str, data: Path, limit: int = 0) -> dict[str, tuple[Any, lis
     return out
 
 
-def arc_acc_norm(cache: Cache, key: str, model: Any, fam: Any, tokenizer: Any, bench: Any, items: list,
-                 context: int | None, say: Callable[[str], None], label: str) -> list[float]:
-    """acc_norm (0 or 1) of each item, lm-eval's definition (cached under ``key``)."""
+def arc_acc_norm(cache: Cache, key: str, make: Callable[[], Any], fam: Any, tokenizer: Any, bench: Any,
+                 items: list, context: int | None, say: Callable[[str], None], label: str) -> list[float]:
+    """acc_norm (0 or 1) of each item, lm-eval's definition (cached under ``key``; ``make`` builds the
+    model only on a miss)."""
     import torch
 
     from repskip.verify.likelihood import continuation_logprobs
@@ -97,6 +99,7 @@ def arc_acc_norm(cache: Cache, key: str, model: Any, fam: Any, tokenizer: Any, b
     hit = cache.get(key)
     if hit:
         return hit["acc_norm"]
+    model = make()
     t = time.perf_counter()
     norm = []
     with torch.inference_mode():

@@ -142,9 +142,9 @@ def main() -> None:
     for name, key, model in models():
         model.eval()
         entry = {"nll": window_nll(cache, f"{prefix}|ppl|{key}|{Path(args.ppl_text).name}|"
-                                          f"{args.ppl_windows}x{args.ppl_length}", model, fam, windows, say, name)}
+                                          f"{args.ppl_windows}x{args.ppl_length}", lambda m=model: m, fam, windows, say, name)}
         for bench_name, (bench, items) in benches.items():
-            entry[bench_name] = arc_acc_norm(cache, f"{prefix}|{bench_name}|{key}|{len(items)}", model, fam,
+            entry[bench_name] = arc_acc_norm(cache, f"{prefix}|{bench_name}|{key}|{len(items)}", lambda m=model: m, fam,
                                              tokenizer, bench, items, context, say, f"{bench_name} {name}")
         scores[name] = entry
         del model

@@ -215,16 +215,12 @@ def main() -> None:
     # A measurement takes a function that builds the model, called only when the cache lacks it.
     def perplexity(tag: str, make) -> list[float]:
         key = f"{prefix}|ppl|{tag}|{Path(args.ppl_text).name}|{args.ppl_windows}x{args.ppl_length}"
-        hit = cache.get(key)
-        return hit["nll"] if hit else window_nll(cache, key, make(), fam, windows, say, tag)
+        return window_nll(cache, key, make, fam, windows, say, tag)
 
     def choices(tag: str, make, name: str) -> list[float]:
         bench, items = benches[name]
         key = f"{prefix}|{name}|{tag}|{len(items)}"
-        hit = cache.get(key)
-        if hit:
-            return hit["acc_norm"]
-        return arc_acc_norm(cache, key, make(), fam, tokenizer, bench, items,
+        return arc_acc_norm(cache, key, make, fam, tokenizer, bench, items,
                             fam.context_length(handle.ckpt.config), say, f"{name} {tag}")
 
     base_nll = perplexity("base", lambda: base)
