@@ -17,7 +17,11 @@ Configurations:
 
 With --heal, each configuration is also compressed (``repskip compress``), healed
 (``repskip heal``, distilled from the full model on --heal-data with the --heal-* settings;
-the command and its time are recorded) and measured the same way, as ``NAME+heal``.
+the command and its time are recorded) and measured the same way, as ``NAME+heal`` (or
+``NAME+heal-DATA`` for other data than the standard library). ``--heal-data self-mbpp`` is the
+full model's own greedy chat answers to MBPP's training prompts (task_id 601-974, none of
+HumanEval or of MBPP's test split), written once by ``repskip self-calibrate``: distillation
+text in the form the model is used in.
 
 Every verify writes to one folder, so the full model's generations are made once and each
 configuration is paired with them item by item. Generations are kept per item: a rerun
@@ -42,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 REPSKIP = [sys.executable, "-m", "repskip"]
+DATA = _common.REPO.parent / "shared" / "data"
+MBPP_TRAIN = range(601, 975)  # MBPP's standard training split, by task_id
 CONFIGS = {  # name -> (strategy, repair, calibration source or None for the built-in text)
     "plain": ("block-influence", "none", None),
     "old-default": ("block-influence", "linear", None),
@@ -59,7 +65,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="first N problems (0: all 164)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--heal", action="store_true", help="also heal each configuration and measure it")
-    p.add_argument("--heal-data", default="python-stdlib")
+    p.add_argument("--heal-data", default="python-stdlib",
+                   help="heal's --data, or self-mbpp: the full model's answers to MBPP's training prompts")
+    p.add_argument("--heal-prompts", type=int, default=0,
+                   help="self-mbpp: answer a seeded sample of this many of the 374 prompts (0: all)")
     p.add_argument("--heal-steps", type=int, default=100)
     p.add_argument("--heal-method", default="lora")
     p.add_argument("--heal-lr", type=float, default=1e-3)
@@ -82,6 +91,24 @@ def run(args: list, log: Path) -> float:
     if done.returncode != 0:
         sys.exit(f"repskip {args[0]} failed (exit {done.returncode}); see {log}")
     return time.perf_counter() - t
+
+
+def mbpp_answers(model: Path, work: Path, log: Path, limit: int) -> tuple[Path, float]:
+    """The full model's greedy chat answers to MBPP's training prompts (``limit`` of them, 0: all),
+    as heal data; the file and the seconds it took (0 when an earlier run wrote it)."""
+    out = work / f"self-mbpp-train{f'-{limit}' if limit else ''}.jsonl"
+    if out.is_file():
+        return out, 0.0
+    tasks = [json.loads(line) for line in (DATA / "mbpp" / "mbpp.jsonl").read_text().splitlines() if line.strip()]
+    prompts = work / "mbpp-train-prompts.jsonl"
+    with open(prompts, "w") as fh:
+        for task in (t for t in tasks if t["task_id"] in MBPP_TRAIN):
+            prompt = f"{task['text']}\nYour code should pass this test:\n{task['test_list'][0]}"
+            fh.write(json.dumps({"prompt": prompt}) + "\n")
+    count = limit or sum(1 for _ in open(prompts))
+    seconds = run(["self-calibrate", model, "--prompts", prompts, "--num-samples", count, "--max-new-tokens", 384,
+                   "-o", out], log)
+    return out, seconds
 
 
 def main() -> None:
@@ -113,6 +140,11 @@ def main() -> None:
         return row
 
     self_calib = work / "self-calibration.jsonl"
+    heal_data, heal_tag = args.heal_data, "heal" if args.heal_data == "python-stdlib" else f"heal-{args.heal_data}"
+    if args.heal and args.heal_data == "self-mbpp":
+        say("self-mbpp: the full model's answers to MBPP's training prompts")
+        heal_data, seconds = mbpp_answers(model, work, log, args.heal_prompts)
+        say(f"self-mbpp: {heal_data} ({seconds:.0f} s)")
     rows = []
     for k in [int(k) for k in args.ks.split(",")]:
         for name in args.configs.split(","):
@@ -138,16 +170,16 @@ def main() -> None:
                    "auto": analysis.get("auto", {}).get("chosen") if strategy == "auto" else None}
             rows.append(measure(row, ["--recipe", runs / "recipe.yaml"]))
             if args.heal:
-                compressed, healed = work / f"k{k}-{name}-model", work / f"k{k}-{name}-healed"
+                compressed, healed = work / f"k{k}-{name}-model", work / f"k{k}-{name}-{heal_tag}"
                 run(["compress", model, "--recipe", runs / "recipe.yaml", "-o", compressed, "--force"], log)
-                heal = ["heal", compressed, "--teacher", model, "--data", args.heal_data, "-o", healed,
+                heal = ["heal", compressed, "--teacher", model, "--data", heal_data, "-o", healed,
                         "--steps", args.heal_steps, "--method", args.heal_method, "--lr", args.heal_lr,
                         "--batch-size", args.heal_batch_size, "--seq-len", args.heal_seq_len, "--loss", "kd",
                         "--force"]
                 say(f"k={k} {name}: heal ({args.heal_steps} steps on {args.heal_data})")
                 heal_seconds = run(heal, log)
                 say(f"k={k} {name}: healed in {heal_seconds:.0f} s")
-                rows.append(measure({**row, "config": f"{name}+heal", "heal_seconds": round(heal_seconds, 1),
+                rows.append(measure({**row, "config": f"{name}+{heal_tag}", "heal_seconds": round(heal_seconds, 1),
                                      "heal_command": "repskip " + " ".join(map(str, heal))}, [healed]))
 
     settings = {"model": str(model), "ks": args.ks, "configs": args.configs, "limit": args.limit or None,

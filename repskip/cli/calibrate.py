@@ -67,7 +67,7 @@ def self_calibrate(model, output, prompts, prompt_field, num_samples, max_new_to
     reporter.say(f"loading {handle.path.name} ({dtype}, {device})")
     torch_model = handle.load(dtype, device)
     tokenizer = handle.family.load_tokenizer(handle.path)
-    with reporter.stage("answering", "prompts") as update:
+    with reporter.stage("answering", "prompts", total=len(chosen)) as update:
         records = self_calibration.generate(torch_model, handle.family, tokenizer, chosen, max_new_tokens=max_new_tokens,
                                             chat=chat, temperature=temperature, seed=seed, batch_size=batch_size,
                                             progress=update)
