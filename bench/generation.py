@@ -140,7 +140,8 @@ def main() -> None:
         return row
 
     self_calib = work / "self-calibration.jsonl"
-    heal_data, heal_tag = args.heal_data, "heal" if args.heal_data == "python-stdlib" else f"heal-{args.heal_data}"
+    heal_data = args.heal_data  # a folder's or file's name tags its rows and output: no path in a folder name
+    heal_tag = "heal" if heal_data == "python-stdlib" else f"heal-{Path(heal_data).stem}"
     if args.heal and args.heal_data == "self-mbpp":
         say("self-mbpp: the full model's answers to MBPP's training prompts")
         heal_data, seconds = mbpp_answers(model, work, log, args.heal_prompts)

@@ -141,13 +141,14 @@ def main() -> None:
     scores: dict[str, dict] = {}
     for name, key, model in models():
         model.eval()
+        held = lambda m=model: m  # noqa: E731  (built already: these models are measured in turn)
         entry = {"nll": window_nll(cache, f"{prefix}|ppl|{key}|{Path(args.ppl_text).name}|"
-                                          f"{args.ppl_windows}x{args.ppl_length}", lambda m=model: m, fam, windows, say, name)}
+                                          f"{args.ppl_windows}x{args.ppl_length}", held, fam, windows, say, name)}
         for bench_name, (bench, items) in benches.items():
-            entry[bench_name] = arc_acc_norm(cache, f"{prefix}|{bench_name}|{key}|{len(items)}", lambda m=model: m, fam,
+            entry[bench_name] = arc_acc_norm(cache, f"{prefix}|{bench_name}|{key}|{len(items)}", held, fam,
                                              tokenizer, bench, items, context, say, f"{bench_name} {name}")
         scores[name] = entry
-        del model
+        del model, held
 
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     base = scores["base"]
