@@ -17,8 +17,9 @@ Configurations:
 
 With --heal, each configuration is also compressed (``repskip compress``), healed
 (``repskip heal``, distilled from the full model on --heal-data with the --heal-* settings;
-the command and its time are recorded) and measured the same way, as ``NAME+heal`` (or
-``NAME+heal-DATA`` for other data than the standard library). ``--heal-data self-mbpp`` is the
+the command and its time are recorded) and measured the same way, as ``NAME+heal`` (with
+``-DATA``, ``-layers-LAYERS`` and ``-Nsteps`` added for other data than the standard library,
+other layers than those around the cuts and other than 100 steps). ``--heal-data self-mbpp`` is the
 full model's own greedy chat answers to MBPP's training prompts (task_id 601-974, none of
 HumanEval or of MBPP's test split), written once by ``repskip self-calibrate``: distillation
 text in the form the model is used in.
@@ -70,6 +71,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--heal-prompts", type=int, default=0,
                    help="self-mbpp: answer a seeded sample of this many of the 374 prompts (0: all)")
     p.add_argument("--heal-steps", type=int, default=100)
+    p.add_argument("--heal-layers", default="around-cuts", help="heal's --layers: around-cuts, all, or indices")
     p.add_argument("--heal-method", default="lora")
     p.add_argument("--heal-lr", type=float, default=1e-3)
     p.add_argument("--heal-batch-size", type=int, default=4)
@@ -111,6 +113,20 @@ def mbpp_answers(model: Path, work: Path, log: Path, limit: int) -> tuple[Path, 
     return out, seconds
 
 
+def heal_name(args: argparse.Namespace) -> str:
+    """The tag of a healed row and its folder: ``heal``, then each setting that differs from the
+    first heal measured (standard library, layers around the cuts, 100 steps), so that runs with
+    other settings never share a folder. A data file is named by its stem, never its path."""
+    tag = "heal"
+    if args.heal_data != "python-stdlib":
+        tag += f"-{Path(args.heal_data).stem}"
+    if args.heal_layers != "around-cuts":
+        tag += f"-layers-{args.heal_layers.replace(',', '_')}"
+    if args.heal_steps != 100:
+        tag += f"-{args.heal_steps}steps"
+    return tag
+
+
 def main() -> None:
     args = parse()
     model = Path(args.model) if args.model else _common.coder_model()
@@ -141,7 +157,7 @@ def main() -> None:
 
     self_calib = work / "self-calibration.jsonl"
     heal_data = args.heal_data  # a folder's or file's name tags its rows and output: no path in a folder name
-    heal_tag = "heal" if heal_data == "python-stdlib" else f"heal-{Path(heal_data).stem}"
+    heal_tag = heal_name(args)
     if args.heal and args.heal_data == "self-mbpp":
         say("self-mbpp: the full model's answers to MBPP's training prompts")
         heal_data, seconds = mbpp_answers(model, work, log, args.heal_prompts)
@@ -175,6 +191,7 @@ def main() -> None:
                 run(["compress", model, "--recipe", runs / "recipe.yaml", "-o", compressed, "--force"], log)
                 heal = ["heal", compressed, "--teacher", model, "--data", heal_data, "-o", healed,
                         "--steps", args.heal_steps, "--method", args.heal_method, "--lr", args.heal_lr,
+                        "--layers", args.heal_layers,
                         "--batch-size", args.heal_batch_size, "--seq-len", args.heal_seq_len, "--loss", "kd",
                         "--force"]
                 say(f"k={k} {name}: heal ({args.heal_steps} steps on {args.heal_data})")
