@@ -42,12 +42,19 @@ MODEL_RUN = (*LOSS, "auto")  # choosing runs the model
 # Part of a repaired row's cache key: bump it when the fit changes what it returns, so that a
 # cache never serves maps the current code would not make (2: the KL check of 721a59c).
 FIT_VERSION = 2
+# Likewise for the cosine repair alone (2: the map's size set by least squares, not the ridge).
+COSINE_VERSION = 2
 # Part of a repaired loss search's cache key, likewise (2: a chosen candidate is scored with the
 # map the final fit's check keeps). A row chosen by an older search is reused only where the
 # current search chooses the same layers.
 SEARCH_VERSION = 2
 # Part of an auto choice's cache key, likewise.
 AUTO_VERSION = 2  # 2: maps scored as fitted, the winner checked (as the loss search)
+
+
+def cosine_tag(repair: str) -> str:
+    """The cosine fit's version in its rows' keys (none for the other repairs: their keys stand)."""
+    return f"|cos{COSINE_VERSION}" if repair == "cosine" else ""
 
 
 def parse() -> argparse.Namespace:
@@ -137,7 +144,7 @@ def main() -> None:
         return cache.put(key, search=record)["search"]
 
     def auto_record(k: int, repair: str) -> dict:
-        key = f"{prefix}|auto|{k}|{repair}|{args.search_samples}|auto{AUTO_VERSION}|fit{FIT_VERSION}"
+        key = f"{prefix}|auto|{k}|{repair}|{args.search_samples}|auto{AUTO_VERSION}|fit{FIT_VERSION}" + cosine_tag(repair)
         hit = cache.get(key)
         if hit:
             return hit["auto"]
@@ -150,7 +157,7 @@ def main() -> None:
     def choose(k: int, strategy: str, repair: str) -> dict:
         key = older = f"{prefix}|choose|{k}|{strategy}|{repair}|{args.search_samples}"
         if repair != "none":
-            key = older = key + f"|fit{FIT_VERSION}"
+            key = older = key + f"|fit{FIT_VERSION}" + cosine_tag(repair)
             if strategy in LOSS:
                 key += f"|search{SEARCH_VERSION}"
         if strategy == "auto":

@@ -45,6 +45,31 @@ def test_the_cosine_fit_finds_the_directions_least_squares_misses():
     assert fit.residual(cos) == ls.residual(cos)  # reported on the least-squares error, like any map
 
 
+def test_where_sizes_hold_no_distortion_the_cosine_map_is_the_least_squares_map():
+    # the cosine cannot see T's size; a ridge in the loss used to shrink it for free
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(600, 12))
+    a = np.eye(12) + 0.5 * rng.normal(size=(12, 12))
+    fit = CosineFit(12)
+    fit.add(m, m @ a)
+    cos = fit.solve(1e-3)
+    assert np.abs(cos - a).max() < 1e-2
+    assert fit.residual(cos) < 1e-4
+
+
+def test_the_cosine_map_has_the_size_of_least_error_along_its_direction():
+    m, d, _ = _data(seed=4)
+    w = np.random.default_rng(4).uniform(0.5, 2.0, size=len(m))
+    fit = CosineFit(m.shape[1])
+    fit.add(m, d, w)
+    cos = fit.solve(1e-3)
+    assert _distance(m, d, cos) < 1e-6
+    # no other size of the same map fits the tokens (weighted, ridged as least squares) better
+    lam = 1e-3 * np.trace(fit.mtm) / m.shape[1]
+    err = lambda a: float((w * ((a * m @ cos - d) ** 2).sum(1)).sum() + lam * ((a * cos - np.eye(len(cos))) ** 2).sum())  # noqa: E731
+    assert err(1.0) <= min(err(0.9), err(1.1), err(0.99), err(1.01))
+
+
 def test_a_strong_ridge_pulls_the_cosine_map_to_no_repair():
     m, d, _ = _data(seed=1)
     fit = CosineFit(m.shape[1])

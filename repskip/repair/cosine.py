@@ -10,10 +10,19 @@ the full model's state after the run (repskip.repair.linear's notation); they re
 cosine fit ahead of least squares (Llama-3-8B-Instruct at 25% removed: 90.9% against 89.9%
 average accuracy). There is no closed form, so the fit here keeps the tokens' rows (a seeded
 sample when there are more than MAX_TOKENS) beside the least-squares sums, starts from the
-least-squares map (which gives T its scale: the cosine ignores it) and runs L-BFGS for at
-most STEPS iterations in float64. The ridge pulls towards no repair as in least squares: the
-start is the ridge's least-squares map, and ``ridge`` times ||T - I||^2 / hidden is added to
-the loss. Everything else (the runs, the check, the fold) is the linear repair's.
+least-squares map and runs L-BFGS for at most STEPS iterations in float64.
+
+The cosine decides T's direction only: T and 2 T score the same. So the whole loss is kept
+blind to scale, and the scale is set afterwards, by least squares along that direction.
+The ridge pulls towards no repair as in least squares:
+
+- in the loss, ``ridge`` times the angle between T and the identity, 1 - tr(T)^2 / (hidden
+  |T|^2), which is also blind to scale (a penalty on |T - I|^2 would shrink T for free);
+- in the scale, the scalar a minimising |a M T - D|^2 + lambda |a T - I|^2, with lambda the
+  least-squares ridge (repskip.repair.linear), over every fitted token and its weight.
+
+A strong ridge gives the identity, as it does in least squares. Everything else (the runs,
+the check, the fold) is the linear repair's.
 """
 
 from __future__ import annotations
@@ -69,19 +78,25 @@ class CosineFit:
             keep = d.norm(dim=1) > 0  # a token with nothing to restore has no direction
             m, d = m[keep], d[keep]
             hidden = start.shape[0]
-            eye = torch.eye(hidden, dtype=torch.float64)
             t = torch.from_numpy(start.copy()).requires_grad_(True)
             opt = torch.optim.LBFGS([t], max_iter=STEPS, line_search_fn="strong_wolfe")
 
             def loss() -> torch.Tensor:
                 opt.zero_grad()
                 value = (1 - torch.nn.functional.cosine_similarity(m @ t, d, dim=1)).mean()
-                value = value + ridge * ((t - eye) ** 2).sum() / hidden
+                value = value + ridge * (1 - torch.trace(t) ** 2 / (hidden * (t * t).sum()))
                 value.backward()
                 return value
 
             opt.step(loss)
-            return t.detach().numpy().copy()
+            return self._scaled(t.detach().numpy().copy(), ridge)
+
+    def _scaled(self, t: np.ndarray, ridge: float) -> np.ndarray:
+        """``t`` times the scalar of least (ridged) squared error over every fitted token."""
+        lam = ridge * float(np.trace(self.mtm)) / t.shape[0]  # the least-squares ridge
+        along = float(np.einsum("ij,ij->", t, self.ls.mtd)) + lam * float(np.trace(t))  # tr(T'M'D) + lam tr T
+        size = float(np.einsum("ij,ij->", t, self.mtm @ t)) + lam * float((t * t).sum())  # |MT|^2 + lam |T|^2
+        return t * (along / size) if size > 0 else t
 
     def residual(self, t: np.ndarray) -> float:
         return self.ls.residual(t)
