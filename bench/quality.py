@@ -323,6 +323,23 @@ def main() -> None:
                           f"{key} [{value[0]:+.3f}, {value[1]:+.3f}]"
                           for key, value in entry.items() if "difference" in key))
 
+    # the cosine repair against least squares on the same removal, paired
+    cosine_against_linear = []
+    for row in (r for r in rows if r["repair"] == "cosine"):
+        linear = next((r for r in rows if (r["k"], r["strategy"], r["repair"]) == (row["k"], row["strategy"], "linear")),
+                      None)
+        if linear is None or linear["layers"] != row["layers"]:
+            continue
+        entry = {"k": row["k"], "strategy": row["strategy"], "layers": row["layers"],
+                 "ppl_retention_difference": row["ppl_retention"] - linear["ppl_retention"],
+                 "ppl_retention_difference_ci": stats.bootstrap_ci(linear["nll"], row["nll"], lambda a, b: (
+                     ppl(base_nll) / ppl(b) - ppl(base_nll) / ppl(a))),
+                 "fit_seconds": {"cosine": row["fit_seconds"], "linear": linear["fit_seconds"]}}
+        cosine_against_linear.append(entry)
+        low, high = entry["ppl_retention_difference_ci"]
+        print(f"k={row['k']} {row['strategy']}: cosine against linear, PPL retention "
+              f"{entry['ppl_retention_difference']:+.3f} [{low:+.3f}, {high:+.3f}]")
+
     # --- report ----------------------------------------------------------------------------
     headers = ["k", "strategy", "repair", "removed", "PPL", "PPL ret. [95% CI]", *[
         f"{n} acc_norm ret. [95% CI]" for n in benches], "select s", "fit s"]
@@ -348,7 +365,8 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("cache", "json")}
     results = {"model": str(model_path), "fingerprint": fingerprint, "base_ppl": ppl(base_nll),
                "base_arc": {n: float(np.mean(v)) for n, v in arc.get("base", {}).items()}, "rows": rows,
-               "best_against_paper": results_comparisons, "auto_against_best": against_best}
+               "best_against_paper": results_comparisons, "auto_against_best": against_best,
+               "cosine_against_linear": cosine_against_linear}
     print(f"written {_common.write_json(args.json, _common.report('quality', settings, results))}")
 
 
