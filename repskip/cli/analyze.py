@@ -152,7 +152,8 @@ def _write_analysis_outputs(out: Path, analysis, recipe, threshold, repair: byte
               help="linear: fit a least-squares map per removed run on the calibration text and fold it into the "
                    "MLP output projection of the layer in front (same architecture, no extra parameter); with a "
                    "loss strategy or auto, candidates are scored repaired. cosine: the same map fitted to the "
-                   "direction of each token's target (ReplaceMe's cosine objective), not with a loss strategy.")
+                   "direction of each token's target (ReplaceMe's cosine objective), slower, and on the best removal at each k "
+                   "it kept no more than linear in repskip's benchmarks; not with a loss strategy.")
 @click.option("--objective", type=click.Choice(["nll", "kl"]), default="nll", show_default=True,
               help="loss strategies: the calibration loss (nll: the model's own; kl: to the full model's predictions).")
 @click.option("--ridge", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
