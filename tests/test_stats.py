@@ -50,7 +50,8 @@ def test_permutation_test_detects_a_consistent_shift():
 
 
 def test_a_base_that_scores_nothing_is_flagged(tmp_path):
-    from repskip.verify.run import ItemCache, _summary
+    from repskip.verify.cache import ItemCache
+    from repskip.verify.report import summary as summarize
     from repskip.benchmark import Benchmark, Item
 
     class Zero(Benchmark):
@@ -65,7 +66,7 @@ def test_a_base_that_scores_nothing_is_flagged(tmp_path):
         cache = ItemCache(tmp_path / label, "x")
         cache.add([{"id": it.id, "metrics": {"pass@1": 0.0}} for it in items])
         caches.append(cache)
-    summary = _summary(Zero(), items, *caches)
+    summary = summarize(Zero(), items, *caches)
     assert summary["retention"] == 1.0 and summary["uninformative"]
 
 

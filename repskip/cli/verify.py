@@ -80,7 +80,7 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
     """Compare COMPRESSED (or BASE with --recipe) against BASE on benchmarks: retention with a
     95% confidence interval and a paired test, FLOPs reduction and measured speed. COMPRESSED
     may be a safetensors checkpoint or an ONNX export (run on ONNX Runtime)."""
-    from ..verify import run as verify_mod
+    from ..verify import report as report_mod, run as verify_mod
     from ..compress.files import parse_size
     from ..pipeline import check_device_name
 
@@ -119,16 +119,16 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
         if e.get("prompt_variant"):
             cap = e["settings"].get("max_new_tokens") or e["settings"].get("gen_length")
             console.print(f"{name}: {escape(e['prompt_variant'])}, up to {cap} new tokens", highlight=False)
-        if verify_mod.cut_note(e):
-            console.print(f"[yellow]{name}[/]: {escape(verify_mod.cut_note(e))}", highlight=False)
+        if report_mod.cut_note(e):
+            console.print(f"[yellow]{name}[/]: {escape(report_mod.cut_note(e))}", highlight=False)
         if e.get("uninformative"):
             console.print(f"[yellow]{name}: uninformative[/]: {escape(e['uninformative_why'])}"
-                          + escape(verify_mod.items_needed_note(e)), highlight=False)
-    for line in verify_mod.speed_lines(report.get("speed")):
+                          + escape(report_mod.items_needed_note(e)), highlight=False)
+    for line in report_mod.speed_lines(report.get("speed")):
         console.print(escape(line), highlight=False)
     console.print(f"wrote {output}/report.json and report.md")
     if min_retention is not None:
-        failed = verify_mod.failing(report, min_retention)
+        failed = report_mod.failing(report, min_retention)
         if failed:
             err_console.print(f"[red]retention below {min_retention} on: {', '.join(failed)}[/]")
             sys.exit(1)
