@@ -27,7 +27,9 @@ from repskip.benchmark import get_benchmark
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is built on Linux namespaces")
 
-TIMEOUT_S = 3
+# The sandbox's wall-clock limit. An attack that a resource limit stops must end before it;
+# 5 s leaves room for a loaded CI machine (a memory bomb once took 3.004 s against 3).
+TIMEOUT_S = 5
 SECRET = "hunter2-canary"
 ENV_SECRET = "hf_secret_canary_0123"
 
