@@ -17,7 +17,8 @@ Configurations:
 
 With --heal, each configuration is also compressed (``repskip compress``), healed
 (``repskip heal``, distilled from the full model on --heal-data with the --heal-* settings;
-the command and its time are recorded) and measured the same way, as ``NAME+heal`` (with
+the command and its time are recorded; a heal an earlier run finished of the same student,
+teacher, data and settings is reused with its time) and measured the same way, as ``NAME+heal`` (with
 ``-DATA``, ``-layers-LAYERS`` and ``-Nsteps`` added for other data than the standard library,
 other layers than those around the cuts and other than 100 steps). ``--heal-data self-mbpp`` is the
 full model's own greedy chat answers to MBPP's training prompts (task_id 601-974, none of
@@ -113,6 +114,25 @@ def mbpp_answers(model: Path, work: Path, log: Path, limit: int) -> tuple[Path, 
     return out, seconds
 
 
+def earlier_heal(compressed: Path, teacher: Path, healed: Path, heal_data: str, args: argparse.Namespace) -> float | None:
+    """The seconds of a finished heal in ``healed`` of this very student, teacher, data and settings
+    (an earlier run's, which this one reuses), or None when there is none."""
+    from repskip.checkpoint import open_checkpoint
+
+    try:
+        record = json.loads((healed / "heal.json").read_text())
+    except (OSError, ValueError):
+        return None
+    settings = record.get("settings", {})
+    wanted = {"method": args.heal_method, "layers": args.heal_layers, "steps": args.heal_steps, "lr": args.heal_lr,
+              "batch_size": args.heal_batch_size, "seq_len": args.heal_seq_len, "loss": "kd"}
+    same = (all(settings.get(key) == value for key, value in wanted.items())
+            and str(record.get("data", {}).get("source", "")).startswith(str(heal_data))
+            and record.get("student", {}).get("fingerprint") == open_checkpoint(compressed).fingerprint()
+            and record.get("teacher", {}).get("fingerprint") == open_checkpoint(teacher).fingerprint())
+    return float(record["seconds"]) if same else None
+
+
 def heal_name(args: argparse.Namespace) -> str:
     """The tag of a healed row and its folder: ``heal``, then each setting that differs from the
     first heal measured (standard library, layers around the cuts, 100 steps), so that runs with
@@ -194,9 +214,13 @@ def main() -> None:
                         "--layers", args.heal_layers,
                         "--batch-size", args.heal_batch_size, "--seq-len", args.heal_seq_len, "--loss", "kd",
                         "--force"]
-                say(f"k={k} {name}: heal ({args.heal_steps} steps on {args.heal_data})")
-                heal_seconds = run(heal, log)
-                say(f"k={k} {name}: healed in {heal_seconds:.0f} s")
+                heal_seconds = earlier_heal(compressed, model, healed, heal_data, args)
+                if heal_seconds is not None:
+                    say(f"k={k} {name}: healed by an earlier run in {heal_seconds:.0f} s ({healed})")
+                else:
+                    say(f"k={k} {name}: heal ({args.heal_steps} steps on {args.heal_data})")
+                    heal_seconds = run(heal, log)
+                    say(f"k={k} {name}: healed in {heal_seconds:.0f} s")
                 rows.append(measure({**row, "config": f"{name}+{heal_tag}", "heal_seconds": round(heal_seconds, 1),
                                      "heal_command": "repskip " + " ".join(map(str, heal))}, [healed]))
 
