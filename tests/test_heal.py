@@ -16,6 +16,7 @@ from helpers import dream_from_qwen2, llada_from_llama, load, make_checkpoint, w
 from repskip import pipeline
 from repskip.cli import main
 from repskip.errors import RepskipError
+from repskip.train import state as _state
 from repskip.train.data import pack, read_documents
 from repskip.train.heal import HealSettings, cut_neighbours, heal, lr_at, state_folder
 
@@ -192,7 +193,8 @@ def test_diffusion_heal_distils_from_its_teacher(models, tmp_path):
 def test_a_killed_heal_resumes_and_ends_with_the_uninterrupted_weights(models, tmp_path):
     settings = dict(steps=7, lr=3e-3, grad_accum=2, **FAST)
     kw = dict(data=str(models["data"]), teacher=models["llama"], save_every=2)
-    heal(models["llama-k2"], tmp_path / "straight", settings=HealSettings(**settings), **kw)
+    straight_run = heal(models["llama-k2"], tmp_path / "straight", settings=HealSettings(**settings), **kw).record
+    assert straight_run["seconds"] == straight_run["seconds_this_run"] > 0
 
     class Killed(Exception):
         pass
@@ -205,8 +207,12 @@ def test_a_killed_heal_resumes_and_ends_with_the_uninterrupted_weights(models, t
     with pytest.raises(Killed):
         heal(models["llama-k2"], out, settings=HealSettings(**settings), on_step=die, **kw)
     assert not out.exists() and (state_folder(out) / "state.safetensors").is_file()
+    first_run = _state.peek(state_folder(out))["seconds"]  # the time of the 4 steps the state holds
+    assert first_run > 0
     result = heal(models["llama-k2"], out, settings=HealSettings(**settings), **kw)
     assert result.record["resumed_from"] == 4
+    # the record's time is the whole training's: the killed run's kept steps and this run's
+    assert result.record["seconds"] == pytest.approx(first_run + result.record["seconds_this_run"], abs=0.11)
     a, b = tensors(tmp_path / "straight"), tensors(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     straight = json.loads((tmp_path / "straight" / "heal.json").read_text())["history"]

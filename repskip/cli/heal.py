@@ -102,8 +102,9 @@ def heal(model, teacher, data, text_field, output, method, layers, around, train
     if ev:
         keys = [k for k in ev[0] if k != "step"]
         table.add_row("held-out", "; ".join(f"{k} {ev[0][k]:.4f} -> {ev[-1][k]:.4f}" for k in keys))
-    table.add_row("time", f"{record['seconds']:.0f} s" + (f" (resumed at step {record['resumed_from']})"
-                                                         if record["resumed_from"] else ""))
+    resumed = record["resumed_from"]
+    table.add_row("time", f"{record['seconds']:.0f} s of training" + (
+        f" ({record['seconds_this_run']:.0f} s of them in this run, resumed at step {resumed})" if resumed else ""))
     table.add_row("check", f"reloaded logits match the trained model's (max diff {record['written_max_logit_diff']:.2g})")
     console.print(table)
     console.print(f"wrote {output} (same architecture as {model}; training record in {output / 'heal.json'})")

@@ -418,6 +418,8 @@ def heal(
         _state.restore(folder, accelerator.unwrap_model(model), optimizer)
         start, history = int(saved["step"]), saved["history"]
         say(f"resuming from step {start} ({folder})")
+    # the training time of the steps a resumed state holds (a state from before it was kept: 0)
+    before_seconds = float(saved.get("seconds", 0.0)) if saved is not None else 0.0
     if not fsdp:  # data parallel: accelerate wraps the model (DDP) when there are several processes
         model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -490,7 +492,8 @@ def heal(
         if done % save_every == 0 and done < settings.steps and (fsdp or accelerator.is_main_process):
             _state.save(folder, done, accelerator.unwrap_model(model), optimizer.optimizer
                         if hasattr(optimizer, "optimizer") else optimizer,
-                        {"key": key, "settings": asdict(settings), "history": history},
+                        {"key": key, "settings": asdict(settings), "history": history,
+                         "seconds": before_seconds + time.monotonic() - t0},
                         write=accelerator.is_main_process)
         if on_step is not None:
             on_step(done)
@@ -501,7 +504,9 @@ def heal(
         "schema_version": HEAL_SCHEMA, "kind": "repskip.heal",
         "student": s_handle.info(), "teacher": t_handle.info() if t_handle else None,
         "objective": family.training_objective, "data": train_data.record(), "settings": asdict(settings),
-        "layers": layers, "trainable_parameters": n_trainable, "history": history, "seconds": round(seconds, 1),
+        "layers": layers, "trainable_parameters": n_trainable, "history": history,
+        # the training's time over every run that took part, and this run's share of it
+        "seconds": round(before_seconds + seconds, 1), "seconds_this_run": round(seconds, 1),
         "resumed_from": int(saved["step"]) if saved else None, "processes": world, "fsdp": fsdp,
         "held_parameters": holds and holds[0],
         "device": run_device, "versions": versions(("torch", "transformers", "peft", "accelerate")),
