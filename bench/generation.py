@@ -17,8 +17,9 @@ Configurations:
 
 With --heal, each configuration is also compressed (``repskip compress``), healed
 (``repskip heal``, distilled from the full model on --heal-data with the --heal-* settings;
-the command and its time are recorded; a heal an earlier run finished of the same student,
-teacher, data and settings is reused with its time) and measured the same way, as ``NAME+heal`` (with
+the command and its training time are recorded; a heal an earlier run finished of the same
+student, teacher, data and settings is reused with its time, and one it stopped resumes from
+its state of at most 10 steps before) and measured the same way, as ``NAME+heal`` (with
 ``-DATA``, ``-layers-LAYERS`` and ``-Nsteps`` added for other data than the standard library,
 other layers than those around the cuts and other than 100 steps). ``--heal-data self-mbpp`` is the
 full model's own greedy chat answers to MBPP's training prompts (task_id 601-974, none of
@@ -213,7 +214,7 @@ def main() -> None:
                         "--steps", args.heal_steps, "--method", args.heal_method, "--lr", args.heal_lr,
                         "--layers", args.heal_layers,
                         "--batch-size", args.heal_batch_size, "--seq-len", args.heal_seq_len, "--loss", "kd",
-                        "--force"]
+                        "--save-every", 10, "--force"]  # a LoRA state is small: a stopped run loses 10 steps at most
                 heal_seconds = earlier_heal(compressed, model, healed, heal_data, args)
                 if heal_seconds is not None:
                     say(f"k={k} {name}: healed by an earlier run in {heal_seconds:.0f} s ({healed})")
