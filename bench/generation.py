@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -91,9 +92,19 @@ def run(args: list, log: Path) -> float:
     with open(log, "a") as fh:
         fh.write(f"$ repskip {' '.join(map(str, args))}\n")
         fh.flush()
-        done = subprocess.run([*REPSKIP, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        sys.exit(f"repskip {args[0]} failed (exit {done.returncode}); see {log}")
+        child = subprocess.Popen([*REPSKIP, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait()
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): stop the command too, then go
+            child.terminate()
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            raise
+    if code != 0:
+        sys.exit(f"repskip {args[0]} failed (exit {code}); see {log}")
     return time.perf_counter() - t
 
 
@@ -150,6 +161,8 @@ def heal_name(args: argparse.Namespace) -> str:
 
 def main() -> None:
     args = parse()
+    # a SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so run() ends the command it waits on
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     model = Path(args.model) if args.model else _common.coder_model()
     work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
