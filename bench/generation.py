@@ -20,8 +20,9 @@ With --heal, each configuration is also compressed (``repskip compress``), heale
 the command and its training time are recorded; a heal an earlier run finished of the same
 student, teacher, data and settings is reused with its time, and one it stopped resumes from
 its state of at most 10 steps before) and measured the same way, as ``NAME+heal`` (with
-``-DATA``, ``-layers-LAYERS`` and ``-Nsteps`` added for other data than the standard library,
-other layers than those around the cuts and other than 100 steps). ``--heal-data self-mbpp`` is the
+``-DATA``, ``-layers-LAYERS``, ``-aroundN``, ``-Nsteps`` and ``-lrLR`` added for other data
+than the standard library, other layers than one each side of the cuts, other than 100 steps
+and another learning rate than 1e-3). ``--heal-data self-mbpp`` is the
 full model's own greedy chat answers to MBPP's training prompts (task_id 601-974, none of
 HumanEval or of MBPP's test split), written once by ``repskip self-calibrate``: distillation
 text in the form the model is used in.
@@ -75,6 +76,7 @@ def parse() -> argparse.Namespace:
                    help="self-mbpp: answer a seeded sample of this many of the 374 prompts (0: all)")
     p.add_argument("--heal-steps", type=int, default=100)
     p.add_argument("--heal-layers", default="around-cuts", help="heal's --layers: around-cuts, all, or indices")
+    p.add_argument("--heal-around", type=int, default=1, help="heal's --around: kept layers trained each side of a cut")
     p.add_argument("--heal-method", default="lora")
     p.add_argument("--heal-lr", type=float, default=1e-3)
     p.add_argument("--heal-batch-size", type=int, default=4)
@@ -136,7 +138,8 @@ def earlier_heal(compressed: Path, teacher: Path, healed: Path, heal_data: str, 
     except (OSError, ValueError):
         return None
     settings = record.get("settings", {})
-    wanted = {"method": args.heal_method, "layers": args.heal_layers, "steps": args.heal_steps, "lr": args.heal_lr,
+    wanted = {"method": args.heal_method, "layers": args.heal_layers, "around": args.heal_around,
+              "steps": args.heal_steps, "lr": args.heal_lr,
               "batch_size": args.heal_batch_size, "seq_len": args.heal_seq_len, "loss": "kd"}
     same = (all(settings.get(key) == value for key, value in wanted.items())
             and str(record.get("data", {}).get("source", "")).startswith(str(heal_data))
@@ -147,15 +150,19 @@ def earlier_heal(compressed: Path, teacher: Path, healed: Path, heal_data: str, 
 
 def heal_name(args: argparse.Namespace) -> str:
     """The tag of a healed row and its folder: ``heal``, then each setting that differs from the
-    first heal measured (standard library, layers around the cuts, 100 steps), so that runs with
+    first heal measured (standard library, one layer each side of the cuts, 100 steps, lr 1e-3), so that runs with
     other settings never share a folder. A data file is named by its stem, never its path."""
     tag = "heal"
     if args.heal_data != "python-stdlib":
         tag += f"-{Path(args.heal_data).stem}"
     if args.heal_layers != "around-cuts":
         tag += f"-layers-{args.heal_layers.replace(',', '_')}"
+    if args.heal_layers == "around-cuts" and args.heal_around != 1:
+        tag += f"-around{args.heal_around}"
     if args.heal_steps != 100:
         tag += f"-{args.heal_steps}steps"
+    if args.heal_lr != 1e-3:
+        tag += f"-lr{args.heal_lr:g}"
     return tag
 
 
@@ -225,7 +232,7 @@ def main() -> None:
                 run(["compress", model, "--recipe", runs / "recipe.yaml", "-o", compressed, "--force"], log)
                 heal = ["heal", compressed, "--teacher", model, "--data", heal_data, "-o", healed,
                         "--steps", args.heal_steps, "--method", args.heal_method, "--lr", args.heal_lr,
-                        "--layers", args.heal_layers,
+                        "--layers", args.heal_layers, "--around", args.heal_around,
                         "--batch-size", args.heal_batch_size, "--seq-len", args.heal_seq_len, "--loss", "kd",
                         "--save-every", 10, "--force"]  # a LoRA state is small: a stopped run loses 10 steps at most
                 heal_seconds = earlier_heal(compressed, model, healed, heal_data, args)
