@@ -86,7 +86,8 @@ class Reporter:
     def tracker(self, unit: str) -> tuple[Callable[[str, int, int], None], Callable[[], None]]:
         """``update(label, done, total, detail="")`` for work whose stages are named as they
         come (a stage per label, started by its first update), and ``close()`` to end the
-        last one."""
+        last one. A stage's clock starts at its first update, so the work that update counts
+        (the first step, or a resumed run's earlier steps) stays out of its rate and ETA."""
         from contextlib import ExitStack
 
         stack = ExitStack()
@@ -96,7 +97,7 @@ class Reporter:
             if current.get("label") != label:
                 stack.close()
                 current["label"] = label
-                current["update"] = stack.enter_context(self.stage(label, unit, total))
+                current["update"] = stack.enter_context(self.stage(label, unit, total, start=done))
             current["update"](done, total, detail)
 
         return update, stack.close
@@ -122,9 +123,9 @@ class Reporter:
         text = f"{stage['name']} {done}" + (f"/{total}" if total else "") + f" {unit}"
         if total:
             text += f" ({done / total:.0%})"
-        if done and elapsed > 0:
-            rate = done / elapsed
-            text += f", {rate:.3g} {unit}/s" if rate >= 0.1 else f", {elapsed / done:.3g} s per {unit.rstrip('s')}"
+        if done > stage["start"] and elapsed > 0:
+            rate = (done - stage["start"]) / elapsed
+            text += f", {rate:.3g} {unit}/s" if rate >= 0.1 else f", {1 / rate:.3g} s per {unit.rstrip('s')}"
             if total and done < total:
                 text += f", ETA {_clock((total - done) / rate)}"
         if total and done >= total:
@@ -138,10 +139,12 @@ class Reporter:
         self._write_status("running", stage)
 
     @contextmanager
-    def stage(self, name: str, unit: str = "steps", total: int | None = None) -> Iterator[Callable[[int, int], None]]:
+    def stage(self, name: str, unit: str = "steps", total: int | None = None,
+              start: int = 0) -> Iterator[Callable[[int, int], None]]:
         """A stage of work; yields ``update(done, total, detail="")`` (``detail``: a short
-        note shown with the count, such as the current loss)."""
-        stage = {"name": name, "unit": unit, "done": 0, "total": total, "t0": time.monotonic()}
+        note shown with the count, such as the current loss). ``start``: work already done
+        when the stage begins (a resumed run's), in the count but not in the rate or ETA."""
+        stage = {"name": name, "unit": unit, "done": start, "start": start, "total": total, "t0": time.monotonic()}
         self.stages.append(stage)
         with self._lock:
             self._emit(stage)
@@ -179,7 +182,7 @@ class Reporter:
 
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                        TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=self.console, transient=False)
-        task = bar.add_task(name, total=total, detail="")
+        task = bar.add_task(name, total=total, completed=start, detail="")
         throttle = {"t": 0.0, "tenth": -1}
 
         def update(done: int, total: int, detail: str = "") -> None:

@@ -49,6 +49,24 @@ def test_a_slow_step_still_gets_a_line_every_interval():
     assert "after" in out.getvalue().splitlines()[-1]  # a stage that ends early says so
 
 
+def test_a_resumed_stage_counts_its_earlier_work_but_times_only_its_own(monkeypatch):
+    """A heal resumed at step 60 of 100: the line says 60/100, and the rate and ETA come
+    from the steps this run made, not from 60 steps done in no time."""
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(time, "monotonic", lambda: clock["t"])
+    reporter, out = plain_reporter(interval=3600)
+    update, close = reporter.tracker("steps")
+    update("training", 60, 100)  # the first update: the stage and its clock start here
+    for done in range(61, 71):
+        clock["t"] += 30.0  # 30 s a step
+        update("training", done, 100)
+    close()
+    lines = out.getvalue().splitlines()
+    assert "training 60/100 steps (60%)" in lines[0]
+    line = next(line for line in lines if "training 70/100" in line)
+    assert "30 s per step" in line and "ETA 0:15:00" in line, line
+
+
 def test_the_status_file_follows_the_run(tmp_path):
     status = tmp_path / "status.json"
     reporter, _ = plain_reporter(interval=3600, status=status)
