@@ -150,3 +150,30 @@ def test_the_seccomp_filter_checks_the_architecture_first_and_ends_in_returns():
             if op & 0x07 == 0x05:
                 assert i + 1 + max(jt, jf) < len(insns)
     assert sandbox.seccomp_program("riscv64") is None
+
+
+@needs_isolation
+def test_stopping_the_process_that_runs_a_sample_ends_the_sample_too(tmp_path):
+    """What a stopped bench does to its verify (SIGTERM): the sandbox and everything in it go
+    with it, none left running on the host."""
+    import signal
+    import subprocess
+
+    psutil = pytest.importorskip("psutil")
+    host = subprocess.Popen([sys.executable, "-c",
+                             "from repskip.verify.sandbox import Limits, run_python\n"
+                             "run_python('import time\\ntime.sleep(60)\\n', Limits(timeout_s=60))\n"])
+    deadline = time.monotonic() + 30
+    inside = []
+    while time.monotonic() < deadline:  # wait until the sample runs: bwrap and the sandboxed python
+        inside = psutil.Process(host.pid).children(recursive=True)
+        if len(inside) >= 2:
+            break
+        time.sleep(0.2)
+    assert len(inside) >= 2, "the sample never started"
+    time.sleep(0.5)
+    host.send_signal(signal.SIGTERM)
+    host.wait(timeout=10)
+    time.sleep(2)
+    alive = [p for p in inside if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left running after their parent was stopped: {[p.cmdline() for p in alive]}"
