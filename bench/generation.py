@@ -192,7 +192,7 @@ def main() -> None:
         entry = json.loads((verify_dir / "report.json").read_text())["benchmarks"]["humaneval"]
         row = {**row, "verify_seconds": round(seconds, 1), "humaneval": {
             key: entry.get(key) for key in ("items", "base", "compressed", "retention", "retention_ci95", "p_value",
-                                            "cut_by_cap")}}
+                                            "cut_by_cap", "empty_answers")}}
         say(f"{tag}: {json.dumps(row['humaneval'])}")
         return row
 

@@ -321,3 +321,59 @@ def test_generation_reports_its_prompt_and_flags_answers_cut_by_the_cap(tiny, tm
     assert "ran into the 3-token cap" in said and "gsm8k: zero-shot chain of thought" in said
     assert "ran into the 3-token cap" in (out / "report.md").read_text()
     assert entry["uninformative"]  # a random model gets nothing right
+
+
+def test_answers_left_empty_are_counted_and_flagged_when_the_compressed_model_has_many_more(tiny, tmp_path):
+    """A model that closes the code block it was opened with and stops scores 0 on the item,
+    which the score alone does not tell apart from a wrong answer: verify counts empty answers
+    (whitespace or a fence only) for each model and says so when the compressed one has many more."""
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i}+{i}={2 * i} #### {2 * i}"})
+                            + "\n" for i in range(4)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("schema_version: 1\nresolved: {remove: [2]}\n")
+    out = tmp_path / "v"
+    args = ["verify", str(tiny["llama"]), "--recipe", str(recipe), "--bench", "gsm8k", "--data", f"gsm8k={data}",
+            "--bench-option", "gsm8k.shots=0", "--set", "max_new_tokens=3", "--speed-repeats", "0", "-o", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    entry = json.loads((out / "report.json").read_text())["benchmarks"]["gsm8k"]
+    assert entry["empty_answers"] == {"base": 0, "compressed": 0, "too_many": False}  # 3 random tokens say something
+    assert "are empty" not in res.stdout
+
+    # the answers, as runs of a model that stops at once would have left them: all of the
+    # compressed model's, one of the base's
+    def rewrite(path, texts):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "completion": t if t is not None else r["completion"]}) + "\n"
+                                for r, t in zip(records, texts)))
+
+    files = list(out.rglob("gsm8k*.jsonl"))
+    assert len(files) == 2, files
+    (comp,), (base,) = [p for p in files if "skip2" in str(p)], [p for p in files if "skip2" not in str(p)]
+    rewrite(comp, ["```", "", " \n", "```python\n```"])
+    rewrite(base, ["```", None, None, None])
+    res = CliRunner().invoke(main, args)  # every item is cached: the report is made again from the records
+    assert res.exit_code == 0, res.output
+    entry = json.loads((out / "report.json").read_text())["benchmarks"]["gsm8k"]
+    assert entry["empty_answers"] == {"base": 1, "compressed": 4, "too_many": True}
+    said = " ".join(res.stdout.split())
+    assert "4 of the compressed model's 4 answers are empty" in said and "against 1 of the base's" in said
+    assert "4 of the compressed model's 4 answers are empty" in (out / "report.md").read_text()
+
+
+def test_empty_answers_are_flagged_only_when_the_compressed_model_has_a_tenth_of_the_items_more(tmp_path):
+    from repskip.verify.cache import ItemCache
+    from repskip.verify.report import empty_answers
+
+    def cache(name, empty):
+        c = ItemCache(tmp_path / name, "humaneval")
+        c.add([{"id": str(i), "completion": "```" if i < empty else "    return x\n", "metrics": {"pass@1": 0.0}}
+               for i in range(20)])
+        return c
+
+    ids = [str(i) for i in range(20)]
+    assert empty_answers({"base": cache("b", 1), "compressed": cache("c2", 3)}, ids) == \
+        {"base": 1, "compressed": 3, "too_many": False}  # 2 more of 20: not more than a tenth
+    assert empty_answers({"base": cache("b1", 1), "compressed": cache("c4", 4)}, ids)["too_many"]  # 3 more
+    assert empty_answers({"base": cache("b5", 5), "compressed": cache("c5", 5)}, ids)["too_many"] is False

@@ -121,6 +121,8 @@ def verify(base, compressed, recipe_path, benches, data, limit, min_retention, o
             console.print(f"{name}: {escape(e['prompt_variant'])}, up to {cap} new tokens", highlight=False)
         if report_mod.cut_note(e):
             console.print(f"[yellow]{name}[/]: {escape(report_mod.cut_note(e))}", highlight=False)
+        if report_mod.empty_note(e):
+            console.print(f"[yellow]{name}[/]: {escape(report_mod.empty_note(e))}", highlight=False)
         if e.get("uninformative"):
             console.print(f"[yellow]{name}: uninformative[/]: {escape(e['uninformative_why'])}"
                           + escape(report_mod.items_needed_note(e)), highlight=False)

@@ -1,10 +1,11 @@
 """What verify reports: each benchmark's retention with its interval and paired test, the
-answers cut by the token cap, throughput, FLOPs, and the report as markdown."""
+answers cut by the token cap and the empty ones, throughput, FLOPs, and the report as markdown."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import torch
 
@@ -67,6 +68,19 @@ def cut_by_cap(caches: dict[str, ItemCache], ids: list[str], cap: int) -> dict:
     and whether that is too many for the scores to mean what they say."""
     counts = {label: sum(1 for i in ids if c.records[i].get("new_tokens", 0) >= cap) for label, c in caches.items()}
     return {"cap": cap, **counts, "too_many": any(n > MAX_CUT_SHARE * len(ids) for n in counts.values())}
+
+
+# An answer with nothing in it but whitespace and code fences: the model closed the block it
+# was opened with, or stopped, before writing anything.
+_NOTHING = re.compile(r"(\s|```[\w+#.-]*)*")
+
+
+def empty_answers(caches: dict[str, ItemCache], ids: list[str]) -> dict:
+    """How many answers of each model are empty, and whether the compressed model has so many
+    more than the base that its score mostly counts answers it never wrote."""
+    counts = {label: sum(1 for i in ids if _NOTHING.fullmatch(c.records[i].get("completion", "")))
+              for label, c in caches.items()}
+    return {**counts, "too_many": counts["compressed"] - counts["base"] > MAX_CUT_SHARE * len(ids)}
 
 
 def throughput(cache: ItemCache, ids: list[str]) -> dict:
@@ -140,6 +154,15 @@ def cut_note(entry: dict) -> str:
             f"--set max_new_tokens=N")
 
 
+def empty_note(entry: dict) -> str:
+    """A warning when the compressed model left many more answers empty than the base, or ''."""
+    empty = entry.get("empty_answers") or {}
+    if not empty.get("too_many"):
+        return ""
+    return (f"{empty['compressed']} of the compressed model's {entry['items']} answers are empty (whitespace or a "
+            f"code fence only), against {empty['base']} of the base's: the score counts answers it never wrote")
+
+
 def items_needed_note(entry: dict) -> str:
     """'; about N items would ...' from a report entry's power calculation, or ''."""
     power = entry.get("power") or {}
@@ -176,6 +199,7 @@ def markdown(report: dict) -> str:
     notes = [f"- {name}: uninformative: {e['uninformative_why']}" + items_needed_note(e)
              for name, e in report["benchmarks"].items() if e.get("uninformative")]
     notes += [f"- {name}: {cut_note(e)}" for name, e in report["benchmarks"].items() if cut_note(e)]
+    notes += [f"- {name}: {empty_note(e)}" for name, e in report["benchmarks"].items() if empty_note(e)]
     notes += [f"- {name}: prompt: {e['prompt_variant']}" for name, e in report["benchmarks"].items()
               if e.get("prompt_variant")]
     lines += ["", *notes] if notes else []

@@ -27,7 +27,7 @@ from ..runtime import model_dtype
 from ..sampler import get_sampler
 from ..textio import tokenize_prefix
 from ..versions import versions
-from .report import cut_by_cap, flops_cut, markdown, summary, throughput
+from .report import cut_by_cap, empty_answers, flops_cut, markdown, summary, throughput
 from .runners import PRESETS, load_presets, run_benchmark
 from .sides import Side, check_made_from, check_same_tokenizer, load_side, side_cost
 
@@ -211,6 +211,7 @@ def _verify(base, compressed, recipe, benches, data, limit, output, batch_size, 
         if bench.kind == "generation":
             entry["flops"] = flops_cut(base_side, comp_side, caches["base"], ids, {**settings, "_sampler": sampler_name})
             entry["prompt_variant"] = bench.prompt_variant(base_side.tokenizer, chat)
+            entry["empty_answers"] = empty_answers(caches, ids)
             if sampler_name == "ar":  # a diffusion canvas has its length by construction
                 entry["cut_by_cap"] = cut_by_cap(caches, ids, int(settings["max_new_tokens"]))
         report_benchmarks[name] = entry
