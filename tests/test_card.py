@@ -91,6 +91,7 @@ def test_a_readme_someone_else_wrote_or_edited_is_never_replaced(tiny, tmp_path)
     assert (out / "README.md").read_text() == edited
 
 
+@pytest.mark.skipif(not WIKI.is_file(), reason="needs ../shared/data/wikitext2")
 def test_verify_adds_its_retention_table_to_the_card(tiny, tmp_path):
     out = tmp_path / "cut"
     recipe = tmp_path / "chosen.yaml"  # a recipe an analysis chose says how
@@ -117,6 +118,7 @@ def test_verify_adds_its_retention_table_to_the_card(tiny, tmp_path):
     assert res.exit_code == 1 and "not --recipe" in res.stderr
 
 
+@pytest.mark.skipif(not WIKI.is_file(), reason="needs ../shared/data/wikitext2")
 def test_heal_adds_its_training_to_the_card_of_the_model_it_healed(tiny, tmp_path):
     pytest.importorskip("peft")
     from repskip.train.heal import HealSettings, heal

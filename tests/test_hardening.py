@@ -240,7 +240,9 @@ def test_bad_options_and_paths(model, recipe, tmp_path):
     (tmp_path / "folder").mkdir()
     one_line_error(run("select", runs / "analysis.json", "-o", tmp_path / "folder"), "is a folder")
     one_line_error(run("compress", model, "--recipe", recipe, "-o", a_file / "out"), "is a file, not a folder")
-    one_line_error(run("verify", model, model, "--bench", "perplexity", "--data", f"perplexity={WIKI}", "-o", a_file),
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to score.\n\n" * 300)
+    one_line_error(run("verify", model, model, "--bench", "perplexity", "--data", f"perplexity={text}", "-o", a_file),
                    "is a file")
     one_line_error(run("verify", model, model, "--bench", "gsm8k", "--data", "gsm8k=/nonexistent/test.jsonl",
                        "-o", tmp_path / "v"), "--data gsm8k=/nonexistent/test.jsonl: no such file")
