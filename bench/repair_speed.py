@@ -10,9 +10,10 @@ defaults (or --calib). Timed, in one process, one after the other and --repeats 
   sweep     the two-sweep fit (repskip.repair.sweep, what analyze runs): the full model and
             the pruned one once each, one layer at a time, each map checked at its anchor
 
-The removed layers are the default selection (block influence) at -k on this analysis, or
---remove. Both fits must give the same maps: the script fails if a map differs. Reported: the
-median seconds of each and the ratios fit / analysis (target for the sweep: at most 3).
+The removed layers are block influence's selection (the default before auto) at -k on this
+analysis, or --remove. Both fits must give the same maps: the script fails if a map differs.
+Reported: the median seconds of each and the ratios fit / analysis (target for the sweep: at
+most 3).
 """
 
 from __future__ import annotations
