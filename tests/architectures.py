@@ -288,8 +288,12 @@ def check_repair(model_type: str, base: Path, work: Path, original=None) -> str:
     maps = recipe.repair_maps(family.hidden_size(json.loads((base / "config.json").read_text())))
     assert maps, "the fit kept no map"
     original = original or load_clean(base)
-    diff = max_diff(bypassed_logits(original, family, recipe.resolved.remove, maps), logits(load_clean(out)))
-    assert diff <= TOLERANCE, f"logits differ by {diff:.3g} from the in-memory repaired model"
+    expected = bypassed_logits(original, family, recipe.resolved.remove, maps)
+    diff = max_diff(expected, logits(load_clean(out)))
+    # folding a map into the weights rounds differently from applying it: float32 noise that
+    # grows with the logits' size, so the bound is relative to them
+    bound = TOLERANCE * max(1.0, float(expected.abs().max()))
+    assert diff <= bound, f"logits differ by {diff:.3g} (bound {bound:.3g}) from the in-memory repaired model"
     return "ok"
 
 
