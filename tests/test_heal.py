@@ -54,13 +54,13 @@ def cut(base: Path, out: Path, remove: list[int]) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    if not TEXT.is_file():
+        pytest.skip("needs ../shared/data/wikitext2")
     root = tmp_path_factory.mktemp("heal")
     llama = make_checkpoint(root / "llama", "llama", seed=3)
     qwen2 = make_checkpoint(root / "qwen2", "qwen2", seed=4)
     llada = llada_from_llama(llama, root / "llada")
     dream = dream_from_qwen2(qwen2, root / "dream")
-    if not TEXT.is_file():
-        pytest.skip("needs ../shared/data/wikitext2")
     data = root / "data.txt"
     data.write_text(TEXT.read_text("utf-8")[:40000])
     return {
